@@ -1,0 +1,37 @@
+// The compute backend behind the Engine facade: CPU (the fp32 oracle) or CUDA.
+#pragma once
+
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "sala/config.h"
+#include "sala/sequence_state.h"
+
+namespace sala {
+
+class Checkpoint;
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+
+  // Appends `tokens` to `state` in one pass and returns the logits of the last one.
+  // `sparse` is the pass's dense/sparse attention choice (the same for every chunk of a prompt).
+  virtual absl::StatusOr<std::vector<float>> Forward(SequenceState& state,
+                                                     std::span<const int> tokens, bool sparse) = 0;
+
+  // One token for each sequence of a batch; sparse[i] as in Forward. Returns logits per sequence.
+  virtual absl::StatusOr<std::vector<std::vector<float>>> DecodeStep(
+      std::span<SequenceState* const> states, std::span<const int> tokens,
+      std::span<const bool> sparse) = 0;
+};
+
+// The fp32 CPU backend; weights are converted from the checkpoint.
+absl::StatusOr<std::unique_ptr<Backend>> MakeCpuBackend(const ModelConfig& config,
+                                                        const Checkpoint& checkpoint);
+
+}  // namespace sala
