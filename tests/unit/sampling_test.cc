@@ -1,0 +1,89 @@
+#include "sala/sampling.h"
+
+#include <cmath>
+#include <set>
+
+#include "gtest/gtest.h"
+
+namespace sala {
+namespace {
+
+TEST(SamplingTest, GreedyTakesTheArgmax) {
+  SamplingParams p;
+  p.temperature = 0;
+  Sampler s(p);
+  EXPECT_EQ(s.Sample(std::vector<float>{0.1f, 3.0f, -1.0f, 2.9f}), 1);
+}
+
+TEST(SamplingTest, TopKOneAndTinyTopPAreGreedy) {
+  const std::vector<float> logits{0.5f, 0.1f, 2.0f, 1.9f};
+  SamplingParams top_k;
+  top_k.temperature = 1.0;
+  top_k.seed = 3;
+  top_k.top_k = 1;
+  SamplingParams top_p = top_k;
+  top_p.top_k = 0;
+  top_p.top_p = 1e-6;
+  for (const SamplingParams& p : {top_k, top_p}) {
+    Sampler s(p);
+    for (int n = 0; n < 50; ++n) EXPECT_EQ(s.Sample(logits), 2);
+  }
+}
+
+TEST(SamplingTest, SeedMakesItRepeatable) {
+  const std::vector<float> logits{0.5f, 0.1f, 2.0f, 1.9f, 1.0f};
+  SamplingParams p;
+  p.seed = 42;
+  Sampler a(p), b(p);
+  std::vector<int> x, y;
+  for (int n = 0; n < 100; ++n) {
+    x.push_back(a.Sample(logits));
+    y.push_back(b.Sample(logits));
+  }
+  EXPECT_EQ(x, y);
+  EXPECT_GT(std::set<int>(x.begin(), x.end()).size(), 2u);
+}
+
+TEST(SamplingTest, FollowsTheTemperedDistribution) {
+  const std::vector<float> logits{0.0f, std::log(2.0f), std::log(4.0f)};  // p ∝ 1, 2, 4 at T=1
+  SamplingParams p;
+  p.temperature = 1.0;
+  p.seed = 9;
+  Sampler s(p);
+  std::vector<int> count(3);
+  const int n = 70000;
+  for (int i = 0; i < n; ++i) ++count[s.Sample(logits)];
+  for (int i = 0; i < 3; ++i) EXPECT_NEAR(count[i] / double(n), (1 << i) / 7.0, 0.01) << i;
+  // Top-p 0.6 keeps {2} (mass 4/7 = 0.571 < 0.6) plus {1}: renormalised 4/6 and 2/6.
+  p.top_p = 0.6;
+  Sampler nucleus(p);
+  std::vector<int> c2(3);
+  for (int i = 0; i < n; ++i) ++c2[nucleus.Sample(logits)];
+  EXPECT_EQ(c2[0], 0);
+  EXPECT_NEAR(c2[2] / double(n), 4.0 / 6.0, 0.01);
+}
+
+TEST(SamplingTest, ValidatesParameters) {
+  SamplingParams p;
+  EXPECT_TRUE(ValidateSamplingParams(p, 10).ok());
+  p.temperature = -1;
+  EXPECT_FALSE(ValidateSamplingParams(p, 10).ok());
+  p = {};
+  p.top_p = 0;
+  EXPECT_FALSE(ValidateSamplingParams(p, 10).ok());
+  p = {};
+  p.top_k = -2;
+  EXPECT_FALSE(ValidateSamplingParams(p, 10).ok());
+  p = {};
+  p.temperature = std::nan("");
+  EXPECT_FALSE(ValidateSamplingParams(p, 10).ok());
+  p = {};
+  p.stop_token_ids = {10};
+  EXPECT_FALSE(ValidateSamplingParams(p, 10).ok());
+  p = {};
+  p.max_new_tokens = -1;
+  EXPECT_FALSE(ValidateSamplingParams(p, 10).ok());
+}
+
+}  // namespace
+}  // namespace sala

@@ -1,0 +1,104 @@
+#include "sala/tokenizer.h"
+
+#include "gtest/gtest.h"
+#include "test_util.h"
+
+namespace sala {
+namespace {
+
+class TokenizerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    SALA_REQUIRE_TEST_MODEL();
+    auto t = Tokenizer::Load(testing::TestModelDir());
+    ASSERT_TRUE(t.ok()) << t.status();
+    tok_ = std::move(*t);
+  }
+  std::unique_ptr<Tokenizer> tok_;
+};
+
+bool IsValidUtf8(const std::string& s) {
+  for (size_t i = 0; i < s.size();) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    int len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+    if (len == 0 || i + len > s.size()) return false;
+    for (int k = 1; k < len; ++k)
+      if ((static_cast<unsigned char>(s[i + k]) & 0xC0) != 0x80) return false;
+    i += len;
+  }
+  return true;
+}
+
+const std::vector<std::string> kTexts = {
+    "The router counts its tokens.",
+    "  leading spaces and\ttabs\nand new lines\n\n",
+    "Grüße aus München. Добрый день. 你好，世界。🙂🚀",
+    "digits 1048576 and symbols {}[]<>|\\~`",
+    "unseen words: zyxwvut quokka ßß ∮ ⨌",
+};
+
+TEST_F(TokenizerTest, RoundTripsText) {
+  for (const std::string& text : kTexts) {
+    const std::vector<int> ids = tok_->Encode(text);
+    EXPECT_FALSE(ids.empty());
+    EXPECT_EQ(tok_->Decode(ids), text);
+  }
+}
+
+TEST_F(TokenizerTest, SpecialTokensAndChatTemplate) {
+  const int im_start = tok_->TokenId("<|im_start|>"), im_end = tok_->TokenId("<|im_end|>");
+  ASSERT_GT(im_start, 0);
+  ASSERT_EQ(im_end + 1, im_start);
+  auto ids = tok_->EncodeChat({{"system", "Be brief."}, {"user", "Hello"}});
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  EXPECT_EQ((*ids)[0], 1);  // BOS
+  EXPECT_EQ((*ids)[1], im_start);
+  EXPECT_EQ(std::count(ids->begin(), ids->end(), im_start), 3);
+  EXPECT_EQ(std::count(ids->begin(), ids->end(), im_end), 2);
+  EXPECT_EQ(tok_->Decode(*ids, /*skip_special=*/false),
+            "<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n");
+  EXPECT_EQ(tok_->Decode(*ids), "system\nBe brief.\nuser\nHello\nassistant\n");
+  EXPECT_FALSE(tok_->EncodeChat({{"wizard", "x"}}).ok());
+  EXPECT_FALSE(tok_->EncodeChat({}).ok());
+}
+
+TEST_F(TokenizerTest, StreamingNeverSplitsACharacter) {
+  for (const std::string& text : kTexts) {
+    StreamDecoder d(*tok_);
+    std::string streamed;
+    for (int id : tok_->Encode(text)) {
+      const std::string piece = d.Push(id);
+      EXPECT_TRUE(IsValidUtf8(piece)) << "half a character emitted for '" << text << "'";
+      streamed += piece;
+    }
+    streamed += d.Flush();
+    EXPECT_EQ(streamed, text);
+  }
+}
+
+TEST_F(TokenizerTest, InvalidByteSequencesBecomeReplacementCharacters) {
+  // Byte-fallback pieces for 0xE4 0xBD (an unfinished 3-byte character) then 'a'.
+  std::vector<int> ids;
+  for (int id = 0; id < tok_->vocab_size(); ++id) {
+    const std::string b = tok_->TokenBytes(id);
+    if (b == "\xE4" || b == "\xBD") ids.push_back(id);
+  }
+  ASSERT_EQ(ids.size(), 2u);
+  if (tok_->TokenBytes(ids[0]) != "\xE4") std::swap(ids[0], ids[1]);
+  StreamDecoder d(*tok_);
+  EXPECT_EQ(d.Push(ids[0]), "");  // may still complete
+  EXPECT_EQ(d.Push(ids[1]), "");
+  std::string rest;
+  for (int id : tok_->Encode("a")) rest += d.Push(id);
+  rest += d.Flush();
+  EXPECT_EQ(rest, "\xEF\xBF\xBD\xEF\xBF\xBD a");  // not at the start: the piece keeps its space
+  EXPECT_EQ(d.Flush(), "");
+}
+
+TEST_F(TokenizerTest, OutOfRangeIdsDecodeToNothing) {
+  EXPECT_EQ(tok_->TokenBytes(-5), "");
+  EXPECT_EQ(tok_->TokenBytes(1 << 30), "");
+}
+
+}  // namespace
+}  // namespace sala
