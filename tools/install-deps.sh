@@ -6,9 +6,9 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
 packages=(
   build-essential cmake ninja-build pkg-config ccache git file
-  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libcpp-httplib-dev
   libabsl-dev libhiredis-dev prometheus-cpp-dev libxxhash-dev
-  libsentencepiece-dev sentencepiece nlohmann-json3-dev
+  sentencepiece nlohmann-json3-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   redis-server curl python3 python3-numpy
 )

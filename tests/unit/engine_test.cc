@@ -209,6 +209,11 @@ TEST(EngineLoadTest, RefusesBrokenModelDirectories) {
   SALA_REQUIRE_TEST_MODEL();
   EXPECT_EQ(Engine::Load("/nonexistent", {}).status().code(), absl::StatusCode::kNotFound);
   {
+    // Control: an untouched copy loads, so the failures below come from the damage.
+    auto e = Engine::Load(testing::CopyOfTestModel("control"), {});
+    EXPECT_TRUE(e.ok()) << e.status();
+  }
+  {
     const std::string dir = testing::CopyOfTestModel("noconfig");
     std::filesystem::remove(dir + "/config.json");
     EXPECT_EQ(Engine::Load(dir, {}).status().code(), absl::StatusCode::kNotFound);

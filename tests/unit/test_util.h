@@ -52,7 +52,8 @@ inline std::string ScratchDir(const std::string& name) {
 // Copies the test model so that a test may break one of its files.
 inline std::string CopyOfTestModel(const std::string& name) {
   const std::string dir = ScratchDir(name);
-  std::filesystem::copy(TestModelDir(), dir, std::filesystem::copy_options::overwrite_existing);
+  std::filesystem::copy(TestModelDir(), dir,
+                        std::filesystem::copy_options::recursive | std::filesystem::copy_options::overwrite_existing);
   return dir;
 }
 

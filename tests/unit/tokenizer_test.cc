@@ -1,5 +1,9 @@
 #include "sala/tokenizer.h"
 
+#include <fstream>
+#include <random>
+#include <sstream>
+
 #include "gtest/gtest.h"
 #include "test_util.h"
 
@@ -43,6 +47,56 @@ TEST_F(TokenizerTest, RoundTripsText) {
     EXPECT_FALSE(ids.empty());
     EXPECT_EQ(tok_->Decode(ids), text);
   }
+}
+
+// Our BPE segmentation must equal SentencePiece's own (Debian's spm_encode) id for id.
+TEST_F(TokenizerTest, MatchesSentencePieceItself) {
+  std::vector<std::string> lines;
+  std::ifstream corpus(std::string(SALA_SOURCE_DIR) + "/tools/mkmodel/corpus.txt");
+  for (std::string line; std::getline(corpus, line);) lines.push_back(line);
+  const std::vector<std::string> alphabet = {"a", "e", "th", " ", "  ", "ing", "ü", "ß", "д", "你", "界", "🙂",
+                                             "1", "9", ".", ",", "{", "\t", "é", "ñ", "Q", "x", "z", "-"};
+  std::mt19937 rng(1);
+  for (int i = 0; i < 300; ++i) {
+    std::string line;
+    const int n = 1 + int(rng() % 40);
+    for (int k = 0; k < n; ++k) line += alphabet[rng() % alphabet.size()];
+    lines.push_back(line);
+  }
+  const std::string dir = testing::ScratchDir("spm");
+  {
+    std::ofstream in(dir + "/in.txt");
+    for (const auto& l : lines) in << l << "\n";
+  }
+  const std::string cmd = "spm_encode --model=" + testing::TestModelDir() + "/tokenizer.model --output_format=id < " +
+                          dir + "/in.txt > " + dir + "/out.txt";
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << "spm_encode (Debian package sentencepiece) is needed";
+  std::ifstream out(dir + "/out.txt");
+  size_t i = 0;
+  for (std::string line; std::getline(out, line); ++i) {
+    ASSERT_LT(i, lines.size());
+    std::vector<int> expect;
+    std::istringstream ss(line);
+    for (int id; ss >> id;) expect.push_back(id);
+    EXPECT_EQ(tok_->Encode(lines[i]), expect) << "line " << i << ": '" << lines[i] << "'";
+  }
+  EXPECT_EQ(i, lines.size());
+}
+
+TEST_F(TokenizerTest, RefusesCorruptModelFiles) {
+  const std::string dir = testing::CopyOfTestModel("corrupt-spm");
+  const std::string good = testing::ReadAll(dir + "/tokenizer.model");
+  std::mt19937 rng(2);
+  for (int i = 0; i < 100; ++i) {
+    std::string bytes = good;
+    if (i % 2) bytes.resize(rng() % bytes.size());
+    else for (int k = 0; k < 5; ++k) bytes[rng() % bytes.size()] = char(rng());
+    testing::WriteAll(dir + "/tokenizer.model", bytes);
+    auto t = Tokenizer::Load(dir);  // an error or a usable tokenizer, never a crash
+    if (t.ok()) (*t)->Decode((*t)->Encode("probe text"));
+  }
+  testing::WriteAll(dir + "/tokenizer.model", "");
+  EXPECT_FALSE(Tokenizer::Load(dir).ok());
 }
 
 TEST_F(TokenizerTest, SpecialTokensAndChatTemplate) {

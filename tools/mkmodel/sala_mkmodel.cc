@@ -21,7 +21,7 @@
 #include "sala/weights.h"
 #include "cli.h"
 #include "mkmodel_corpus.h"
-#include "sentencepiece_adapter.h"
+#include "sentencepiece_bpe.h"
 
 ABSL_FLAG(std::string, out, "", "output directory (created)");
 ABSL_FLAG(std::string, preset, "small", "small: the built-in test model; 9b: the MiniCPM-SALA 9B shape");

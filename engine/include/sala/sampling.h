@@ -27,6 +27,9 @@ class Sampler {
  public:
   explicit Sampler(const SamplingParams& params);
   int Sample(std::span<const float> logits);
+  // Advances the generator as `samples` non-greedy samples would (each draws once), so that a
+  // sequence sampled partly elsewhere continues the same random stream.
+  void Skip(int samples);
 
  private:
   double Uniform();  // [0, 1), the same on every platform for a given seed

@@ -25,6 +25,10 @@ absl::Status ValidateSamplingParams(const SamplingParams& p, int vocab_size) {
 Sampler::Sampler(const SamplingParams& params)
     : params_(params), rng_(params.seed ? *params.seed : std::random_device{}()) {}
 
+void Sampler::Skip(int samples) {
+  for (int i = 0; i < samples; ++i) rng_();
+}
+
 double Sampler::Uniform() { return double(rng_() >> 11) * 0x1.0p-53; }
 
 int Sampler::Sample(std::span<const float> logits) {

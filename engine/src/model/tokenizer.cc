@@ -5,7 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "nlohmann/json.hpp"
-#include "sentencepiece_adapter.h"
+#include "sentencepiece_bpe.h"
 
 namespace sala {
 namespace {

@@ -1,0 +1,432 @@
+#include "decode_worker.h"
+
+#include <algorithm>
+#include <chrono>
+#include <deque>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
+#include "log.h"
+#include "metrics.h"
+#include "sala/state_serialization.h"
+#include "status_map.h"
+
+namespace sala::decode {
+
+using service::LogInfo;
+using service::LogWarning;
+using service::Metrics;
+using Clock = std::chrono::steady_clock;
+
+struct DecodeWorker::Sequence {
+  enum class Phase { kWaitingState, kAppend, kRunning, kKept, kDone };
+  std::string session_id, request_id;
+  uint64_t arrival = 0;
+  Phase phase = Phase::kWaitingState;
+  SamplingParams params;
+  std::unique_ptr<Sampler> sampler;
+  SequenceState state;
+  std::vector<int> append_ids;
+  int next_input = -1;  // sampled, not yet fed to the model
+  int generated = 0;
+  bool keep = false;
+  bool attached = false;   // an Attach stream is reading its events
+  bool cancelled = false;  // freed at the next chance
+  absl::Time lease_deadline = absl::InfiniteFuture();
+  absl::Time client_deadline = absl::InfiniteFuture();
+  Clock::time_point last_token;
+  double prefill_seconds = 0;
+  std::deque<sala::v1::DecodeEvent> events;
+  bool closed = false;  // finished or failed: no more events after `events`
+  absl::Status error;
+};
+
+namespace {
+
+SamplingParams ToParams(const sala::v1::SamplingParameters& p) {
+  SamplingParams s;
+  s.temperature = p.has_temperature() ? p.temperature() : 0.9;
+  s.top_k = p.top_k();
+  s.top_p = p.has_top_p() ? p.top_p() : 1.0;
+  s.seed = p.seed();
+  s.max_new_tokens = p.has_max_new_tokens() ? p.max_new_tokens() : 256;
+  s.stop_token_ids.assign(p.stop_token_ids().begin(), p.stop_token_ids().end());
+  s.ignore_eos = p.ignore_eos();
+  return s;
+}
+
+constexpr int kFinishStop = sala::v1::FINISH_REASON_STOP;
+constexpr int kFinishLength = sala::v1::FINISH_REASON_LENGTH;
+
+}  // namespace
+
+DecodeWorker::DecodeWorker(std::unique_ptr<Engine> engine, std::string worker_id, std::string address,
+                           std::string model_name, DecodeOptions options)
+    : engine_(std::move(engine)),
+      worker_id_(std::move(worker_id)),
+      address_(std::move(address)),
+      model_name_(std::move(model_name)),
+      options_(options),
+      thread_([this] { Loop(); }) {}
+
+DecodeWorker::~DecodeWorker() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  work_cv_.notify_all();
+  thread_.join();
+}
+
+int64_t DecodeWorker::EstimateBytes(int64_t tokens) const {
+  const ModelConfig& c = engine_->config();
+  const int64_t per_token = int64_t(c.num_sparse_layers()) * 2 * c.num_kv_heads * c.sparse_head_dim() * 4;
+  const int64_t linear = int64_t(c.num_linear_layers()) * c.num_heads * c.head_dim * c.head_dim * 4;
+  return tokens * per_token * 9 / 8 + linear;  // + compressed keys
+}
+
+int64_t DecodeWorker::UsedBytesLocked() const {
+  int64_t used = 0;
+  for (const auto& [id, s] : sequences_) used += int64_t(s->state.bytes());
+  return used;
+}
+
+void DecodeWorker::UpdateGaugesLocked() const {
+  int running = 0, waiting = 0;
+  for (const auto& [id, s] : sequences_) {
+    running += s->phase == Sequence::Phase::kRunning || s->phase == Sequence::Phase::kAppend;
+    waiting += s->phase == Sequence::Phase::kWaitingState;
+  }
+  Metrics::Get().running.Set(running);
+  Metrics::Get().waiting.Set(waiting);
+  Metrics::Get().state_memory_ratio.Set(double(UsedBytesLocked()) / double(options_.state_memory_bytes));
+}
+
+sala::v1::WorkerInfo DecodeWorker::Info() const {
+  sala::v1::WorkerInfo info;
+  info.set_worker_id(worker_id_);
+  info.set_role("decode");
+  info.set_address(address_);
+  info.set_model(model_name_);
+  info.set_layout_hash(absl::StrFormat("%016x", engine_->config().layout_hash()));
+  std::lock_guard<std::mutex> lock(mu_);
+  int running = 0, waiting = 0;
+  for (const auto& [id, s] : sequences_) {
+    running += s->phase == Sequence::Phase::kRunning || s->phase == Sequence::Phase::kAppend;
+    waiting += s->phase == Sequence::Phase::kWaitingState;
+  }
+  info.set_running(running);
+  info.set_waiting(waiting);
+  info.set_total_state_bytes(options_.state_memory_bytes);
+  info.set_free_state_bytes(options_.state_memory_bytes - UsedBytesLocked());
+  info.set_serving(!draining_);
+  return info;
+}
+
+void DecodeWorker::Drain() {
+  std::lock_guard<std::mutex> lock(mu_);
+  draining_ = true;
+}
+
+bool DecodeWorker::Idle() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const auto& [id, s] : sequences_)
+    if (s->attached) return false;
+  return true;
+}
+
+grpc::Status DecodeWorker::GetWorkerInfo(grpc::ServerContext*, const sala::v1::WorkerInfoRequest*,
+                                         sala::v1::WorkerInfo* info) {
+  *info = Info();
+  return grpc::Status::OK;
+}
+
+grpc::Status DecodeWorker::Abort(grpc::ServerContext*, const sala::v1::AbortRequest* request,
+                                 sala::v1::AbortResponse* response) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = sequences_.find(request->session_id());
+  response->set_found(it != sequences_.end());
+  if (it == sequences_.end()) return grpc::Status::OK;
+  Sequence& s = *it->second;
+  s.cancelled = true;
+  if (!s.attached) sequences_.erase(it);  // a kept session: free it now
+  else FailLocked(s, absl::CancelledError(request->reason().empty() ? "aborted" : request->reason()));
+  UpdateGaugesLocked();
+  events_cv_.notify_all();
+  work_cv_.notify_all();
+  return grpc::Status::OK;
+}
+
+void DecodeWorker::FailLocked(Sequence& s, const absl::Status& status) {
+  if (s.closed) return;
+  s.closed = true;
+  s.error = status;
+  s.phase = Sequence::Phase::kDone;
+  s.state = SequenceState();
+  events_cv_.notify_all();
+}
+
+void DecodeWorker::FinishLocked(Sequence& s, int reason) {
+  sala::v1::DecodeEvent e;
+  e.mutable_finished()->set_finish_reason(sala::v1::FinishReason(reason));
+  e.mutable_finished()->set_generated_tokens(s.generated);
+  e.mutable_finished()->set_prefill_seconds(s.prefill_seconds);
+  s.events.push_back(std::move(e));
+  s.closed = true;
+  if (s.keep) {
+    s.phase = Sequence::Phase::kKept;  // next_input stays: the next turn feeds it first
+  } else {
+    s.phase = Sequence::Phase::kDone;
+    s.state = SequenceState();
+  }
+  events_cv_.notify_all();
+}
+
+void DecodeWorker::TakeTokenLocked(Sequence& s, int token) {
+  const auto now = Clock::now();
+  if (s.generated > 0) Metrics::Get().inter_token.Observe(std::chrono::duration<double>(now - s.last_token).count());
+  s.last_token = now;
+  s.next_input = token;
+  if (engine_->IsStopToken(token, s.params)) {
+    FinishLocked(s, kFinishStop);
+    return;
+  }
+  sala::v1::DecodeEvent e;
+  e.mutable_token()->set_token_id(token);
+  s.events.push_back(std::move(e));
+  ++s.generated;
+  Metrics::Get().generation_tokens.Increment();
+  if (s.generated >= s.params.max_new_tokens || s.state.tokens + 1 > engine_->max_context_tokens())
+    FinishLocked(s, kFinishLength);
+  events_cv_.notify_all();
+}
+
+grpc::Status DecodeWorker::Attach(grpc::ServerContext* context, const sala::v1::AttachRequest* request,
+                                  grpc::ServerWriter<sala::v1::DecodeEvent>* writer) {
+  if (request->session_id().empty()) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "session id is empty");
+  SamplingParams params = ToParams(request->sampling());
+  if (absl::Status s = ValidateSamplingParams(params, engine_->config().vocab_size); !s.ok())
+    return service::ToGrpcStatus(s);
+  std::shared_ptr<Sequence> seq;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (draining_) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "decode worker is draining");
+    auto it = sequences_.find(request->session_id());
+    if (request->append_ids_size() > 0) {
+      if (it == sequences_.end() || it->second->phase != Sequence::Phase::kKept)
+        return grpc::Status(grpc::StatusCode::NOT_FOUND,
+                            absl::StrCat("no kept session '", request->session_id(), "' on this worker"));
+      seq = it->second;
+      seq->append_ids.clear();
+      if (seq->next_input >= 0) seq->append_ids.push_back(seq->next_input);
+      seq->append_ids.insert(seq->append_ids.end(), request->append_ids().begin(), request->append_ids().end());
+      seq->phase = Sequence::Phase::kAppend;
+      seq->events.clear();
+      seq->closed = false;
+      seq->error = absl::OkStatus();
+    } else {
+      if (it != sequences_.end())
+        return grpc::Status(grpc::StatusCode::ALREADY_EXISTS, "session already on this worker");
+      const int64_t need = EstimateBytes(request->prompt_tokens() + params.max_new_tokens);
+      if (UsedBytesLocked() + need > options_.state_memory_bytes)
+        return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "decode worker has no state memory left");
+      seq = std::make_shared<Sequence>();
+      seq->session_id = request->session_id();
+      seq->phase = Sequence::Phase::kWaitingState;
+      seq->lease_deadline = absl::Now() + absl::Seconds(request->lease_seconds() > 0 ? request->lease_seconds() : 60);
+      sequences_[seq->session_id] = seq;
+    }
+    seq->request_id = request->request_id();
+    seq->arrival = ++arrival_;
+    seq->params = params;
+    seq->sampler = std::make_unique<Sampler>(params);
+    seq->generated = 0;
+    seq->keep = request->keep_session();
+    seq->attached = true;
+    seq->cancelled = false;
+    seq->client_deadline = absl::FromChrono(context->deadline());
+    UpdateGaugesLocked();
+  }
+  work_cv_.notify_all();
+  sala::v1::DecodeEvent attached;
+  attached.mutable_attached()->set_worker_id(worker_id_);
+  bool ok = writer->Write(attached);
+
+  // Relay events until the sequence closes or the router goes away.
+  absl::Status result = absl::OkStatus();
+  std::unique_lock<std::mutex> lock(mu_);
+  while (ok) {
+    events_cv_.wait_for(lock, std::chrono::milliseconds(50),
+                        [&] { return !seq->events.empty() || seq->closed; });
+    if (context->IsCancelled()) {
+      ok = false;
+      break;
+    }
+    while (!seq->events.empty() && ok) {
+      sala::v1::DecodeEvent e = std::move(seq->events.front());
+      seq->events.pop_front();
+      lock.unlock();
+      ok = writer->Write(e);
+      lock.lock();
+    }
+    if (seq->closed && seq->events.empty()) {
+      result = seq->error;
+      break;
+    }
+  }
+  seq->attached = false;
+  if (!ok) {
+    // Router cancelled, disconnected or died: free everything, kept or not.
+    seq->cancelled = true;
+    result = absl::CancelledError("router went away");
+  }
+  if (seq->cancelled || seq->phase != Sequence::Phase::kKept) {
+    if (seq->phase == Sequence::Phase::kRunning || seq->phase == Sequence::Phase::kAppend) {
+      // The loop may be using the state right now: it frees it after the step.
+      seq->cancelled = true;
+    } else {
+      auto it = sequences_.find(seq->session_id);
+      if (it != sequences_.end() && it->second == seq) sequences_.erase(it);
+    }
+  }
+  UpdateGaugesLocked();
+  work_cv_.notify_all();
+  return service::ToGrpcStatus(result);
+}
+
+grpc::Status DecodeWorker::TransferState(grpc::ServerContext* context,
+                                         grpc::ServerReader<sala::v1::StateChunk>* reader,
+                                         sala::v1::TransferAck* ack) {
+  const auto start = Clock::now();
+  sala::v1::StateChunk chunk;
+  if (!reader->Read(&chunk)) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "empty state stream");
+  const std::string session = chunk.session_id();
+  std::shared_ptr<Sequence> seq;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = sequences_.find(session);
+    if (it == sequences_.end() || it->second->phase != Sequence::Phase::kWaitingState)
+      return grpc::Status(grpc::StatusCode::NOT_FOUND, absl::StrCat("no sequence '", session, "' waits for state here"));
+    seq = it->second;
+  }
+  StateReader state_reader(engine_->config());
+  int64_t bytes = 0;
+  absl::Status status = absl::OkStatus();
+  bool last = false;
+  for (;;) {
+    bytes += int64_t(chunk.data().size());
+    status = state_reader.Feed(chunk.data());
+    if (!status.ok() || chunk.last()) {
+      last = chunk.last();
+      break;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (seq->cancelled || seq->closed) {
+        status = absl::CancelledError("sequence was cancelled");
+        break;
+      }
+    }
+    if (!reader->Read(&chunk)) {
+      status = absl::UnavailableError(
+          context->IsCancelled() ? "state transfer cancelled by the prefill worker" : "state transfer broken");
+      break;
+    }
+  }
+  if (status.ok() && !(last && state_reader.committed()))
+    status = absl::DataLossError("state stream ended without a commit");
+  Metrics::Get().transfer_bytes.Increment(double(bytes));
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!status.ok()) {
+    Metrics::Get().TransferFailures(service::CodeLabel(status.code())).Increment();
+    FailLocked(*seq, absl::Status(status.code(), absl::StrCat("state transfer: ", status.message())));
+    work_cv_.notify_all();
+    return service::ToGrpcStatus(status);
+  }
+  if (seq->cancelled || seq->closed) return grpc::Status(grpc::StatusCode::CANCELLED, "sequence was cancelled");
+  auto state = state_reader.Take();
+  seq->state = std::move(*state);
+  Metrics::Get().transfer_time.Observe(std::chrono::duration<double>(Clock::now() - start).count());
+  ack->set_tokens(seq->state.tokens);
+  ack->set_bytes(bytes);
+  seq->phase = Sequence::Phase::kRunning;
+  // The first token was sampled by the prefill worker: the sampler skips its draw.
+  if (seq->params.temperature > 0) seq->sampler->Skip(1);
+  TakeTokenLocked(*seq, chunk.first_token());
+  UpdateGaugesLocked();
+  work_cv_.notify_all();
+  return grpc::Status::OK;
+}
+
+void DecodeWorker::Loop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stop_) {
+    work_cv_.wait_for(lock, std::chrono::milliseconds(50));
+    const absl::Time now = absl::Now();
+    std::vector<std::shared_ptr<Sequence>> batch, appends;
+    for (auto it = sequences_.begin(); it != sequences_.end();) {
+      Sequence& s = *it->second;
+      if (s.cancelled && !s.attached) {
+        it = sequences_.erase(it);  // frees the state
+        continue;
+      }
+      if (s.phase == Sequence::Phase::kWaitingState && now > s.lease_deadline)
+        FailLocked(s, absl::DeadlineExceededError("the sequence state did not arrive within the lease"));
+      else if ((s.phase == Sequence::Phase::kRunning || s.phase == Sequence::Phase::kAppend) && now > s.client_deadline)
+        FailLocked(s, absl::DeadlineExceededError("deadline exceeded while decoding"));
+      else if (s.phase == Sequence::Phase::kAppend && !s.cancelled)
+        appends.push_back(it->second);
+      else if (s.phase == Sequence::Phase::kRunning && !s.cancelled && !s.closed)
+        batch.push_back(it->second);
+      ++it;
+    }
+    // Oldest first, at most max_running_requests per step; the rest wait their turn.
+    std::sort(batch.begin(), batch.end(), [](const auto& a, const auto& b) { return a->arrival < b->arrival; });
+    if (int(batch.size()) > options_.max_running_requests) batch.resize(options_.max_running_requests);
+    if (batch.empty() && appends.empty()) continue;
+    lock.unlock();
+    for (const auto& seq : appends) AppendPrefill(seq);
+    if (!batch.empty()) Step(batch);
+    lock.lock();
+    UpdateGaugesLocked();
+    work_cv_.notify_all();  // more work may be ready: loop again at once
+  }
+}
+
+void DecodeWorker::AppendPrefill(const std::shared_ptr<Sequence>& seq) {
+  const auto start = Clock::now();
+  auto logits = engine_->Prefill(seq->state, seq->append_ids);
+  std::lock_guard<std::mutex> lock(mu_);
+  seq->prefill_seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  if (!logits.ok()) {
+    FailLocked(*seq, logits.status());
+    return;
+  }
+  Metrics::Get().prompt_tokens.Increment(double(seq->append_ids.size()));
+  seq->phase = Sequence::Phase::kRunning;
+  TakeTokenLocked(*seq, seq->sampler->Sample(*logits));
+}
+
+void DecodeWorker::Step(std::vector<std::shared_ptr<Sequence>>& batch) {
+  std::vector<SequenceState*> states;
+  std::vector<int> inputs;
+  for (const auto& s : batch) {
+    states.push_back(&s->state);
+    inputs.push_back(s->next_input);
+  }
+  auto logits = engine_->Decode(states, inputs);
+  std::lock_guard<std::mutex> lock(mu_);
+  for (size_t i = 0; i < batch.size(); ++i) {
+    Sequence& s = *batch[i];
+    if (!logits.ok()) {
+      if (logits.status().code() == absl::StatusCode::kOutOfRange) FinishLocked(s, kFinishLength);
+      else FailLocked(s, logits.status());
+      continue;
+    }
+    if (s.cancelled || s.closed) continue;
+    TakeTokenLocked(s, s.sampler->Sample((*logits)[i]));
+  }
+}
+
+}  // namespace sala::decode

@@ -1,0 +1,37 @@
+// sala-decode: the decode worker.
+#include "absl/flags/flag.h"
+#include "decode_worker.h"
+#include "flags.h"
+#include "log.h"
+#include "metrics.h"
+#include "process.h"
+#include "worker_main.h"
+
+ABSL_FLAG(int, max_running_requests, 32, "sequences decoded together in one step at most");
+ABSL_FLAG(int64_t, state_memory_bytes, int64_t(4) << 30, "memory budget for sequence states, bytes");
+
+int main(int argc, char** argv) {
+  sala::service::BlockTerminationSignals();
+  sala::service::ParseFlags(argc, argv,
+                            "Decode worker of the SALA cluster: receives sequence states, decodes them in a "
+                            "continuous batch and streams tokens.\n"
+                            "  sala-decode --model=models/small --listen=127.0.0.1:50071");
+  const std::string id = sala::service::WorkerIdFromFlags("decode");
+  sala::service::SetLogService("decode", id);
+  sala::service::Metrics::Init("decode");
+  if (absl::GetFlag(FLAGS_max_running_requests) <= 0 || absl::GetFlag(FLAGS_state_memory_bytes) <= 0) {
+    sala::service::LogError("--max_running_requests and --state_memory_bytes must be positive");
+    return 2;
+  }
+  auto engine = sala::service::LoadEngineFromFlags();
+  if (!engine.ok()) {
+    sala::service::LogError(std::string(engine.status().message()));
+    return 2;
+  }
+  sala::decode::DecodeWorker worker(std::move(*engine), id, sala::service::AdvertisedAddressFromFlags(),
+                                    sala::service::ModelNameFromFlags(),
+                                    {absl::GetFlag(FLAGS_max_running_requests), absl::GetFlag(FLAGS_state_memory_bytes)});
+  return sala::service::ServeWorker("decode", worker, "sala.v1.DecodeWorker",
+                                    {[&] { return worker.Info(); }, [&] { worker.Drain(); },
+                                     [&] { return worker.Idle(); }});
+}
