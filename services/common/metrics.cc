@@ -31,7 +31,8 @@ Histogram& Hist(prometheus::Registry& r, const char* name, const char* help, con
 }  // namespace
 
 Metrics::Metrics(const std::string& service)
-    : ttft(Hist(*(registry_ = std::make_shared<prometheus::Registry>()), "sala_time_to_first_token_seconds",
+    : registry_(std::make_shared<prometheus::Registry>()),
+      ttft(Hist(*registry_, "sala_time_to_first_token_seconds",
                 "Request received to first token sent", kRequestBuckets)),
       inter_token(Hist(*registry_, "sala_inter_token_latency_seconds", "Time between consecutive tokens of a request",
                        kFastBuckets)),

@@ -14,6 +14,9 @@
 namespace sala::service {
 
 class Metrics {
+  // First: the metric references below are initialised from it.
+  std::shared_ptr<prometheus::Registry> registry_;
+
  public:
   // `service`: router, prefill or decode (a label of sala_build_info).
   explicit Metrics(const std::string& service);
@@ -43,7 +46,6 @@ class Metrics {
   prometheus::Gauge& Workers(const std::string& role, const std::string& state);
 
  private:
-  std::shared_ptr<prometheus::Registry> registry_;
   prometheus::Family<prometheus::Counter>* requests_;
   prometheus::Family<prometheus::Histogram>* redis_;
   prometheus::Family<prometheus::Counter>* transfer_failures_;
