@@ -384,6 +384,7 @@ void DecodeWorker::Loop() {
     // Oldest first, at most max_running_requests per step; the rest wait their turn.
     std::sort(batch.begin(), batch.end(), [](const auto& a, const auto& b) { return a->arrival < b->arrival; });
     if (int(batch.size()) > options_.max_running_requests) batch.resize(options_.max_running_requests);
+    UpdateGaugesLocked();
     if (batch.empty() && appends.empty()) continue;
     lock.unlock();
     for (const auto& seq : appends) AppendPrefill(seq);

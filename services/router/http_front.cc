@@ -203,7 +203,8 @@ void HttpFront::Routes() {
   });
   server_->Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
     json data = json::array();
-    for (const auto& m : router_.ListModels().models())
+    const sala::v1::ListModelsResponse models = router_.ListModels();
+    for (const auto& m : models.models())
       data.push_back({{"id", m.name()}, {"object", "model"}, {"created", 0}, {"owned_by", "sala"},
                       {"max_model_len", m.max_context_tokens()}});
     res.set_content(json{{"object", "list"}, {"data", data}}.dump(), "application/json");

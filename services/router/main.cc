@@ -33,6 +33,7 @@ ABSL_FLAG(int64_t, max_context, 0, "maximum context in tokens (0: the model's ma
 ABSL_FLAG(double, session_ttl, 86400, "seconds a session record lives in Redis");
 ABSL_FLAG(double, worker_refresh_interval, 0.5, "seconds between reads of the worker registry");
 ABSL_FLAG(double, worker_failure_cooldown, 5, "seconds a failed worker stays out of routing");
+ABSL_FLAG(double, worker_expiry, 3, "seconds a worker missing from the registry stays routable");
 ABSL_FLAG(double, drain_timeout, 30, "seconds to finish in-flight requests after SIGTERM");
 
 namespace {
@@ -81,6 +82,7 @@ int main(int argc, char** argv) {
   pool_options.static_decode = List(absl::GetFlag(FLAGS_decode_workers));
   pool_options.refresh_interval_seconds = absl::GetFlag(FLAGS_worker_refresh_interval);
   pool_options.failure_cooldown_seconds = absl::GetFlag(FLAGS_worker_failure_cooldown);
+  pool_options.expiry_seconds = absl::GetFlag(FLAGS_worker_expiry);
   pool_options.layout_hash = absl::StrFormat("%016x", config->layout_hash());
   router::WorkerPool pool(redis.get(), pool_options);
   router::SessionStore sessions(redis.get(), absl::GetFlag(FLAGS_session_ttl));

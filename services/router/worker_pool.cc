@@ -65,20 +65,28 @@ void WorkerPool::Refresh() {
   for (const auto& a : options_.static_decode) probe(a, "decode");
 
   std::lock_guard<std::mutex> lock(mu_);
+  if (!redis_ok && !redis_was_down_) LogWarning("redis unavailable: routing with the last known workers");
+  if (redis_ok && redis_was_down_) LogInfo("redis is back: worker registry refreshed");
+  redis_was_down_ = !redis_ok;
+  // Merge: fresh entries replace old ones; workers not heard of for `expiry_seconds` leave,
+  // unless Redis is down, in which case the last known set stays.
+  const auto now = Clock::now();
+  for (const auto& w : fresh) {
+    last_seen_[w.address()] = now;
+    bool found = false;
+    for (auto& old : workers_)
+      if (old.address() == w.address()) {
+        old = w;
+        found = true;
+      }
+    if (!found) workers_.push_back(w);
+  }
   if (!redis_ok) {
-    if (!redis_was_down_) LogWarning("redis unavailable: routing with the last known workers");
-    redis_was_down_ = true;
-    // Keep what we knew, refreshed by whatever the static probes found.
-    for (auto& w : fresh) {
-      bool found = false;
-      for (auto& old : workers_)
-        if (old.address() == w.address()) { old = w; found = true; }
-      if (!found) workers_.push_back(w);
-    }
+    // Silence from a registry we cannot read says nothing about the workers.
+    for (const auto& w : workers_) last_seen_[w.address()] = now;
   } else {
-    if (redis_was_down_) LogInfo("redis is back: worker registry refreshed");
-    redis_was_down_ = false;
-    workers_ = std::move(fresh);
+    const auto expiry = std::chrono::duration<double>(options_.expiry_seconds);
+    std::erase_if(workers_, [&](const sala::v1::WorkerInfo& w) { return now - last_seen_[w.address()] > expiry; });
   }
   int counts[2][2] = {};
   for (const auto& w : workers_) counts[w.role() == "decode"][UsableLocked(w)]++;

@@ -22,6 +22,8 @@ struct WorkerPoolOptions {
   std::vector<std::string> static_prefill, static_decode;  // addresses
   double refresh_interval_seconds = 0.5;
   double failure_cooldown_seconds = 5.0;
+  // A worker missing from the registry stays routable this long (Redis may have restarted empty).
+  double expiry_seconds = 3.0;
   std::string layout_hash;  // workers of another model layout are ignored
 };
 
@@ -49,6 +51,7 @@ class WorkerPool {
   std::mutex mu_;
   std::condition_variable cv_;
   std::vector<sala::v1::WorkerInfo> workers_;
+  std::map<std::string, std::chrono::steady_clock::time_point> last_seen_;
   std::map<std::string, std::chrono::steady_clock::time_point> failed_until_;
   std::map<std::string, int64_t> inflight_tokens_;
   bool stop_ = false, redis_was_down_ = false;
