@@ -34,6 +34,7 @@ struct DecodeWorker::Sequence {
   bool attached = false;   // an Attach stream is reading its events
   bool cancelled = false;  // freed at the next chance
   absl::Time lease_deadline = absl::InfiniteFuture();
+  absl::Time kept_until = absl::InfiniteFuture();
   absl::Time client_deadline = absl::InfiniteFuture();
   Clock::time_point last_token;
   double prefill_seconds = 0;
@@ -176,6 +177,7 @@ void DecodeWorker::FinishLocked(Sequence& s, int reason) {
   s.closed = true;
   if (s.keep) {
     s.phase = Sequence::Phase::kKept;  // next_input stays: the next turn feeds it first
+    s.kept_until = absl::Now() + absl::Seconds(options_.kept_session_ttl_seconds);
   } else {
     s.phase = Sequence::Phase::kDone;
     s.state = SequenceState();
@@ -367,7 +369,7 @@ void DecodeWorker::Loop() {
     std::vector<std::shared_ptr<Sequence>> batch, appends;
     for (auto it = sequences_.begin(); it != sequences_.end();) {
       Sequence& s = *it->second;
-      if (s.cancelled && !s.attached) {
+      if ((s.cancelled && !s.attached) || (s.phase == Sequence::Phase::kKept && !s.attached && now > s.kept_until)) {
         it = sequences_.erase(it);  // frees the state
         continue;
       }

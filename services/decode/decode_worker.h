@@ -17,6 +17,7 @@ namespace sala::decode {
 struct DecodeOptions {
   int max_running_requests = 32;
   int64_t state_memory_bytes = int64_t(4) << 30;
+  double kept_session_ttl_seconds = 600;  // a kept session not continued within this is freed
 };
 
 class DecodeWorker final : public sala::v1::DecodeWorker::Service {

@@ -9,6 +9,7 @@
 
 ABSL_FLAG(int, max_running_requests, 32, "sequences decoded together in one step at most");
 ABSL_FLAG(int64_t, state_memory_bytes, int64_t(4) << 30, "memory budget for sequence states, bytes");
+ABSL_FLAG(double, kept_session_ttl, 600, "seconds a kept session waits for its next turn before it is freed");
 
 int main(int argc, char** argv) {
   sala::service::BlockTerminationSignals();
@@ -30,7 +31,8 @@ int main(int argc, char** argv) {
   }
   sala::decode::DecodeWorker worker(std::move(*engine), id, sala::service::AdvertisedAddressFromFlags(),
                                     sala::service::ModelNameFromFlags(),
-                                    {absl::GetFlag(FLAGS_max_running_requests), absl::GetFlag(FLAGS_state_memory_bytes)});
+                                    {absl::GetFlag(FLAGS_max_running_requests), absl::GetFlag(FLAGS_state_memory_bytes),
+                                     absl::GetFlag(FLAGS_kept_session_ttl)});
   return sala::service::ServeWorker("decode", worker, "sala.v1.DecodeWorker",
                                     {[&] { return worker.Info(); }, [&] { worker.Drain(); },
                                      [&] { return worker.Idle(); }});
