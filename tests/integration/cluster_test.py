@@ -313,6 +313,17 @@ class FailureTest(unittest.TestCase):
             client(c, "cancel", "--request-id=long")
             proc.wait(10)
 
+    def test_kept_session_is_freed_when_not_continued(self):
+        with make_cluster(prefill=1, decode=1, decode_args=["--kept_session_ttl=1"]) as c:
+            code, lines, err = client(c, "complete", f"--token-ids={csv(random_ids(100, seed=91))}",
+                                      "--max-new-tokens=2", "--keep-session", "--json")
+            self.assertEqual(code, 0, err)
+            d = c.decodes[0].metrics_url
+            self.assertGreater(metrics(d)["sala_state_memory_usage_ratio"], 0)
+            self.assertTrue(wait_for(lambda: metrics(d)["sala_state_memory_usage_ratio"] == 0, 10))
+            code, _, err = client(c, "complete", "--token-ids=5,6", f"--session-id={lines[0]['final']['session_id']}")
+            self.assertEqual(client_error_code(err), "NOT_FOUND", err)
+
     def test_sigterm_drains_in_flight_work(self):
         c = make_cluster(prefill=1, decode=1).start()
         try:
