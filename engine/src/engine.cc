@@ -35,8 +35,14 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const std::string& model_di
   SALA_ASSIGN_OR_RETURN(auto checkpoint, Checkpoint::Open(model_dir));
   if (options.backend == "cpu") {
     SALA_ASSIGN_OR_RETURN(e->backend_, MakeCpuBackend(e->config_, *checkpoint));
+  } else if (options.backend == "cuda") {
+#ifdef SALA_HAVE_CUDA
+    SALA_ASSIGN_OR_RETURN(e->backend_, MakeCudaBackend(e->config_, *checkpoint));
+#else
+    return absl::FailedPreconditionError("this build has no CUDA backend (configure with nvcc present)");
+#endif
   } else {
-    return absl::InvalidArgumentError(absl::StrCat("unknown backend '", options.backend, "' (have: cpu)"));
+    return absl::InvalidArgumentError(absl::StrCat("unknown backend '", options.backend, "' (have: cpu, cuda)"));
   }
   return e;
 }

@@ -33,5 +33,8 @@ class Backend {
 // The fp32 CPU backend; weights are converted from the checkpoint.
 absl::StatusOr<std::unique_ptr<Backend>> MakeCpuBackend(const ModelConfig& config,
                                                         const Checkpoint& checkpoint);
+// The CUDA backend (bf16 weights on the current device). Only in builds with CUDA.
+absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const ModelConfig& config,
+                                                         const Checkpoint& checkpoint);
 
 }  // namespace sala

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "sala/config.h"
@@ -19,10 +20,27 @@ struct LinearLayerState {
   std::vector<float> s;  // [num_heads, head_dim (key), head_dim (value)]
 };
 
+// A backend's own copy of a sequence's state in device memory (the CUDA backend's). When
+// present it is the state; the host vectors above are then empty.
+class DeviceState {
+ public:
+  virtual ~DeviceState() = default;
+  virtual std::unique_ptr<DeviceState> Clone() const = 0;
+  virtual size_t bytes() const = 0;
+};
+
 struct SequenceState {
   int64_t tokens = 0;
   std::vector<SparseLayerCache> sparse;  // indexed by ModelConfig::slot_of(layer)
   std::vector<LinearLayerState> linear;
+  std::unique_ptr<DeviceState> device;
+
+  SequenceState() = default;
+  SequenceState(SequenceState&&) = default;
+  SequenceState& operator=(SequenceState&&) = default;
+  // Copies are deep, device state included.
+  SequenceState(const SequenceState& other);
+  SequenceState& operator=(const SequenceState& other);
 
   // Empty state shaped for `config`.
   static SequenceState Empty(const ModelConfig& config);

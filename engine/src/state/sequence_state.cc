@@ -2,6 +2,15 @@
 
 namespace sala {
 
+SequenceState::SequenceState(const SequenceState& other)
+    : tokens(other.tokens), sparse(other.sparse), linear(other.linear),
+      device(other.device ? other.device->Clone() : nullptr) {}
+
+SequenceState& SequenceState::operator=(const SequenceState& other) {
+  if (this != &other) *this = SequenceState(other);
+  return *this;
+}
+
 SequenceState SequenceState::Empty(const ModelConfig& config) {
   SequenceState st;
   st.sparse.resize(config.num_sparse_layers());
@@ -23,6 +32,7 @@ size_t SequenceState::bytes() const {
   size_t b = 0;
   for (const auto& c : sparse) b += (c.k.size() + c.v.size() + c.k1.size() + c.k2.size()) * 4;
   for (const auto& l : linear) b += l.s.size() * 4;
+  if (device) b += device->bytes();
   return b;
 }
 

@@ -1,0 +1,348 @@
+// The CUDA backend: MODEL_SPEC §2–4 with bf16 weights and GEMM inputs, fp32 accumulation,
+// fp32 residual stream and linear states. Structure mirrors the CPU backend: one pass over row
+// segments (a prefill chunk, or one row per sequence in a decode step).
+#include <cmath>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "cuda_common.h"
+#include "gemm.h"
+#include "lightning.h"
+#include "ops.h"
+#include "sala/backend.h"
+#include "sala/safetensors.h"
+#include "sala/status_macros.h"
+#include "sala/weights.h"
+#include "sparse.h"
+
+namespace sala {
+namespace {
+
+using cuda::DeviceBuffer;
+using Bf16 = __nv_bfloat16;
+
+struct LayerWeights {
+  DeviceBuffer<Bf16> input_norm, post_norm, q, k, v, o, gate, q_norm, k_norm, o_norm, mlp_gate, mlp_up, mlp_down;
+};
+
+struct SparseCache {
+  DeviceBuffer<Bf16> k, v;
+  DeviceBuffer<float> k1, k2;
+  int64_t n1 = 0, n2 = 0;
+};
+
+// A sequence's state in device memory.
+class CudaSequence final : public DeviceState {
+ public:
+  std::vector<SparseCache> sparse;
+  std::vector<DeviceBuffer<float>> linear;
+  size_t row_elems = 0, state_elems = 0;
+  int64_t tokens = 0;
+
+  std::unique_ptr<DeviceState> Clone() const override {
+    auto c = std::make_unique<CudaSequence>();
+    c->row_elems = row_elems;
+    c->state_elems = state_elems;
+    c->tokens = tokens;
+    auto copy = [](auto& dst, const auto& src, size_t n) {
+      if (n == 0) return;
+      (void)dst.Reserve(n);
+      cudaMemcpy(dst.get(), src.get(), n * sizeof(*src.get()), cudaMemcpyDeviceToDevice);
+    };
+    for (const auto& s : sparse) {
+      SparseCache& d = c->sparse.emplace_back();
+      copy(d.k, s.k, tokens * row_elems);
+      copy(d.v, s.v, tokens * row_elems);
+      copy(d.k1, s.k1, s.n1 * row_elems);
+      copy(d.k2, s.k2, s.n2 * row_elems);
+      d.n1 = s.n1;
+      d.n2 = s.n2;
+    }
+    for (const auto& l : linear) copy(c->linear.emplace_back(), l, state_elems);
+    return c;
+  }
+  size_t bytes() const override {
+    size_t b = 0;
+    for (const auto& s : sparse) b += s.k.size() * 2 + s.v.size() * 2 + (s.k1.size() + s.k2.size()) * 4;
+    return b + linear.size() * state_elems * 4;
+  }
+};
+
+struct Segment {
+  SequenceState* state;
+  CudaSequence* dev;
+  int64_t row0, rows;
+  bool sparse;
+};
+
+template <typename T>
+absl::Status Upload(DeviceBuffer<T>& dst, const T* src, size_t n) {
+  SALA_RETURN_IF_ERROR(dst.Reserve(n));
+  SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(dst.get(), src, n * sizeof(T), cudaMemcpyHostToDevice));
+  return absl::OkStatus();
+}
+
+// Grows a buffer geometrically so that appending rows is amortised O(1).
+template <typename T>
+absl::Status Grow(DeviceBuffer<T>& b, size_t need, size_t keep) {
+  if (need <= b.size()) return absl::OkStatus();
+  return b.Reserve(std::max(need, b.size() * 2), keep);
+}
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(const ModelConfig& c) : config_(c) {}
+
+  absl::Status Init(const Checkpoint& ckpt) {
+    if (cuda::DeviceCount() == 0) return absl::FailedPreconditionError("no CUDA device is available");
+    SALA_RETURN_IF_ERROR(gemm_.Init());
+    auto get = [&](const std::string& name, DeviceBuffer<Bf16>& out) -> absl::Status {
+      const TensorView& t = ckpt.tensors().at(name);
+      std::vector<float> f(t.numel());
+      ConvertToF32(t, f.data());
+      std::vector<uint16_t> h(f.size());
+      for (size_t i = 0; i < f.size(); ++i) h[i] = F32ToBf16(f[i]);
+      return Upload(out, reinterpret_cast<const Bf16*>(h.data()), h.size());
+    };
+    SALA_RETURN_IF_ERROR(get("model.embed_tokens.weight", embed_));
+    SALA_RETURN_IF_ERROR(get("model.norm.weight", final_norm_));
+    SALA_RETURN_IF_ERROR(get(config_.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight", lm_head_));
+    layers_.resize(config_.num_layers);
+    for (int i = 0; i < config_.num_layers; ++i) {
+      LayerWeights& w = layers_[i];
+      auto n = [i](const char* s) { return LayerTensorName(i, s); };
+      for (auto [name, buf] : {std::pair{"input_layernorm.weight", &w.input_norm},
+                               {"post_attention_layernorm.weight", &w.post_norm}, {"self_attn.q_proj.weight", &w.q},
+                               {"self_attn.k_proj.weight", &w.k}, {"self_attn.v_proj.weight", &w.v},
+                               {"self_attn.o_proj.weight", &w.o}, {"mlp.gate_proj.weight", &w.mlp_gate},
+                               {"mlp.up_proj.weight", &w.mlp_up}, {"mlp.down_proj.weight", &w.mlp_down}})
+        SALA_RETURN_IF_ERROR(get(n(name), *buf));
+      if (config_.layers[i] == LayerKind::kSparse) {
+        if (config_.attn_use_output_gate) SALA_RETURN_IF_ERROR(get(n("self_attn.o_gate.weight"), w.gate));
+      } else {
+        if (config_.use_output_gate) SALA_RETURN_IF_ERROR(get(n("self_attn.z_proj.weight"), w.gate));
+        if (config_.qk_norm) {
+          SALA_RETURN_IF_ERROR(get(n("self_attn.q_norm.weight"), w.q_norm));
+          SALA_RETURN_IF_ERROR(get(n("self_attn.k_norm.weight"), w.k_norm));
+        }
+        if (config_.use_output_norm) SALA_RETURN_IF_ERROR(get(n("self_attn.o_norm.weight"), w.o_norm));
+      }
+    }
+    std::vector<float> slopes;
+    for (double s : LinearDecaySlopes(config_.num_heads)) slopes.push_back(float(s));
+    SALA_RETURN_IF_ERROR(Upload(slopes_, slopes.data(), slopes.size()));
+    return absl::OkStatus();
+  }
+
+  std::string name() const override { return "cuda"; }
+
+  absl::StatusOr<std::vector<float>> Forward(SequenceState& state, std::span<const int> tokens, bool sparse) override {
+    SALA_ASSIGN_OR_RETURN(CudaSequence * dev, Device(state));
+    std::vector<Segment> segs{{&state, dev, 0, int64_t(tokens.size()), sparse}};
+    SALA_ASSIGN_OR_RETURN(auto logits, Run(segs, tokens));
+    return std::move(logits[0]);
+  }
+
+  absl::StatusOr<std::vector<std::vector<float>>> DecodeStep(std::span<SequenceState* const> states,
+                                                             std::span<const int> tokens,
+                                                             std::span<const bool> sparse) override {
+    std::vector<Segment> segs;
+    for (size_t i = 0; i < states.size(); ++i) {
+      SALA_ASSIGN_OR_RETURN(CudaSequence * dev, Device(*states[i]));
+      segs.push_back({states[i], dev, int64_t(i), 1, sparse[i]});
+    }
+    return Run(segs, tokens);
+  }
+
+ private:
+  size_t SparseRow() const { return size_t(config_.num_kv_heads) * config_.sparse_head_dim(); }
+  size_t StateElems() const { return size_t(config_.num_heads) * config_.head_dim * config_.head_dim; }
+
+  // The sequence's device state, created (from the host state, e.g. a transferred one) on first use.
+  absl::StatusOr<CudaSequence*> Device(SequenceState& state) {
+    if (state.device) return static_cast<CudaSequence*>(state.device.get());
+    auto dev = std::make_unique<CudaSequence>();
+    dev->row_elems = SparseRow();
+    dev->state_elems = StateElems();
+    dev->tokens = state.tokens;
+    const size_t row = SparseRow();
+    for (int slot = 0; slot < config_.num_sparse_layers(); ++slot) {
+      SparseCache& c = dev->sparse.emplace_back();
+      if (slot < int(state.sparse.size()) && state.tokens > 0) {
+        const SparseLayerCache& h = state.sparse[slot];
+        std::vector<uint16_t> kb(h.k.size()), vb(h.v.size());
+        for (size_t i = 0; i < kb.size(); ++i) kb[i] = F32ToBf16(h.k[i]);
+        for (size_t i = 0; i < vb.size(); ++i) vb[i] = F32ToBf16(h.v[i]);
+        SALA_RETURN_IF_ERROR(Upload(c.k, reinterpret_cast<const Bf16*>(kb.data()), kb.size()));
+        SALA_RETURN_IF_ERROR(Upload(c.v, reinterpret_cast<const Bf16*>(vb.data()), vb.size()));
+        SALA_RETURN_IF_ERROR(Upload(c.k1, h.k1.data(), h.k1.size()));
+        SALA_RETURN_IF_ERROR(Upload(c.k2, h.k2.data(), h.k2.size()));
+        c.n1 = int64_t(h.k1.size() / row);
+        c.n2 = int64_t(h.k2.size() / row);
+      }
+    }
+    for (int slot = 0; slot < config_.num_linear_layers(); ++slot) {
+      DeviceBuffer<float>& s = dev->linear.emplace_back();
+      SALA_RETURN_IF_ERROR(s.Reserve(StateElems()));
+      if (slot < int(state.linear.size()) && state.linear[slot].s.size() == StateElems())
+        SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(s.get(), state.linear[slot].s.data(), StateElems() * 4, cudaMemcpyHostToDevice));
+      else
+        SALA_CUDA_RETURN_IF_ERROR(cudaMemset(s.get(), 0, StateElems() * 4));
+    }
+    // The device copy is now the state.
+    state.sparse.clear();
+    state.linear.clear();
+    state.device = std::move(dev);
+    return static_cast<CudaSequence*>(state.device.get());
+  }
+
+  absl::Status Scratch(int64_t R) {
+    const int64_t d = config_.hidden_size, ff = config_.intermediate_size;
+    const int64_t qd = int64_t(config_.num_heads) * std::max(config_.head_dim, config_.sparse_head_dim());
+    const int64_t kvd = int64_t(std::max(config_.num_kv_heads * config_.sparse_head_dim(), config_.lightning_nkv * config_.head_dim));
+    for (auto [buf, n] : {std::pair{&h_, R * d}, {&y_, R * d}, {&q_, R * qd}, {&z_, R * qd}, {&o_, R * qd},
+                          {&k_, R * kvd}, {&v_, R * kvd}, {&g_, R * ff}, {&u_, R * ff}})
+      SALA_RETURN_IF_ERROR(buf->Reserve(n));
+    for (auto [buf, n] : {std::pair{&xb_, R * d}, {&ob_, R * qd}, {&gb_, R * ff}})
+      SALA_RETURN_IF_ERROR(buf->Reserve(n));
+    return ids_.Reserve(R);
+  }
+
+  absl::StatusOr<std::vector<std::vector<float>>> Run(std::span<Segment> segs, std::span<const int> tokens) {
+    const int64_t R = int64_t(tokens.size()), d = config_.hidden_size, ff = config_.intermediate_size;
+    const float r = float(config_.residual_scale()), eps = float(config_.rms_norm_eps);
+    cudaStream_t s = nullptr;
+    SALA_RETURN_IF_ERROR(Scratch(R));
+    SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(ids_.get(), tokens.data(), R * sizeof(int), cudaMemcpyHostToDevice));
+    SALA_RETURN_IF_ERROR(cuda::Embed(ids_.get(), int(R), embed_.get(), int(d), float(config_.scale_emb), h_.get(), s));
+    for (int i = 0; i < config_.num_layers; ++i) {
+      LayerWeights& w = layers_[i];
+      SALA_RETURN_IF_ERROR(cuda::RmsNormToBf16(h_.get(), int(R), int(d), w.input_norm.get(), eps, 1.0f, xb_.get(), s));
+      if (config_.layers[i] == LayerKind::kSparse) SALA_RETURN_IF_ERROR(SparseMixer(i, segs, R));
+      else SALA_RETURN_IF_ERROR(LinearMixer(i, segs, R));
+      SALA_RETURN_IF_ERROR(cuda::AddScaled(h_.get(), y_.get(), r, R * d, s));
+      SALA_RETURN_IF_ERROR(cuda::RmsNormToBf16(h_.get(), int(R), int(d), w.post_norm.get(), eps, 1.0f, xb_.get(), s));
+      SALA_RETURN_IF_ERROR(gemm_.Run(xb_.get(), R, d, w.mlp_gate.get(), ff, g_.get(), s));
+      SALA_RETURN_IF_ERROR(gemm_.Run(xb_.get(), R, d, w.mlp_up.get(), ff, u_.get(), s));
+      SALA_RETURN_IF_ERROR(cuda::SwiGluToBf16(g_.get(), u_.get(), R * ff, gb_.get(), s));
+      SALA_RETURN_IF_ERROR(gemm_.Run(gb_.get(), R, ff, w.mlp_down.get(), d, y_.get(), s));
+      SALA_RETURN_IF_ERROR(cuda::AddScaled(h_.get(), y_.get(), r, R * d, s));
+    }
+    // Logits of each segment's last row, in one GEMM.
+    const int64_t B = int64_t(segs.size()), V = config_.vocab_size;
+    SALA_RETURN_IF_ERROR(last_.Reserve(B * d));
+    SALA_RETURN_IF_ERROR(logits_.Reserve(B * V));
+    const float inv_div = float(1.0 / config_.logit_divisor());
+    for (int64_t b = 0; b < B; ++b)
+      SALA_RETURN_IF_ERROR(cuda::RmsNormToBf16(h_.get() + (segs[b].row0 + segs[b].rows - 1) * d, 1, int(d),
+                                               final_norm_.get(), eps, inv_div, last_.get() + b * d, s));
+    SALA_RETURN_IF_ERROR(gemm_.Run(last_.get(), B, d, lm_head_.get(), V, logits_.get(), s));
+    std::vector<float> host(B * V);
+    SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(host.data(), logits_.get(), host.size() * 4, cudaMemcpyDeviceToHost));
+    for (Segment& seg : segs) {
+      seg.state->tokens += seg.rows;
+      seg.dev->tokens = seg.state->tokens;
+    }
+    std::vector<std::vector<float>> out;
+    for (int64_t b = 0; b < B; ++b) out.emplace_back(host.begin() + b * V, host.begin() + (b + 1) * V);
+    return out;
+  }
+
+  absl::Status LinearMixer(int layer, std::span<Segment> segs, int64_t R) {
+    LayerWeights& w = layers_[layer];
+    const int64_t d = config_.hidden_size;
+    const int H = config_.num_heads, Hk = config_.lightning_nkv, D = config_.head_dim;
+    const float eps = float(config_.rms_norm_eps), scale = float(config_.linear_query_scale());
+    cudaStream_t s = nullptr;
+    SALA_RETURN_IF_ERROR(gemm_.Run(xb_.get(), R, d, w.q.get(), int64_t(H) * D, q_.get(), s));
+    SALA_RETURN_IF_ERROR(gemm_.Run(xb_.get(), R, d, w.k.get(), int64_t(Hk) * D, k_.get(), s));
+    SALA_RETURN_IF_ERROR(gemm_.Run(xb_.get(), R, d, w.v.get(), int64_t(Hk) * D, v_.get(), s));
+    if (config_.use_output_gate) SALA_RETURN_IF_ERROR(gemm_.Run(xb_.get(), R, d, w.gate.get(), int64_t(H) * D, z_.get(), s));
+    const int slot = config_.slot_of(layer);
+    std::vector<float*> step_states;
+    for (const Segment& seg : segs) {
+      float* qs = q_.get() + seg.row0 * H * D;
+      float* ks = k_.get() + seg.row0 * Hk * D;
+      SALA_RETURN_IF_ERROR(cuda::HeadNormRope(qs, int(seg.rows), H, D, config_.qk_norm ? w.q_norm.get() : nullptr, eps,
+                                              seg.state->tokens, config_.rope_theta, config_.lightning_use_rope, s));
+      SALA_RETURN_IF_ERROR(cuda::HeadNormRope(ks, int(seg.rows), Hk, D, config_.qk_norm ? w.k_norm.get() : nullptr, eps,
+                                              seg.state->tokens, config_.rope_theta, config_.lightning_use_rope, s));
+      if (seg.rows > 1)
+        SALA_RETURN_IF_ERROR(cuda::LinearAttentionChunked(qs, ks, v_.get() + seg.row0 * Hk * D, seg.rows, H, Hk, D, scale,
+                                                          slopes_.get(), seg.dev->linear[slot].get(),
+                                                          o_.get() + seg.row0 * H * D, s));
+      else
+        step_states.push_back(seg.dev->linear[slot].get());
+    }
+    if (!step_states.empty()) {
+      // Decode: every segment is one row, in order from row 0.
+      SALA_RETURN_IF_ERROR(state_ptrs_.Reserve(step_states.size()));
+      SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(state_ptrs_.get(), step_states.data(), step_states.size() * sizeof(float*),
+                                           cudaMemcpyHostToDevice));
+      SALA_RETURN_IF_ERROR(cuda::LinearAttentionStep(q_.get(), k_.get(), v_.get(), int(step_states.size()), H, Hk, D,
+                                                     scale, slopes_.get(), state_ptrs_.get(), o_.get(), s));
+    }
+    SALA_RETURN_IF_ERROR(cuda::NormGateToBf16(o_.get(), config_.use_output_gate ? z_.get() : nullptr, int(R), H * D,
+                                              config_.use_output_norm ? w.o_norm.get() : nullptr, eps, ob_.get(), s));
+    return gemm_.Run(ob_.get(), R, int64_t(H) * D, w.o.get(), d, y_.get(), s);
+  }
+
+  absl::Status SparseMixer(int layer, std::span<Segment> segs, int64_t R) {
+    LayerWeights& w = layers_[layer];
+    const int64_t d = config_.hidden_size;
+    const int H = config_.num_heads, Hk = config_.num_kv_heads, D = config_.sparse_head_dim();
+    const SparseConfig& sc = config_.sparse;
+    cudaStream_t s = nullptr;
+    SALA_RETURN_IF_ERROR(gemm_.Run(xb_.get(), R, d, w.q.get(), int64_t(H) * D, q_.get(), s));
+    SALA_RETURN_IF_ERROR(gemm_.Run(xb_.get(), R, d, w.k.get(), int64_t(Hk) * D, k_.get(), s));
+    SALA_RETURN_IF_ERROR(gemm_.Run(xb_.get(), R, d, w.v.get(), int64_t(Hk) * D, v_.get(), s));
+    if (config_.attn_use_output_gate)
+      SALA_RETURN_IF_ERROR(gemm_.Run(xb_.get(), R, d, w.gate.get(), int64_t(H) * D, z_.get(), s));
+    const cuda::SparseShape shape{H, Hk, D, sc.block_size, sc.kernel_size, sc.kernel_stride, sc.init_blocks,
+                                  sc.window_blocks(), sc.selected_blocks()};
+    const size_t row = SparseRow();
+    const int slot = config_.slot_of(layer);
+    for (const Segment& seg : segs) {
+      SparseCache& c = seg.dev->sparse[slot];
+      const int64_t before = seg.state->tokens, after = before + seg.rows;
+      SALA_RETURN_IF_ERROR(Grow(c.k, after * row, before * row));
+      SALA_RETURN_IF_ERROR(Grow(c.v, after * row, before * row));
+      SALA_RETURN_IF_ERROR(cuda::ToBf16(k_.get() + seg.row0 * row, seg.rows * row, c.k.get() + before * row, s));
+      SALA_RETURN_IF_ERROR(cuda::ToBf16(v_.get() + seg.row0 * row, seg.rows * row, c.v.get() + before * row, s));
+      const int64_t n1 = SequenceState::NumK1(sc, after), n2 = SequenceState::NumK2(sc, after);
+      SALA_RETURN_IF_ERROR(Grow(c.k1, std::max<int64_t>(n1, 1) * row, c.n1 * row));
+      SALA_RETURN_IF_ERROR(Grow(c.k2, std::max<int64_t>(n2, 1) * row, c.n2 * row));
+      SALA_RETURN_IF_ERROR(cuda::CompressKeys(c.k.get(), Hk, D, c.n1, n1, sc.kernel_size, sc.kernel_stride, c.k1.get(), s));
+      SALA_RETURN_IF_ERROR(cuda::CompressKeys(c.k.get(), Hk, D, c.n2, n2, sc.k2_kernel(), sc.k2_stride(), c.k2.get(), s));
+      c.n1 = n1;
+      c.n2 = n2;
+      SALA_RETURN_IF_ERROR(cuda::SparseAttention(q_.get() + seg.row0 * H * D, before, seg.rows,
+                                                 {c.k.get(), c.v.get(), c.k1.get(), c.k2.get()}, shape, seg.sparse,
+                                                 o_.get() + seg.row0 * H * D, s));
+    }
+    SALA_RETURN_IF_ERROR(cuda::GateToBf16(o_.get(), config_.attn_use_output_gate ? z_.get() : nullptr, R * H * D,
+                                          ob_.get(), s));
+    return gemm_.Run(ob_.get(), R, int64_t(H) * D, w.o.get(), d, y_.get(), s);
+  }
+
+  ModelConfig config_;
+  cuda::Gemm gemm_;
+  DeviceBuffer<Bf16> embed_, final_norm_, lm_head_;
+  std::vector<LayerWeights> layers_;
+  DeviceBuffer<float> slopes_;
+  DeviceBuffer<float> h_, y_, q_, k_, v_, z_, o_, g_, u_, logits_;
+  DeviceBuffer<Bf16> xb_, ob_, gb_, last_;
+  DeviceBuffer<int> ids_;
+  DeviceBuffer<float*> state_ptrs_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const ModelConfig& config, const Checkpoint& checkpoint) {
+  SALA_RETURN_IF_ERROR(ValidateCheckpoint(config, checkpoint));
+  auto backend = std::make_unique<CudaBackend>(config);
+  SALA_RETURN_IF_ERROR(backend->Init(checkpoint));
+  return backend;
+}
+
+}  // namespace sala

@@ -1,0 +1,69 @@
+// CUDA error handling and device memory for the CUDA backend.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <string>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+
+namespace sala::cuda {
+
+inline absl::Status CudaStatus(cudaError_t e, const char* what) {
+  if (e == cudaSuccess) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat(what, ": ", cudaGetErrorString(e)));
+}
+
+#define SALA_CUDA_RETURN_IF_ERROR(expr)                                   \
+  do {                                                                    \
+    cudaError_t sala_cuda_err_ = (expr);                                  \
+    if (sala_cuda_err_ != cudaSuccess) return ::sala::cuda::CudaStatus(sala_cuda_err_, #expr); \
+  } while (0)
+
+// Checked after each launch: catches bad launch configurations at once.
+#define SALA_CUDA_CHECK_LAUNCH() SALA_CUDA_RETURN_IF_ERROR(cudaGetLastError())
+
+// An owning device allocation.
+template <typename T>
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  ~DeviceBuffer() { if (ptr_) cudaFree(ptr_); }
+  DeviceBuffer(DeviceBuffer&& o) noexcept : ptr_(std::exchange(o.ptr_, nullptr)), n_(std::exchange(o.n_, 0)) {}
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+    if (this != &o) {
+      if (ptr_) cudaFree(ptr_);
+      ptr_ = std::exchange(o.ptr_, nullptr);
+      n_ = std::exchange(o.n_, 0);
+    }
+    return *this;
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+
+  // Makes room for `n` elements; keeps the first `keep` elements when it reallocates.
+  absl::Status Reserve(size_t n, size_t keep = 0) {
+    if (n <= n_) return absl::OkStatus();
+    T* p = nullptr;
+    SALA_CUDA_RETURN_IF_ERROR(cudaMalloc(&p, n * sizeof(T)));
+    if (ptr_ && keep) SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(p, ptr_, keep * sizeof(T), cudaMemcpyDeviceToDevice));
+    if (ptr_) cudaFree(ptr_);
+    ptr_ = p;
+    n_ = n;
+    return absl::OkStatus();
+  }
+  T* get() const { return ptr_; }
+  size_t size() const { return n_; }
+
+ private:
+  T* ptr_ = nullptr;
+  size_t n_ = 0;
+};
+
+// Number of CUDA devices; 0 when there is no GPU or driver.
+int DeviceCount();
+
+}  // namespace sala::cuda

@@ -1,0 +1,36 @@
+// bf16 GEMMs through cuBLASLt with fp32 accumulation and fp32 output:
+// y[rows, out] = x[rows, in] · w[out, in]ᵀ (weights stored [out, in], as in the checkpoint).
+#pragma once
+
+#include <cublasLt.h>
+#include <cuda_bf16.h>
+
+#include <map>
+#include <tuple>
+
+#include "absl/status/statusor.h"
+#include "cuda_common.h"
+
+namespace sala::cuda {
+
+class Gemm {
+ public:
+  Gemm();
+  ~Gemm();
+  absl::Status Init();
+  absl::Status Run(const __nv_bfloat16* x, int64_t rows, int64_t in, const __nv_bfloat16* w, int64_t out, float* y,
+                   cudaStream_t stream);
+
+ private:
+  struct Plan {
+    cublasLtMatmulDesc_t op = nullptr;
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+    cublasLtMatmulAlgo_t algo;
+  };
+  absl::StatusOr<Plan*> PlanFor(int64_t rows, int64_t in, int64_t out);
+  cublasLtHandle_t handle_ = nullptr;
+  DeviceBuffer<char> workspace_;
+  std::map<std::tuple<int64_t, int64_t, int64_t>, Plan> plans_;
+};
+
+}  // namespace sala::cuda

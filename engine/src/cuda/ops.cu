@@ -1,0 +1,176 @@
+#include "cuda_common.h"
+#include "ops.h"
+
+namespace sala::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ float BlockSum(float v, float* scratch) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  const int warps = (blockDim.x + 31) / 32;
+  v = lane < warps ? scratch[lane] : 0.0f;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  __syncthreads();
+  return v;
+}
+
+__device__ float SigmoidF(float x) { return 1.0f / (1.0f + __expf(-x)); }
+
+__global__ void EmbedKernel(const int* ids, const __nv_bfloat16* embed, int width, float scale, float* h) {
+  const int64_t row = blockIdx.x;
+  const __nv_bfloat16* e = embed + int64_t(ids[row]) * width;
+  for (int i = threadIdx.x; i < width; i += blockDim.x) h[row * width + i] = __bfloat162float(e[i]) * scale;
+}
+
+__global__ void RmsNormKernel(const float* x, int width, const __nv_bfloat16* w, float eps, float post_scale,
+                              __nv_bfloat16* y) {
+  __shared__ float scratch[32];
+  const float* xr = x + int64_t(blockIdx.x) * width;
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < width; i += blockDim.x) ss += xr[i] * xr[i];
+  const float inv = rsqrtf(BlockSum(ss, scratch) / width + eps);
+  for (int i = threadIdx.x; i < width; i += blockDim.x)
+    y[int64_t(blockIdx.x) * width + i] = __float2bfloat16(xr[i] * inv * __bfloat162float(w[i]) * post_scale);
+}
+
+// One block per (row, head); thread j handles the rotation pair (j, j + dim/2).
+__global__ void HeadNormRopeKernel(float* x, int heads, int dim, const __nv_bfloat16* w, float eps, int64_t pos0,
+                                   double theta, bool rope) {
+  __shared__ float scratch[32];
+  const int half = dim / 2, j = threadIdx.x;
+  float* p = x + (int64_t(blockIdx.x) * heads + blockIdx.y) * dim;
+  float a = j < half ? p[j] : 0.0f, b = j < half ? p[j + half] : 0.0f;
+  if (w) {
+    const float inv = rsqrtf(BlockSum(a * a + b * b, scratch) / dim + eps);
+    if (j < half) {
+      a = a * inv * __bfloat162float(w[j]);
+      b = b * inv * __bfloat162float(w[j + half]);
+    }
+  }
+  if (j >= half) return;
+  if (rope) {
+    // Angles in double: at a million positions fp32 angles drift by hundredths of a radian.
+    const double angle = double(pos0 + blockIdx.x) * pow(theta, -2.0 * j / dim);
+    double s, c;
+    sincos(angle, &s, &c);
+    const float cf = float(c), sf = float(s);
+    const float ra = a * cf - b * sf, rb = b * cf + a * sf;
+    a = ra;
+    b = rb;
+  }
+  p[j] = a;
+  p[j + half] = b;
+}
+
+__global__ void NormGateKernel(const float* o, const float* z, int width, const __nv_bfloat16* w, float eps,
+                               __nv_bfloat16* y) {
+  __shared__ float scratch[32];
+  const int64_t base = int64_t(blockIdx.x) * width;
+  float inv = 1.0f;
+  if (w) {
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) ss += o[base + i] * o[base + i];
+    inv = rsqrtf(BlockSum(ss, scratch) / width + eps);
+  }
+  for (int i = threadIdx.x; i < width; i += blockDim.x) {
+    float v = o[base + i] * inv * (w ? __bfloat162float(w[i]) : 1.0f);
+    if (z) v *= SigmoidF(z[base + i]);
+    y[base + i] = __float2bfloat16(v);
+  }
+}
+
+__global__ void GateKernel(const float* o, const float* z, int64_t n, __nv_bfloat16* y) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    y[i] = __float2bfloat16(z ? o[i] * SigmoidF(z[i]) : o[i]);
+}
+
+__global__ void SwiGluKernel(const float* g, const float* u, int64_t n, __nv_bfloat16* y) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    y[i] = __float2bfloat16(g[i] * SigmoidF(g[i]) * u[i]);
+}
+
+__global__ void AddScaledKernel(float* h, const float* y, float r, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    h[i] += r * y[i];
+}
+
+__global__ void ToBf16Kernel(const float* s, int64_t n, __nv_bfloat16* d) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    d[i] = __float2bfloat16(s[i]);
+}
+
+int Blocks(int64_t n) { return int(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535)); }
+
+}  // namespace
+
+int DeviceCount() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
+}
+
+absl::Status Embed(const int* ids, int rows, const __nv_bfloat16* embed, int width, float scale, float* h,
+                   cudaStream_t stream) {
+  if (rows == 0) return absl::OkStatus();
+  EmbedKernel<<<rows, kThreads, 0, stream>>>(ids, embed, width, scale, h);
+  SALA_CUDA_CHECK_LAUNCH();
+  return absl::OkStatus();
+}
+
+absl::Status RmsNormToBf16(const float* x, int rows, int width, const __nv_bfloat16* weight, float eps,
+                           float post_scale, __nv_bfloat16* y, cudaStream_t stream) {
+  if (rows == 0) return absl::OkStatus();
+  RmsNormKernel<<<rows, kThreads, 0, stream>>>(x, width, weight, eps, post_scale, y);
+  SALA_CUDA_CHECK_LAUNCH();
+  return absl::OkStatus();
+}
+
+absl::Status HeadNormRope(float* x, int rows, int heads, int dim, const __nv_bfloat16* weight, float eps,
+                          int64_t pos0, double theta, bool rope, cudaStream_t stream) {
+  if (rows == 0) return absl::OkStatus();
+  if (dim % 64 != 0 || dim > 1024) return absl::InvalidArgumentError("head dim must be a multiple of 64");
+  HeadNormRopeKernel<<<dim3(rows, heads), dim / 2, 0, stream>>>(x, heads, dim, weight, eps, pos0, theta, rope);
+  SALA_CUDA_CHECK_LAUNCH();
+  return absl::OkStatus();
+}
+
+absl::Status NormGateToBf16(const float* o, const float* z, int rows, int width, const __nv_bfloat16* norm_weight,
+                            float eps, __nv_bfloat16* y, cudaStream_t stream) {
+  if (rows == 0) return absl::OkStatus();
+  NormGateKernel<<<rows, kThreads, 0, stream>>>(o, z, width, norm_weight, eps, y);
+  SALA_CUDA_CHECK_LAUNCH();
+  return absl::OkStatus();
+}
+
+absl::Status GateToBf16(const float* o, const float* z, int64_t n, __nv_bfloat16* y, cudaStream_t stream) {
+  if (n == 0) return absl::OkStatus();
+  GateKernel<<<Blocks(n), kThreads, 0, stream>>>(o, z, n, y);
+  SALA_CUDA_CHECK_LAUNCH();
+  return absl::OkStatus();
+}
+
+absl::Status SwiGluToBf16(const float* gate, const float* up, int64_t n, __nv_bfloat16* y, cudaStream_t stream) {
+  if (n == 0) return absl::OkStatus();
+  SwiGluKernel<<<Blocks(n), kThreads, 0, stream>>>(gate, up, n, y);
+  SALA_CUDA_CHECK_LAUNCH();
+  return absl::OkStatus();
+}
+
+absl::Status AddScaled(float* h, const float* y, float r, int64_t n, cudaStream_t stream) {
+  if (n == 0) return absl::OkStatus();
+  AddScaledKernel<<<Blocks(n), kThreads, 0, stream>>>(h, y, r, n);
+  SALA_CUDA_CHECK_LAUNCH();
+  return absl::OkStatus();
+}
+
+absl::Status ToBf16(const float* src, int64_t n, __nv_bfloat16* dst, cudaStream_t stream) {
+  if (n == 0) return absl::OkStatus();
+  ToBf16Kernel<<<Blocks(n), kThreads, 0, stream>>>(src, n, dst);
+  SALA_CUDA_CHECK_LAUNCH();
+  return absl::OkStatus();
+}
+
+}  // namespace sala::cuda

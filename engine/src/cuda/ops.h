@@ -1,0 +1,35 @@
+// Elementwise and normalisation kernels of the SALA forward (fp32 math; bf16 where a GEMM reads).
+// Each has the same meaning as the CPU op of the same name in engine/src/cpu/cpu_ops.h.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+
+namespace sala::cuda {
+
+// h[t, :] = float(embed[ids[t], :]) * scale
+absl::Status Embed(const int* ids, int rows, const __nv_bfloat16* embed, int width, float scale, float* h,
+                   cudaStream_t stream);
+// y = bf16(x * rsqrt(mean(x²) + eps) * weight) (weight in bf16), per row; `post_scale` multiplies the result.
+absl::Status RmsNormToBf16(const float* x, int rows, int width, const __nv_bfloat16* weight, float eps,
+                           float post_scale, __nv_bfloat16* y, cudaStream_t stream);
+// In place on [rows, heads, dim]: per-head RMSNorm (if weight) then NeoX RoPE at pos0 + row (if rope).
+absl::Status HeadNormRope(float* x, int rows, int heads, int dim, const __nv_bfloat16* weight, float eps,
+                          int64_t pos0, double theta, bool rope, cudaStream_t stream);
+// Linear layers' output: y = bf16(RMSNorm(o) * sigmoid(z)) over rows of `width` (norm optional).
+absl::Status NormGateToBf16(const float* o, const float* z, int rows, int width, const __nv_bfloat16* norm_weight,
+                            float eps, __nv_bfloat16* y, cudaStream_t stream);
+// Sparse layers' output: y = bf16(o * sigmoid(z)) (z optional).
+absl::Status GateToBf16(const float* o, const float* z, int64_t n, __nv_bfloat16* y, cudaStream_t stream);
+// y = bf16(silu(gate) * up)
+absl::Status SwiGluToBf16(const float* gate, const float* up, int64_t n, __nv_bfloat16* y, cudaStream_t stream);
+// h += r * y
+absl::Status AddScaled(float* h, const float* y, float r, int64_t n, cudaStream_t stream);
+// Converts and appends: dst[i] = bf16(src[i]).
+absl::Status ToBf16(const float* src, int64_t n, __nv_bfloat16* dst, cudaStream_t stream);
+
+}  // namespace sala::cuda

@@ -1,0 +1,37 @@
+// The sparse (InfLLM-V2) layers' attention on the GPU (MODEL_SPEC §4): compressed keys, stage-1
+// block scores with the k2 log-sum-exp, forced init/local blocks, top-k, and softmax attention
+// over the chosen 64-token blocks; or dense causal attention.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+
+namespace sala::cuda {
+
+struct SparseShape {
+  int heads, kv_heads, dim;
+  int block, kernel, stride;  // k1: kernel/stride; k2: 4x both
+  int init_blocks, window_blocks, selected_blocks;
+};
+
+struct SparseCacheView {
+  const __nv_bfloat16* k;  // [tokens, kv_heads, dim]
+  const __nv_bfloat16* v;
+  const float* k1;  // [n1, kv_heads, dim]
+  const float* k2;
+};
+
+// Writes compressed entries [from, to) of window `kernel` and stride `stride` from the raw keys.
+absl::Status CompressKeys(const __nv_bfloat16* k, int kv_heads, int dim, int64_t from, int64_t to, int kernel,
+                          int stride, float* out, cudaStream_t stream);
+
+// Attention of the rows at absolute positions [first, first + T); the cache already holds them.
+// q, o: [T, heads, dim] fp32.
+absl::Status SparseAttention(const float* q, int64_t first, int64_t T, const SparseCacheView& cache,
+                             const SparseShape& shape, bool sparse, float* o, cudaStream_t stream);
+
+}  // namespace sala::cuda
