@@ -158,10 +158,11 @@ absl::Status PrefillWorker::Run(Job& job) {
   SALA_RETURN_IF_ERROR(sender->Send(writer.Header()));
   SequenceState state = engine_->NewSequence();
   // After each chunk its finished KV blocks go out while the next chunk computes.
-  auto after_chunk = [&](const SequenceState& s) -> absl::Status {
+  auto after_chunk = [&](const SequenceState&) -> absl::Status {
     if (job.cancelled) return absl::CancelledError("prefill cancelled");
     if (absl::Now() > job.lease_deadline) return absl::DeadlineExceededError("prefill lease expired");
-    return sender->Send(writer.SparseDelta(s, /*final=*/false));
+    SALA_RETURN_IF_ERROR(engine_->SyncToHost(state, /*linear=*/false));
+    return sender->Send(writer.SparseDelta(state, /*final=*/false));
   };
   auto logits = engine_->Prefill(state, prompt, after_chunk);
   if (!logits.ok()) {
@@ -178,6 +179,10 @@ absl::Status PrefillWorker::Run(Job& job) {
   Sampler sampler(params);
   const int first_token = sampler.Sample(*logits);
   const auto finish_start = Clock::now();
+  if (absl::Status s = engine_->SyncToHost(state, /*linear=*/true); !s.ok()) {
+    sender->Abort(std::string(s.message()));
+    return s;
+  }
   std::string last = writer.SparseDelta(state, /*final=*/true);
   last += writer.LinearStates(state);
   last += writer.Commit(state);

@@ -189,8 +189,11 @@ def main():
     ap.add_argument("--chunk-size", type=int)
     ap.add_argument("--prompt-file", help="answer this prompt (streaming), print the TTFT, and stop")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--worker-arg", action="append", default=[],
+                    help="extra flag for every worker, e.g. --worker-arg=--backend=cuda (repeatable)")
     args = ap.parse_args()
-    cluster = Cluster(args.model, args.bin_dir, args.prefill, args.decode, args.log_dir, args.chunk_size)
+    cluster = Cluster(args.model, args.bin_dir, args.prefill, args.decode, args.log_dir, args.chunk_size,
+                      worker_args=args.worker_arg)
     print(f"starting: redis, router, {args.prefill} prefill, {args.decode} decode (logs in {cluster.log_dir})",
           file=sys.stderr)
     try:

@@ -28,6 +28,11 @@ class Backend {
   virtual absl::StatusOr<std::vector<std::vector<float>>> DecodeStep(
       std::span<SequenceState* const> states, std::span<const int> tokens,
       std::span<const bool> sparse) = 0;
+
+  // Brings the host fields of `state` up to date with a device-resident state, so that it can
+  // be serialised: the sparse rows and compressed keys not yet on the host, and the linear
+  // states when `linear` is set. A no-op where the state lives on the host.
+  virtual absl::Status SyncToHost(SequenceState& state, bool linear) { return absl::OkStatus(); }
 };
 
 // The fp32 CPU backend; weights are converted from the checkpoint.

@@ -71,6 +71,9 @@ class Engine {
 
   bool IsStopToken(int token, const SamplingParams& params) const;
 
+  // Makes the host fields of `state` current (see Backend::SyncToHost) before serialising it.
+  absl::Status SyncToHost(SequenceState& state, bool linear) { return backend_->SyncToHost(state, linear); }
+
  private:
   Engine() = default;
   absl::Status CheckTokens(std::span<const int> tokens) const;

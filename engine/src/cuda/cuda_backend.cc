@@ -143,6 +143,47 @@ class CudaBackend final : public Backend {
     return std::move(logits[0]);
   }
 
+  absl::Status SyncToHost(SequenceState& state, bool linear) override {
+    if (!state.device) return absl::OkStatus();
+    auto* dev = static_cast<CudaSequence*>(state.device.get());
+    const size_t row = SparseRow();
+    state.sparse.resize(dev->sparse.size());
+    for (size_t slot = 0; slot < dev->sparse.size(); ++slot) {
+      const SparseCache& c = dev->sparse[slot];
+      SparseLayerCache& h = state.sparse[slot];
+      // Only what the host lacks: rows and entries are append-only.
+      auto rows_bf16 = [&](const DeviceBuffer<Bf16>& src, std::vector<float>& dst, int64_t upto) -> absl::Status {
+        const size_t have = dst.size() / row;
+        if (int64_t(have) >= upto) return absl::OkStatus();
+        std::vector<uint16_t> tmp((upto - have) * row);
+        SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(tmp.data(), src.get() + have * row, tmp.size() * 2, cudaMemcpyDeviceToHost));
+        for (uint16_t b : tmp) dst.push_back(Bf16ToF32(b));
+        return absl::OkStatus();
+      };
+      auto rows_f32 = [&](const DeviceBuffer<float>& src, std::vector<float>& dst, int64_t upto) -> absl::Status {
+        const size_t have = dst.size() / row;
+        if (int64_t(have) >= upto) return absl::OkStatus();
+        dst.resize(upto * row);
+        SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(dst.data() + have * row, src.get() + have * row, (upto - have) * row * 4,
+                                             cudaMemcpyDeviceToHost));
+        return absl::OkStatus();
+      };
+      SALA_RETURN_IF_ERROR(rows_bf16(c.k, h.k, dev->tokens));
+      SALA_RETURN_IF_ERROR(rows_bf16(c.v, h.v, dev->tokens));
+      SALA_RETURN_IF_ERROR(rows_f32(c.k1, h.k1, c.n1));
+      SALA_RETURN_IF_ERROR(rows_f32(c.k2, h.k2, c.n2));
+    }
+    if (linear) {
+      state.linear.resize(dev->linear.size());
+      for (size_t slot = 0; slot < dev->linear.size(); ++slot) {
+        state.linear[slot].s.resize(StateElems());
+        SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(state.linear[slot].s.data(), dev->linear[slot].get(), StateElems() * 4,
+                                             cudaMemcpyDeviceToHost));
+      }
+    }
+    return absl::OkStatus();
+  }
+
   absl::StatusOr<std::vector<std::vector<float>>> DecodeStep(std::span<SequenceState* const> states,
                                                              std::span<const int> tokens,
                                                              std::span<const bool> sparse) override {
