@@ -93,12 +93,17 @@ int64_t DecodeWorker::UsedBytesLocked() const {
   return used;
 }
 
-void DecodeWorker::UpdateGaugesLocked() const {
+std::pair<int, int> DecodeWorker::RunningAndWaitingLocked() const {
   int running = 0, waiting = 0;
   for (const auto& [id, s] : sequences_) {
     running += s->phase == Sequence::Phase::kRunning || s->phase == Sequence::Phase::kAppend;
     waiting += s->phase == Sequence::Phase::kWaitingState;
   }
+  return {running, waiting};
+}
+
+void DecodeWorker::UpdateGaugesLocked() const {
+  const auto [running, waiting] = RunningAndWaitingLocked();
   Metrics::Get().running.Set(running);
   Metrics::Get().waiting.Set(waiting);
   Metrics::Get().state_memory_ratio.Set(double(UsedBytesLocked()) / double(options_.state_memory_bytes));
@@ -112,11 +117,7 @@ sala::v1::WorkerInfo DecodeWorker::Info() const {
   info.set_model(model_name_);
   info.set_layout_hash(absl::StrFormat("%016x", engine_->config().layout_hash()));
   std::lock_guard<std::mutex> lock(mu_);
-  int running = 0, waiting = 0;
-  for (const auto& [id, s] : sequences_) {
-    running += s->phase == Sequence::Phase::kRunning || s->phase == Sequence::Phase::kAppend;
-    waiting += s->phase == Sequence::Phase::kWaitingState;
-  }
+  const auto [running, waiting] = RunningAndWaitingLocked();
   info.set_running(running);
   info.set_waiting(waiting);
   info.set_total_state_bytes(options_.state_memory_bytes);

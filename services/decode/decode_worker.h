@@ -52,6 +52,7 @@ class DecodeWorker final : public sala::v1::DecodeWorker::Service {
   int64_t UsedBytesLocked() const;
   int64_t EstimateBytes(int64_t tokens) const;
   void UpdateGaugesLocked() const;
+  std::pair<int, int> RunningAndWaitingLocked() const;
 
   std::unique_ptr<Engine> engine_;
   const std::string worker_id_, address_, model_name_;

@@ -5,6 +5,7 @@
 
 #include "cuda/cuda_common.h"
 #include "gtest/gtest.h"
+#include "test_util.h"
 #include "sala/engine.h"
 #include "sala/state_serialization.h"
 
@@ -28,16 +29,6 @@ std::vector<int> Tokens(int n, uint32_t seed) {
   return ids;
 }
 
-double RelErr(const std::vector<float>& a, const std::vector<float>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (std::isnan(a[i])) return INFINITY;
-    num = std::max(num, std::abs(double(a[i]) - b[i]));
-    den = std::max(den, std::abs(double(b[i])));
-  }
-  return num / den;
-}
-
 class EngineGpuTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -56,7 +47,7 @@ TEST_F(EngineGpuTest, PrefillLogitsMatchCpu) {
     auto lc = cpu_->Prefill(a, ids);
     auto lg = gpu_->Prefill(b, ids);
     ASSERT_TRUE(lc.ok() && lg.ok()) << lg.status();
-    const double err = RelErr(*lg, *lc);
+    const double err = testing::RelativeError(*lg, *lc);
     std::printf("%d tokens: GPU vs CPU logits max relative error %.3e\n", n, err);
     EXPECT_LT(err, 2e-2) << n << " tokens";
   }
@@ -92,7 +83,7 @@ TEST_F(EngineGpuTest, BatchedDecodeMatchesSingleSequences) {
     SequenceState* p = &copies[i];
     auto single = gpu_->Decode(std::span<SequenceState* const>(&p, 1), std::span<const int>(&next[i], 1));
     ASSERT_TRUE(single.ok());
-    EXPECT_LT(RelErr((*batched)[i], (*single)[0]), 1e-5) << i;
+    EXPECT_LT(testing::RelativeError((*batched)[i], (*single)[0]), 1e-5) << i;
   }
 }
 
@@ -133,7 +124,7 @@ TEST_F(EngineGpuTest, TransferredStateContinuesIdentically) {
   SequenceState* q = &again;
   auto gpu_step = gpu_->Decode(std::span<SequenceState* const>(&q, 1), std::span<const int>(&next, 1));
   ASSERT_TRUE(cpu_step.ok() && gpu_step.ok());
-  EXPECT_LT(RelErr((*gpu_step)[0], (*cpu_step)[0]), 2e-2);
+  EXPECT_LT(testing::RelativeError((*gpu_step)[0], (*cpu_step)[0]), 2e-2);
 }
 
 TEST_F(EngineGpuTest, ChunkedPrefillMatchesOneShot) {
@@ -144,7 +135,7 @@ TEST_F(EngineGpuTest, ChunkedPrefillMatchesOneShot) {
   auto many = chunked->Prefill(b, ids);
   ASSERT_TRUE(one.ok() && many.ok());
   // bf16 level: cuBLASLt picks its algorithm by row count, which may flip an activation's rounding.
-  EXPECT_LT(RelErr(*many, *one), 1e-2);
+  EXPECT_LT(testing::RelativeError(*many, *one), 1e-2);
 }
 
 }  // namespace

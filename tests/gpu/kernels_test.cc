@@ -11,6 +11,7 @@
 #include "cuda/ops.h"
 #include "cuda/sparse.h"
 #include "gtest/gtest.h"
+#include "test_util.h"
 #include "sala/safetensors.h"
 
 namespace sala {
@@ -67,17 +68,6 @@ std::vector<float> FromDeviceBf16(const __nv_bfloat16* p, size_t n) {
   return v;
 }
 
-// max |a − b| / max |b|, NaN counts as infinitely wrong.
-double RelErr(const std::vector<float>& a, const std::vector<float>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (std::isnan(a[i])) return INFINITY;
-    num = std::max(num, std::abs(double(a[i]) - b[i]));
-    den = std::max(den, std::abs(double(b[i])));
-  }
-  return den > 0 ? num / den : num;
-}
-
 TEST_F(GpuTest, RmsNormMatchesCpu) {
   for (int width : {256, 4096}) {
     const int rows = 7;
@@ -86,7 +76,7 @@ TEST_F(GpuTest, RmsNormMatchesCpu) {
     cpu::RmsNorm(x.data(), rows, width, w.data(), 1e-6, ref.data());
     auto* out = Poisoned<__nv_bfloat16>(x.size());
     ASSERT_TRUE(cuda::RmsNormToBf16(ToDevice(x), rows, width, Bf16ToDevice(w), 1e-6f, 1.0f, out, nullptr).ok());
-    EXPECT_LT(RelErr(FromDeviceBf16(out, x.size()), ref), 1e-2) << width;
+    EXPECT_LT(testing::RelativeError(FromDeviceBf16(out, x.size()), ref), 1e-2) << width;
   }
 }
 
@@ -100,7 +90,7 @@ TEST_F(GpuTest, HeadNormRopeMatchesCpuAtLargePositions) {
     cpu::Rope(ref.data(), rows, heads, dim, pos0, 10000.0);
     float* d = ToDevice(x);
     ASSERT_TRUE(cuda::HeadNormRope(d, rows, heads, dim, Bf16ToDevice(w), 1e-6f, pos0, 10000.0, true, nullptr).ok());
-    EXPECT_LT(RelErr(FromDevice(d, x.size()), ref), 1e-4) << dim;
+    EXPECT_LT(testing::RelativeError(FromDevice(d, x.size()), ref), 1e-4) << dim;
   }
 }
 
@@ -113,7 +103,7 @@ TEST_F(GpuTest, GemmMatchesCpu) {
     ASSERT_TRUE(gemm.Init().ok());
     float* y = Poisoned<float>(ref.size());
     ASSERT_TRUE(gemm.Run(Bf16ToDevice(x), rows, in, Bf16ToDevice(w), out, y, nullptr).ok());
-    EXPECT_LT(RelErr(FromDevice(y, ref.size()), ref), 1e-4) << rows << "x" << in << "x" << out;
+    EXPECT_LT(testing::RelativeError(FromDevice(y, ref.size()), ref), 1e-4) << rows << "x" << in << "x" << out;
   }
 }
 
@@ -133,8 +123,8 @@ TEST_F(GpuTest, LinearAttentionChunkedMatchesCpu) {
     ASSERT_TRUE(cuda::LinearAttentionChunked(ToDevice(q), ToDevice(k), ToDevice(v), T, H, Hk, D, float(scale),
                                              ToDevice(fslopes), state, o, nullptr)
                     .ok());
-    EXPECT_LT(RelErr(FromDevice(o, ref_o.size()), ref_o), 1e-4) << T << " " << H << " " << Hk << " " << D;
-    EXPECT_LT(RelErr(FromDevice(state, ref_state.size()), ref_state), 1e-4);
+    EXPECT_LT(testing::RelativeError(FromDevice(o, ref_o.size()), ref_o), 1e-4) << T << " " << H << " " << Hk << " " << D;
+    EXPECT_LT(testing::RelativeError(FromDevice(state, ref_state.size()), ref_state), 1e-4);
   }
 }
 
@@ -157,8 +147,8 @@ TEST_F(GpuTest, LinearAttentionStepMatchesCpuForABatch) {
   ASSERT_TRUE(cuda::LinearAttentionStep(ToDevice(q), ToDevice(k), ToDevice(v), B, H, Hk, D, float(1.0 / std::sqrt(128.0)),
                                         ToDevice(fslopes), ToDevice(states), o, nullptr)
                   .ok());
-  EXPECT_LT(RelErr(FromDevice(o, ref_o.size()), ref_o), 1e-4);
-  for (int b = 0; b < B; ++b) EXPECT_LT(RelErr(FromDevice(states[b], ref_states[b].size()), ref_states[b]), 1e-4);
+  EXPECT_LT(testing::RelativeError(FromDevice(o, ref_o.size()), ref_o), 1e-4);
+  for (int b = 0; b < B; ++b) EXPECT_LT(testing::RelativeError(FromDevice(states[b], ref_states[b].size()), ref_states[b]), 1e-4);
 }
 
 // A sparse config like the built-in model's; the cache holds bf16-exact keys and values.
@@ -194,8 +184,8 @@ TEST_F(GpuTest, SparseAttentionMatchesCpu) {
     float* k2 = Poisoned<float>(std::max<int64_t>(n2, 1) * row);
     ASSERT_TRUE(cuda::CompressKeys(k, kv_heads, dim, 0, n1, 32, 16, k1, nullptr).ok());
     ASSERT_TRUE(cuda::CompressKeys(k, kv_heads, dim, 0, n2, 128, 64, k2, nullptr).ok());
-    EXPECT_LT(RelErr(FromDevice(k1, n1 * row), cache.k1), 1e-5);
-    if (n2) EXPECT_LT(RelErr(FromDevice(k2, n2 * row), cache.k2), 1e-5);
+    EXPECT_LT(testing::RelativeError(FromDevice(k1, n1 * row), cache.k1), 1e-5);
+    if (n2) EXPECT_LT(testing::RelativeError(FromDevice(k2, n2 * row), cache.k2), 1e-5);
     const cuda::SparseShape shape{heads, kv_heads, dim, 64, 32, 16, 1, 2, 10};
     for (bool sparse : {false, true}) {
       std::vector<float> ref(T * heads * dim);
@@ -204,7 +194,7 @@ TEST_F(GpuTest, SparseAttentionMatchesCpu) {
       ASSERT_TRUE(cuda::SparseAttention(ToDevice(q), first, T, {k, Bf16ToDevice(cache.v), k1, k2}, shape, sparse, o,
                                         nullptr)
                       .ok());
-      EXPECT_LT(RelErr(FromDevice(o, ref.size()), ref), 1e-3) << "L " << L << " T " << T << " sparse " << sparse;
+      EXPECT_LT(testing::RelativeError(FromDevice(o, ref.size()), ref), 1e-3) << "L " << L << " T " << T << " sparse " << sparse;
     }
   }
 }

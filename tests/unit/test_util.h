@@ -3,6 +3,7 @@
 
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -65,10 +66,11 @@ inline std::vector<int> RandomTokens(int n, int vocab, uint32_t seed) {
   return ids;
 }
 
-// max |a − b| / max |b|
+// max |a − b| / max |b|; a NaN in `a` counts as infinitely wrong.
 inline double RelativeError(const std::vector<float>& a, const std::vector<float>& b) {
   double num = 0, den = 0;
   for (size_t i = 0; i < a.size(); ++i) {
+    if (std::isnan(a[i])) return INFINITY;
     num = std::max(num, std::abs(double(a[i]) - b[i]));
     den = std::max(den, std::abs(double(b[i])));
   }
