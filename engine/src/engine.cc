@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <filesystem>
 
 #include "absl/strings/str_cat.h"
 #include "sala/safetensors.h"
@@ -27,11 +28,25 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const std::string& model_di
   std::unique_ptr<Engine> e(new Engine());
   e->options_ = options;
   SALA_ASSIGN_OR_RETURN(e->config_, LoadModelConfig(model_dir));
-  SALA_ASSIGN_OR_RETURN(e->tokenizer_, Tokenizer::Load(model_dir));
-  if (e->tokenizer_->vocab_size() > e->config_.vocab_size)
+  if (options.random_weights_seed && !std::filesystem::exists(model_dir + "/tokenizer.model")) {
+    // Random-weight runs (benchmarks of the 9B shape) work on token ids alone.
+  } else {
+    SALA_ASSIGN_OR_RETURN(e->tokenizer_, Tokenizer::Load(model_dir));
+  }
+  if (e->tokenizer_ && e->tokenizer_->vocab_size() > e->config_.vocab_size)
     return absl::InvalidArgumentError(absl::StrCat(
         model_dir, ": tokenizer has ", e->tokenizer_->vocab_size(), " ids but vocab_size is ",
         e->config_.vocab_size));
+  if (options.random_weights_seed) {
+    if (options.backend != "cuda")
+      return absl::InvalidArgumentError("random weights are generated on the GPU: use the cuda backend");
+#ifdef SALA_HAVE_CUDA
+    SALA_ASSIGN_OR_RETURN(e->backend_, MakeCudaBackendWithRandomWeights(e->config_, *options.random_weights_seed));
+    return e;
+#else
+    return absl::FailedPreconditionError("this build has no CUDA backend (configure with nvcc present)");
+#endif
+  }
   SALA_ASSIGN_OR_RETURN(auto checkpoint, Checkpoint::Open(model_dir));
   if (options.backend == "cpu") {
     SALA_ASSIGN_OR_RETURN(e->backend_, MakeCpuBackend(e->config_, *checkpoint));

@@ -41,5 +41,7 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeCpuBackend(const ModelConfig& confi
 // The CUDA backend (bf16 weights on the current device). Only in builds with CUDA.
 absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const ModelConfig& config,
                                                          const Checkpoint& checkpoint);
+// The CUDA backend with weights drawn on the device from `seed` (the scales sala-mkmodel uses).
+absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackendWithRandomWeights(const ModelConfig& config, uint64_t seed);
 
 }  // namespace sala

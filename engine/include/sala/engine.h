@@ -4,6 +4,7 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -22,6 +23,9 @@ struct EngineOptions {
   int chunk_size = 8192;         // prefill chunk, tokens
   bool dense_as_sparse = false;  // every length takes the sparse path (dense_len = 0)
   int64_t max_context_tokens = 0;  // 0: the config's max_position_embeddings
+  // Random weights generated on the device from this seed instead of the checkpoint (CUDA only):
+  // the 9B shape can then run from its config.json alone. The tokenizer is optional then.
+  std::optional<uint64_t> random_weights_seed;
 };
 
 enum class FinishReason { kStop, kLength };
@@ -43,6 +47,7 @@ class Engine {
 
   const ModelConfig& config() const { return config_; }
   const Tokenizer& tokenizer() const { return *tokenizer_; }
+  bool has_tokenizer() const { return tokenizer_ != nullptr; }
   const EngineOptions& options() const { return options_; }
   int64_t max_context_tokens() const;
 

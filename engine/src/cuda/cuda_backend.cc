@@ -2,6 +2,8 @@
 // fp32 residual stream and linear states. Structure mirrors the CPU backend: one pass over row
 // segments (a prefill chunk, or one row per sequence in a decode step).
 #include <cmath>
+#include <functional>
+#include <map>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -93,17 +95,44 @@ class CudaBackend final : public Backend {
  public:
   explicit CudaBackend(const ModelConfig& c) : config_(c) {}
 
+  // Loads every weight from the checkpoint, converted to bf16.
   absl::Status Init(const Checkpoint& ckpt) {
-    if (cuda::DeviceCount() == 0) return absl::FailedPreconditionError("no CUDA device is available");
-    SALA_RETURN_IF_ERROR(gemm_.Init());
-    auto get = [&](const std::string& name, DeviceBuffer<Bf16>& out) -> absl::Status {
-      const TensorView& t = ckpt.tensors().at(name);
+    return InitWith([&](const TensorSpec& spec, DeviceBuffer<Bf16>& out) -> absl::Status {
+      const TensorView& t = ckpt.tensors().at(spec.name);
       std::vector<float> f(t.numel());
       ConvertToF32(t, f.data());
       std::vector<uint16_t> h(f.size());
       for (size_t i = 0; i < f.size(); ++i) h[i] = F32ToBf16(f[i]);
       return Upload(out, reinterpret_cast<const Bf16*>(h.data()), h.size());
-    };
+    });
+  }
+
+  // Draws every weight on the device: N(0, std²) by tensor (norms 1 + 0.1 N(0, 1)).
+  absl::Status InitRandom(uint64_t seed) {
+    return InitWith([&](const TensorSpec& spec, DeviceBuffer<Bf16>& out) -> absl::Status {
+      int64_t n = 1;
+      for (int64_t d : spec.shape) n *= d;
+      SALA_RETURN_IF_ERROR(out.Reserve(n));
+      uint64_t h = 1469598103934665603ull ^ seed;
+      for (unsigned char ch : spec.name) h = (h ^ ch) * 1099511628211ull;
+      double std = 1.0 / std::sqrt(double(spec.shape.back()));
+      if (spec.name == "model.embed_tokens.weight") std = 0.1;
+      if (spec.name == "lm_head.weight") std = 16.0 / std::sqrt(double(config_.hidden_size));
+      const bool norm = spec.shape.size() == 1;
+      return cuda::FillRandom(out.get(), n, h, norm ? 0.1f : float(std), norm ? 1.0f : 0.0f, nullptr);
+    });
+  }
+
+  std::string name() const override { return "cuda"; }
+
+ private:
+  using Fill = std::function<absl::Status(const TensorSpec&, DeviceBuffer<Bf16>&)>;
+  absl::Status InitWith(const Fill& fill) {
+    if (cuda::DeviceCount() == 0) return absl::FailedPreconditionError("no CUDA device is available");
+    SALA_RETURN_IF_ERROR(gemm_.Init());
+    std::map<std::string, TensorSpec> specs;
+    for (const TensorSpec& t : ExpectedTensors(config_)) specs[t.name] = t;
+    auto get = [&](const std::string& name, DeviceBuffer<Bf16>& out) { return fill(specs.at(name), out); };
     SALA_RETURN_IF_ERROR(get("model.embed_tokens.weight", embed_));
     SALA_RETURN_IF_ERROR(get("model.norm.weight", final_norm_));
     SALA_RETURN_IF_ERROR(get(config_.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight", lm_head_));
@@ -134,7 +163,7 @@ class CudaBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  std::string name() const override { return "cuda"; }
+ public:
 
   absl::StatusOr<std::vector<float>> Forward(SequenceState& state, std::span<const int> tokens, bool sparse) override {
     SALA_ASSIGN_OR_RETURN(CudaSequence * dev, Device(state));
@@ -378,6 +407,12 @@ class CudaBackend final : public Backend {
 };
 
 }  // namespace
+
+absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackendWithRandomWeights(const ModelConfig& config, uint64_t seed) {
+  auto backend = std::make_unique<CudaBackend>(config);
+  SALA_RETURN_IF_ERROR(backend->InitRandom(seed));
+  return backend;
+}
 
 absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const ModelConfig& config, const Checkpoint& checkpoint) {
   SALA_RETURN_IF_ERROR(ValidateCheckpoint(config, checkpoint));

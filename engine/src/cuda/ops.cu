@@ -103,6 +103,21 @@ __global__ void ToBf16Kernel(const float* s, int64_t n, __nv_bfloat16* d) {
     d[i] = __float2bfloat16(s[i]);
 }
 
+__device__ uint64_t SplitMix(uint64_t z) {
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+__global__ void FillRandomKernel(__nv_bfloat16* x, int64_t n, uint64_t seed, float std, float mean) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const uint64_t r = SplitMix(seed ^ SplitMix(uint64_t(i)));
+    const float u1 = (float(r >> 40) + 0.5f) * 0x1.0p-24f, u2 = float((r >> 16) & 0xffffff) * 0x1.0p-24f;
+    x[i] = __float2bfloat16(mean + std * sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2));
+  }
+}
+
 int Blocks(int64_t n) { return int(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535)); }
 
 }  // namespace
@@ -162,6 +177,13 @@ absl::Status SwiGluToBf16(const float* gate, const float* up, int64_t n, __nv_bf
 absl::Status AddScaled(float* h, const float* y, float r, int64_t n, cudaStream_t stream) {
   if (n == 0) return absl::OkStatus();
   AddScaledKernel<<<Blocks(n), kThreads, 0, stream>>>(h, y, r, n);
+  SALA_CUDA_CHECK_LAUNCH();
+  return absl::OkStatus();
+}
+
+absl::Status FillRandom(__nv_bfloat16* x, int64_t n, uint64_t seed, float std, float mean, cudaStream_t stream) {
+  if (n == 0) return absl::OkStatus();
+  FillRandomKernel<<<Blocks(n), kThreads, 0, stream>>>(x, n, seed, std, mean);
   SALA_CUDA_CHECK_LAUNCH();
   return absl::OkStatus();
 }

@@ -1,0 +1,191 @@
+// sala-bench: the CUDA engine on a model shape (random weights drawn on the GPU), with the
+// floors measured in the same run: the cuBLASLt bf16 GEMM rate at the model's shapes bounds
+// prefill, the device-copy bandwidth bounds decode.
+//   sala-mkmodel --out=models/9b --preset=9b --config_only
+//   sala-bench --model=models/9b --lengths=8192,32768 --out=bench/results/h100.json
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <fstream>
+#include <iostream>
+#include <random>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
+#include "cuda/gemm.h"
+#include "nlohmann/json.hpp"
+#include "sala/engine.h"
+
+ABSL_FLAG(std::string, model, "", "model directory (config.json is enough)");
+ABSL_FLAG(uint64_t, seed, 1, "seed of the random weights");
+ABSL_FLAG(std::string, lengths, "8192", "prompt lengths, comma-separated");
+ABSL_FLAG(int, chunk_size, 8192, "prefill chunk");
+ABSL_FLAG(std::string, decode_batches, "1,8", "decode batch sizes");
+ABSL_FLAG(int, decode_steps, 16, "timed decode steps per batch size");
+ABSL_FLAG(std::string, out, "", "write the results here as JSON");
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+std::vector<int> Ints(const std::string& s) {
+  std::vector<int> out;
+  for (absl::string_view p : absl::StrSplit(s, ',', absl::SkipEmpty())) {
+    int v;
+    if (absl::SimpleAtoi(p, &v)) out.push_back(v);
+  }
+  return out;
+}
+
+// cuBLASLt bf16 GEMM rate over the layer shapes of the model at `rows` rows, TFLOP/s.
+double GemmRate(const sala::ModelConfig& c, int rows) {
+  sala::cuda::Gemm gemm;
+  if (!gemm.Init().ok()) return 0;
+  const int64_t d = c.hidden_size, ff = c.intermediate_size, qd = int64_t(c.num_heads) * c.head_dim;
+  const std::vector<std::pair<int64_t, int64_t>> shapes = {{d, qd}, {qd, d}, {d, ff}, {ff, d}};
+  int64_t max_in = 0, max_out = 0;
+  for (auto [in, out] : shapes) max_in = std::max(max_in, in), max_out = std::max(max_out, out);
+  __nv_bfloat16 *x, *w;
+  float* y;
+  cudaMalloc(&x, rows * max_in * 2);
+  cudaMalloc(&w, max_in * max_out * 2);
+  cudaMalloc(&y, rows * max_out * 4);
+  cudaMemset(x, 0, rows * max_in * 2);
+  cudaMemset(w, 0, max_in * max_out * 2);
+  cudaEvent_t a, b;
+  cudaEventCreate(&a);
+  cudaEventCreate(&b);
+  double flops = 0, seconds = 0;
+  for (auto [in, out] : shapes) {
+    for (int i = 0; i < 3; ++i) (void)gemm.Run(x, rows, in, w, out, y, nullptr);  // warm-up
+    std::vector<double> t;
+    for (int i = 0; i < 10; ++i) {
+      cudaEventRecord(a);
+      (void)gemm.Run(x, rows, in, w, out, y, nullptr);
+      cudaEventRecord(b);
+      cudaEventSynchronize(b);
+      float ms;
+      cudaEventElapsedTime(&ms, a, b);
+      t.push_back(ms / 1e3);
+    }
+    flops += 2.0 * rows * in * out;
+    seconds += Median(t);
+  }
+  cudaFree(x);
+  cudaFree(w);
+  cudaFree(y);
+  return flops / seconds / 1e12;
+}
+
+// Device-to-device copy, bytes read + written per second.
+double CopyBandwidth() {
+  const size_t n = size_t(1) << 30;
+  void *a, *b;
+  cudaMalloc(&a, n);
+  cudaMalloc(&b, n);
+  cudaMemcpy(b, a, n, cudaMemcpyDeviceToDevice);
+  std::vector<double> t;
+  for (int i = 0; i < 5; ++i) {
+    cudaDeviceSynchronize();
+    const auto s = Clock::now();
+    cudaMemcpy(b, a, n, cudaMemcpyDeviceToDevice);
+    cudaDeviceSynchronize();
+    t.push_back(Since(s));
+  }
+  cudaFree(a);
+  cudaFree(b);
+  return 2.0 * n / Median(t);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("Benchmarks the CUDA engine on a model shape with random weights; see the file header.");
+  absl::ParseCommandLine(argc, argv);
+  sala::EngineOptions o;
+  o.backend = "cuda";
+  o.chunk_size = absl::GetFlag(FLAGS_chunk_size);
+  o.random_weights_seed = absl::GetFlag(FLAGS_seed);
+  o.max_context_tokens = int64_t(1) << 22;
+  auto engine = sala::Engine::Load(absl::GetFlag(FLAGS_model), o);
+  if (!engine.ok()) {
+    std::cerr << "sala-bench: " << engine.status().message() << "\n";
+    return 2;
+  }
+  sala::Engine& e = **engine;
+  const sala::ModelConfig& c = e.config();
+  cudaDeviceProp prop;
+  cudaGetDeviceProperties(&prop, 0);
+  nlohmann::json out = {{"gpu", prop.name}, {"model_layers", c.num_layers}, {"hidden_size", c.hidden_size},
+                        {"chunk_size", o.chunk_size}};
+  const double gemm_tflops = GemmRate(c, o.chunk_size);
+  const double copy_bps = CopyBandwidth();
+  out["gemm_bf16_tflops_at_model_shapes"] = gemm_tflops;
+  out["device_copy_gbps"] = copy_bps / 1e9;
+  std::printf("%s | cuBLASLt bf16 GEMM %.0f TFLOP/s | device copy %.0f GB/s\n", prop.name, gemm_tflops, copy_bps / 1e9);
+  // GEMM work per token: every layer weight except embeddings and norms, plus lm_head once.
+  const int64_t embed = int64_t(c.vocab_size) * c.hidden_size;
+  const double layer_params = double(c.parameter_count() - embed * (c.tie_word_embeddings ? 1 : 2));
+  const double weight_bytes = 2.0 * (layer_params + embed);
+  std::mt19937 rng(1);
+  for (int L : Ints(absl::GetFlag(FLAGS_lengths))) {
+    std::vector<int> ids(L);
+    for (int& t : ids) t = 3 + int(rng() % (c.vocab_size - 3));
+    sala::SequenceState s = e.NewSequence();
+    cudaDeviceSynchronize();
+    const auto start = Clock::now();
+    auto logits = e.Prefill(s, ids);
+    const double ttft = Since(start);
+    if (!logits.ok()) {
+      std::cerr << L << " tokens: " << logits.status().message() << "\n";
+      out["prefill"].push_back({{"tokens", L}, {"error", std::string(logits.status().message())}});
+      continue;
+    }
+    const double floor = 2.0 * layer_params * L / (gemm_tflops * 1e12);
+    size_t free_b, total_b;
+    cudaMemGetInfo(&free_b, &total_b);
+    std::printf("prefill %7d tokens: TTFT %8.3f s | %8.0f tok/s | GEMM floor %.3f s (%.1f%% of floor) | GPU memory used %.1f GiB\n",
+                L, ttft, L / ttft, floor, 100 * floor / ttft, (total_b - free_b) / double(1 << 30));
+    nlohmann::json p = {{"tokens", L}, {"ttft_seconds", ttft}, {"tokens_per_second", L / ttft},
+                        {"gemm_floor_seconds", floor}, {"fraction_of_floor", floor / ttft},
+                        {"gpu_memory_used_gib", (total_b - free_b) / double(1 << 30)}};
+    for (int B : Ints(absl::GetFlag(FLAGS_decode_batches))) {
+      std::vector<sala::SequenceState> seqs(B, s);
+      std::vector<sala::SequenceState*> ptrs;
+      for (auto& q : seqs) ptrs.push_back(&q);
+      const std::vector<int> next(B, 5);
+      std::vector<double> t;
+      for (int step = 0; step < absl::GetFlag(FLAGS_decode_steps) + 2; ++step) {
+        const auto st = Clock::now();
+        auto r = e.Decode(ptrs, next);
+        if (!r.ok()) break;
+        if (step >= 2) t.push_back(Since(st));
+      }
+      if (t.empty()) continue;
+      // Bytes a step must read at least: weights, each sequence's linear states (read and
+      // written) and the sparse KV of the blocks it attends to, plus its compressed keys.
+      const double per_seq = 2.0 * 4 * c.num_linear_layers() * double(c.num_heads) * c.head_dim * c.head_dim +
+                             double(c.num_sparse_layers()) * c.num_kv_heads * c.sparse_head_dim() *
+                                 (2.0 * 2 * std::min<int64_t>(L, int64_t(c.sparse.selected_blocks()) * c.sparse.block_size) +
+                                  4.0 * (L / c.sparse.kernel_stride + L / c.sparse.k2_stride()));
+      const double floor_ms = 1e3 * (weight_bytes + B * per_seq) / copy_bps;
+      std::printf("  decode batch %3d at %7d: %8.2f ms/step | floor %.2f ms (%.1f%% of floor)\n", B, L, 1e3 * Median(t),
+                  floor_ms, 100 * floor_ms / (1e3 * Median(t)));
+      p["decode"].push_back({{"batch", B}, {"ms_per_step", 1e3 * Median(t)}, {"floor_ms", floor_ms},
+                             {"fraction_of_floor", floor_ms / (1e3 * Median(t))}});
+    }
+    out["prefill"].push_back(p);
+  }
+  if (const std::string path = absl::GetFlag(FLAGS_out); !path.empty()) std::ofstream(path) << out.dump(2) << "\n";
+  return 0;
+}
