@@ -1,6 +1,7 @@
 // The compute backend behind the Engine facade: CPU (the fp32 oracle) or CUDA.
 #pragma once
 
+#include <map>
 #include <memory>
 #include <span>
 #include <string>
@@ -33,6 +34,11 @@ class Backend {
   // be serialised: the sparse rows and compressed keys not yet on the host, and the linear
   // states when `linear` is set. A no-op where the state lives on the host.
   virtual absl::Status SyncToHost(SequenceState& state, bool linear) { return absl::OkStatus(); }
+
+  // Time by kind of work (GEMM, linear attention, sparse attention, ...) while profiling is on;
+  // profiling synchronises the device between sections, so it is for benchmarks only.
+  virtual void SetProfiling(bool on) {}
+  virtual std::map<std::string, double> TakeProfile() { return {}; }
 };
 
 // The fp32 CPU backend; weights are converted from the checkpoint.

@@ -48,6 +48,7 @@ class Engine {
   const ModelConfig& config() const { return config_; }
   const Tokenizer& tokenizer() const { return *tokenizer_; }
   bool has_tokenizer() const { return tokenizer_ != nullptr; }
+  Backend& backend() { return *backend_; }
   const EngineOptions& options() const { return options_; }
   int64_t max_context_tokens() const;
 

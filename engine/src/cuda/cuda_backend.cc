@@ -1,7 +1,9 @@
 // The CUDA backend: MODEL_SPEC §2–4 with bf16 weights and GEMM inputs, fp32 accumulation,
 // fp32 residual stream and linear states. Structure mirrors the CPU backend: one pass over row
 // segments (a prefill chunk, or one row per sequence in a decode step).
+#include <chrono>
 #include <cmath>
+#include <utility>
 #include <functional>
 #include <map>
 #include <vector>
@@ -124,6 +126,9 @@ class CudaBackend final : public Backend {
   }
 
   std::string name() const override { return "cuda"; }
+
+  void SetProfiling(bool on) override { profiling_ = on; }
+  std::map<std::string, double> TakeProfile() override { return std::exchange(profile_, {}); }
 
  private:
   using Fill = std::function<absl::Status(const TensorSpec&, DeviceBuffer<Bf16>&)>;
@@ -292,10 +297,10 @@ class CudaBackend final : public Backend {
       else SALA_RETURN_IF_ERROR(LinearMixer(i, segs, R));
       SALA_RETURN_IF_ERROR(cuda::AddScaled(h_.get(), y_.get(), r, R * d, s));
       SALA_RETURN_IF_ERROR(cuda::RmsNormToBf16(h_.get(), int(R), int(d), w.post_norm.get(), eps, 1.0f, xb_.get(), s));
-      SALA_RETURN_IF_ERROR(gemm_.Run(xb_.get(), R, d, w.mlp_gate.get(), ff, g_.get(), s));
-      SALA_RETURN_IF_ERROR(gemm_.Run(xb_.get(), R, d, w.mlp_up.get(), ff, u_.get(), s));
+      SALA_RETURN_IF_ERROR(Mm(xb_.get(), R, d, w.mlp_gate.get(), ff, g_.get()));
+      SALA_RETURN_IF_ERROR(Mm(xb_.get(), R, d, w.mlp_up.get(), ff, u_.get()));
       SALA_RETURN_IF_ERROR(cuda::SwiGluToBf16(g_.get(), u_.get(), R * ff, gb_.get(), s));
-      SALA_RETURN_IF_ERROR(gemm_.Run(gb_.get(), R, ff, w.mlp_down.get(), d, y_.get(), s));
+      SALA_RETURN_IF_ERROR(Mm(gb_.get(), R, ff, w.mlp_down.get(), d, y_.get()));
       SALA_RETURN_IF_ERROR(cuda::AddScaled(h_.get(), y_.get(), r, R * d, s));
     }
     // Logits of each segment's last row, in one GEMM.
@@ -306,7 +311,7 @@ class CudaBackend final : public Backend {
     for (int64_t b = 0; b < B; ++b)
       SALA_RETURN_IF_ERROR(cuda::RmsNormToBf16(h_.get() + (segs[b].row0 + segs[b].rows - 1) * d, 1, int(d),
                                                final_norm_.get(), eps, inv_div, last_.get() + b * d, s));
-    SALA_RETURN_IF_ERROR(gemm_.Run(last_.get(), B, d, lm_head_.get(), V, logits_.get(), s));
+    SALA_RETURN_IF_ERROR(Mm(last_.get(), B, d, lm_head_.get(), V, logits_.get()));
     std::vector<float> host(B * V);
     SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(host.data(), logits_.get(), host.size() * 4, cudaMemcpyDeviceToHost));
     for (Segment& seg : segs) {
@@ -324,10 +329,10 @@ class CudaBackend final : public Backend {
     const int H = config_.num_heads, Hk = config_.lightning_nkv, D = config_.head_dim;
     const float eps = float(config_.rms_norm_eps), scale = float(config_.linear_query_scale());
     cudaStream_t s = nullptr;
-    SALA_RETURN_IF_ERROR(gemm_.Run(xb_.get(), R, d, w.q.get(), int64_t(H) * D, q_.get(), s));
-    SALA_RETURN_IF_ERROR(gemm_.Run(xb_.get(), R, d, w.k.get(), int64_t(Hk) * D, k_.get(), s));
-    SALA_RETURN_IF_ERROR(gemm_.Run(xb_.get(), R, d, w.v.get(), int64_t(Hk) * D, v_.get(), s));
-    if (config_.use_output_gate) SALA_RETURN_IF_ERROR(gemm_.Run(xb_.get(), R, d, w.gate.get(), int64_t(H) * D, z_.get(), s));
+    SALA_RETURN_IF_ERROR(Mm(xb_.get(), R, d, w.q.get(), int64_t(H) * D, q_.get()));
+    SALA_RETURN_IF_ERROR(Mm(xb_.get(), R, d, w.k.get(), int64_t(Hk) * D, k_.get()));
+    SALA_RETURN_IF_ERROR(Mm(xb_.get(), R, d, w.v.get(), int64_t(Hk) * D, v_.get()));
+    if (config_.use_output_gate) SALA_RETURN_IF_ERROR(Mm(xb_.get(), R, d, w.gate.get(), int64_t(H) * D, z_.get()));
     const int slot = config_.slot_of(layer);
     std::vector<float*> step_states;
     for (const Segment& seg : segs) {
@@ -337,6 +342,7 @@ class CudaBackend final : public Backend {
                                               seg.state->tokens, config_.rope_theta, config_.lightning_use_rope, s));
       SALA_RETURN_IF_ERROR(cuda::HeadNormRope(ks, int(seg.rows), Hk, D, config_.qk_norm ? w.k_norm.get() : nullptr, eps,
                                               seg.state->tokens, config_.rope_theta, config_.lightning_use_rope, s));
+      Section section(this, "linear_attention");
       if (seg.rows > 1)
         SALA_RETURN_IF_ERROR(cuda::LinearAttentionChunked(qs, ks, v_.get() + seg.row0 * Hk * D, seg.rows, H, Hk, D, scale,
                                                           slopes_.get(), seg.dev->linear[slot].get(),
@@ -345,6 +351,7 @@ class CudaBackend final : public Backend {
         step_states.push_back(seg.dev->linear[slot].get());
     }
     if (!step_states.empty()) {
+      Section section(this, "linear_attention");
       // Decode: every segment is one row, in order from row 0.
       SALA_RETURN_IF_ERROR(state_ptrs_.Reserve(step_states.size()));
       SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(state_ptrs_.get(), step_states.data(), step_states.size() * sizeof(float*),
@@ -354,7 +361,7 @@ class CudaBackend final : public Backend {
     }
     SALA_RETURN_IF_ERROR(cuda::NormGateToBf16(o_.get(), config_.use_output_gate ? z_.get() : nullptr, int(R), H * D,
                                               config_.use_output_norm ? w.o_norm.get() : nullptr, eps, ob_.get(), s));
-    return gemm_.Run(ob_.get(), R, int64_t(H) * D, w.o.get(), d, y_.get(), s);
+    return Mm(ob_.get(), R, int64_t(H) * D, w.o.get(), d, y_.get());
   }
 
   absl::Status SparseMixer(int layer, std::span<Segment> segs, int64_t R) {
@@ -363,11 +370,11 @@ class CudaBackend final : public Backend {
     const int H = config_.num_heads, Hk = config_.num_kv_heads, D = config_.sparse_head_dim();
     const SparseConfig& sc = config_.sparse;
     cudaStream_t s = nullptr;
-    SALA_RETURN_IF_ERROR(gemm_.Run(xb_.get(), R, d, w.q.get(), int64_t(H) * D, q_.get(), s));
-    SALA_RETURN_IF_ERROR(gemm_.Run(xb_.get(), R, d, w.k.get(), int64_t(Hk) * D, k_.get(), s));
-    SALA_RETURN_IF_ERROR(gemm_.Run(xb_.get(), R, d, w.v.get(), int64_t(Hk) * D, v_.get(), s));
+    SALA_RETURN_IF_ERROR(Mm(xb_.get(), R, d, w.q.get(), int64_t(H) * D, q_.get()));
+    SALA_RETURN_IF_ERROR(Mm(xb_.get(), R, d, w.k.get(), int64_t(Hk) * D, k_.get()));
+    SALA_RETURN_IF_ERROR(Mm(xb_.get(), R, d, w.v.get(), int64_t(Hk) * D, v_.get()));
     if (config_.attn_use_output_gate)
-      SALA_RETURN_IF_ERROR(gemm_.Run(xb_.get(), R, d, w.gate.get(), int64_t(H) * D, z_.get(), s));
+      SALA_RETURN_IF_ERROR(Mm(xb_.get(), R, d, w.gate.get(), int64_t(H) * D, z_.get()));
     const cuda::SparseShape shape{H, Hk, D, sc.block_size, sc.kernel_size, sc.kernel_stride, sc.init_blocks,
                                   sc.window_blocks(), sc.selected_blocks()};
     const size_t row = SparseRow();
@@ -386,15 +393,43 @@ class CudaBackend final : public Backend {
       SALA_RETURN_IF_ERROR(cuda::CompressKeys(c.k.get(), Hk, D, c.n2, n2, sc.k2_kernel(), sc.k2_stride(), c.k2.get(), s));
       c.n1 = n1;
       c.n2 = n2;
+      Section section(this, "sparse_attention");
       SALA_RETURN_IF_ERROR(cuda::SparseAttention(q_.get() + seg.row0 * H * D, before, seg.rows,
                                                  {c.k.get(), c.v.get(), c.k1.get(), c.k2.get()}, shape, seg.sparse,
                                                  o_.get() + seg.row0 * H * D, s));
     }
     SALA_RETURN_IF_ERROR(cuda::GateToBf16(o_.get(), config_.attn_use_output_gate ? z_.get() : nullptr, R * H * D,
                                           ob_.get(), s));
-    return gemm_.Run(ob_.get(), R, int64_t(H) * D, w.o.get(), d, y_.get(), s);
+    return Mm(ob_.get(), R, int64_t(H) * D, w.o.get(), d, y_.get());
   }
 
+  // Adds the device time of the enclosing scope to profile_[kind] when profiling.
+  class Section {
+   public:
+    Section(CudaBackend* b, const char* kind) : b_(b), kind_(kind) {
+      if (b_->profiling_) {
+        cudaDeviceSynchronize();
+        start_ = std::chrono::steady_clock::now();
+      }
+    }
+    ~Section() {
+      if (!b_->profiling_) return;
+      cudaDeviceSynchronize();
+      b_->profile_[kind_] += std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+    }
+
+   private:
+    CudaBackend* b_;
+    const char* kind_;
+    std::chrono::steady_clock::time_point start_;
+  };
+  absl::Status Mm(const Bf16* x, int64_t rows, int64_t in, const Bf16* w, int64_t out, float* y) {
+    Section section(this, "gemm");
+    return gemm_.Run(x, rows, in, w, out, y, nullptr);
+  }
+
+  bool profiling_ = false;
+  std::map<std::string, double> profile_;
   ModelConfig config_;
   cuda::Gemm gemm_;
   DeviceBuffer<Bf16> embed_, final_norm_, lm_head_;
