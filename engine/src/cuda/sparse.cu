@@ -1,6 +1,8 @@
+#include <algorithm>
 #include <cfloat>
 
 #include "cuda_common.h"
+#include "sala/status_macros.h"
 #include "sparse.h"
 
 namespace sala::cuda {
@@ -8,6 +10,8 @@ namespace {
 
 constexpr int kThreads = 128;  // four warps
 constexpr int kMaxDim = 128;
+constexpr int kTile = 64;         // keys per shared-memory tile: one attention block
+constexpr int kHeadsPerWarp = 4;  // query heads per KV group up to 4 * warps = 16
 
 __device__ int64_t NumCompressed(int64_t tokens, int kernel, int stride) {
   return tokens < kernel ? 0 : (tokens - kernel) / stride + 1;
@@ -27,15 +31,6 @@ __global__ void CompressKernel(const __nv_bfloat16* k, int Hk, int D, int64_t fr
 __device__ float Dot(const float* q, const float* k, int D) {
   float acc = 0.0f;
   for (int d = 0; d < D; ++d) acc += q[d] * k[d];
-  return acc;
-}
-
-__device__ float DotBf16(const float* q, const __nv_bfloat16* k, int D) {
-  float acc = 0.0f;
-  for (int d = 0; d < D; d += 2) {
-    const float2 kv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(k + d));
-    acc += q[d] * kv.x + q[d + 1] * kv.y;
-  }
   return acc;
 }
 
@@ -75,8 +70,10 @@ __device__ float BlockLse(float m, float s, float* scratch) {
 }
 
 // One block per (row, KV group).
+// One block per (row, KV group, split). With several splits (few rows: decode) each block takes
+// its share of the attended blocks and writes a partial softmax state that CombineKernel merges.
 __global__ void AttentionKernel(const float* q, int64_t first, SparseCacheView c, SparseShape sh, bool sparse,
-                                float* o) {
+                                int splits, float* partial, float* o) {
   extern __shared__ float smem[];
   const int G = sh.heads / sh.kv_heads, D = sh.dim, g = blockIdx.y;
   const int64_t t = blockIdx.x, pos = first + t;
@@ -86,6 +83,8 @@ __global__ void AttentionKernel(const float* q, int64_t first, SparseCacheView c
   float* lse = scratch + 64;        // [G]
   int* chosen = reinterpret_cast<int*>(lse + G);  // [selected_blocks]
   float* score = reinterpret_cast<float*>(chosen + sh.selected_blocks);  // [bq + 1]
+  float* kt = score + bq + 1;           // K tile [kTile, D + 1] (padded against bank conflicts)
+  float* vt = kt + kTile * (D + 1);     // V tile [kTile, D]
   __shared__ int n_chosen;
   for (int e = threadIdx.x; e < G * D; e += blockDim.x) qs[e] = q[(t * sh.heads + g * G) * D + e];
   __syncthreads();
@@ -178,36 +177,86 @@ __global__ void AttentionKernel(const float* q, int64_t first, SparseCacheView c
     __syncthreads();
   }
 
-  // Softmax attention, one warp per query head of the group, online over 32-key tiles.
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // Softmax attention over this split's blocks: K/V tiles in shared memory, each warp owns
+  // heads warp, warp + 4, ... with an online softmax in registers.
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   const int blocks = sparse ? n_chosen : int(bq + 1);
-  for (int h = warp; h < G; h += blockDim.x / 32) {
-    const float* qh = qs + h * D;
-    float m = -INFINITY, l = 0.0f, acc[kMaxDim / 32];
-    for (int r = 0; r < D / 32; ++r) acc[r] = 0.0f;
-    for (int bi = 0; bi < blocks; ++bi) {
-      const int64_t b = sparse ? chosen[bi] : bi;
-      const int64_t end = pos + 1 < (b + 1) * sh.block ? pos + 1 : (b + 1) * sh.block;
-      for (int64_t tile = b * sh.block; tile < end; tile += 32) {
-        const int64_t key = tile + lane;
-        const bool valid = key < end;
-        const float s = valid ? DotBf16(qh, c.k + (key * sh.kv_heads + g) * D, D) * scale : -INFINITY;
-        const float mn = fmaxf(m, WarpMax(s));
-        const float p = valid ? __expf(s - mn) : 0.0f;
-        const float corr = m == -INFINITY ? 0.0f : __expf(m - mn);
-        l = l * corr + WarpSum(p);
-        for (int r = 0; r < D / 32; ++r) acc[r] *= corr;
-        const int n = end - tile < 32 ? int(end - tile) : 32;
-        for (int kk = 0; kk < n; ++kk) {
-          const float pk = __shfl_sync(0xffffffff, p, kk);
-          const __nv_bfloat16* vrow = c.v + ((tile + kk) * sh.kv_heads + g) * D;
-          for (int r = 0; r < D / 32; ++r) acc[r] += pk * __bfloat162float(vrow[lane + 32 * r]);
-        }
-        m = mn;
+  const int split = blockIdx.z;
+  const int b_begin = int(int64_t(blocks) * split / splits), b_end = int(int64_t(blocks) * (split + 1) / splits);
+  float m[kHeadsPerWarp], l[kHeadsPerWarp], acc[kHeadsPerWarp][kMaxDim / 32];
+  for (int hi = 0; hi < kHeadsPerWarp; ++hi) {
+    m[hi] = -INFINITY;
+    l[hi] = 0.0f;
+    for (int r = 0; r < kMaxDim / 32; ++r) acc[hi][r] = 0.0f;
+  }
+  for (int bi = b_begin; bi < b_end; ++bi) {
+    const int64_t key0 = int64_t(sparse ? chosen[bi] : bi) * sh.block;
+    const int n = pos + 1 - key0 < sh.block ? int(pos + 1 - key0) : sh.block;
+    __syncthreads();  // the previous tile is consumed
+    for (int e = threadIdx.x; e < n * D; e += blockDim.x) {
+      const int j = e / D, d = e % D;
+      const int64_t at = ((key0 + j) * sh.kv_heads + g) * D + d;
+      kt[j * (D + 1) + d] = __bfloat162float(c.k[at]);
+      vt[j * D + d] = __bfloat162float(c.v[at]);
+    }
+    __syncthreads();
+    for (int hi = 0; hi < kHeadsPerWarp; ++hi) {
+      const int h = warp + hi * warps;
+      if (h >= G) break;
+      const float* qh = qs + h * D;
+      float s0 = -INFINITY, s1 = -INFINITY;
+      if (lane < n) s0 = Dot(qh, kt + lane * (D + 1), D) * scale;
+      if (lane + 32 < n) s1 = Dot(qh, kt + (lane + 32) * (D + 1), D) * scale;
+      const float mn = fmaxf(m[hi], WarpMax(fmaxf(s0, s1)));
+      const float p0 = lane < n ? __expf(s0 - mn) : 0.0f, p1 = lane + 32 < n ? __expf(s1 - mn) : 0.0f;
+      const float corr = m[hi] == -INFINITY ? 0.0f : __expf(m[hi] - mn);
+      l[hi] = l[hi] * corr + WarpSum(p0 + p1);
+      for (int r = 0; r < D / 32; ++r) acc[hi][r] *= corr;
+      for (int j = 0; j < n; ++j) {
+        const float pj = __shfl_sync(0xffffffff, j < 32 ? p0 : p1, j & 31);
+        for (int r = 0; r < D / 32; ++r) acc[hi][r] += pj * vt[j * D + lane + 32 * r];
+      }
+      m[hi] = mn;
+    }
+  }
+  for (int hi = 0; hi < kHeadsPerWarp; ++hi) {
+    const int h = warp + hi * warps;
+    if (h >= G) break;
+    if (splits == 1) {
+      float* out = o + (t * sh.heads + g * G + h) * D;
+      for (int r = 0; r < D / 32; ++r) out[lane + 32 * r] = acc[hi][r] / l[hi];
+    } else {
+      float* p = partial + (((t * sh.kv_heads + g) * splits + split) * G + h) * (D + 2);
+      for (int r = 0; r < D / 32; ++r) p[lane + 32 * r] = acc[hi][r];
+      if (lane == 0) {
+        p[D] = m[hi];
+        p[D + 1] = l[hi];
       }
     }
-    float* out = o + (t * sh.heads + g * G + h) * D;
-    for (int r = 0; r < D / 32; ++r) out[lane + 32 * r] = acc[r] / l;
+  }
+}
+
+// Merges the splits' partial softmax states: o = Σ acc_s e^(m_s − m) / Σ l_s e^(m_s − m).
+__global__ void CombineKernel(const float* partial, int splits, SparseShape sh, float* o) {
+  const int G = sh.heads / sh.kv_heads, D = sh.dim, g = blockIdx.y;
+  const int64_t t = blockIdx.x;
+  for (int h = 0; h < G; ++h) {
+    const float* base = partial + ((t * sh.kv_heads + g) * splits) * G * (D + 2) + h * (D + 2);
+    float mx = -INFINITY;
+    for (int s = 0; s < splits; ++s) mx = fmaxf(mx, base[s * G * (D + 2) + D]);
+    float denom = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+      const float* p = base + s * G * (D + 2);
+      if (p[D] != -INFINITY) denom += p[D + 1] * __expf(p[D] - mx);
+    }
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+      float num = 0.0f;
+      for (int s = 0; s < splits; ++s) {
+        const float* p = base + s * G * (D + 2);
+        if (p[D] != -INFINITY) num += p[d] * __expf(p[D] - mx);
+      }
+      o[(t * sh.heads + g * G + h) * D + d] = num / denom;
+    }
   }
 }
 
@@ -226,12 +275,28 @@ absl::Status SparseAttention(const float* q, int64_t first, int64_t T, const Spa
   if (T == 0) return absl::OkStatus();
   if (shape.dim % 32 != 0 || shape.dim > kMaxDim) return absl::InvalidArgumentError("sparse head_dim must be 32..128");
   const int G = shape.heads / shape.kv_heads;
+  if (G > kHeadsPerWarp * kThreads / 32) return absl::InvalidArgumentError("at most 16 query heads per KV head");
+  if (shape.block > kTile) return absl::InvalidArgumentError("sparse block size above 64");
   const int64_t max_blocks = (first + T - 1) / shape.block + 1;
-  const size_t smem = (size_t(G) * shape.dim + 64 + G + shape.selected_blocks + max_blocks) * sizeof(float);
+  const size_t smem = (size_t(G) * shape.dim + 64 + G + shape.selected_blocks + max_blocks +
+                       size_t(kTile) * (2 * shape.dim + 1)) * sizeof(float);
   if (smem > 220 * 1024) return absl::ResourceExhaustedError("context too long for the sparse attention kernel");
   SALA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(AttentionKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  AttentionKernel<<<dim3(unsigned(T), shape.kv_heads), kThreads, smem, stream>>>(q, first, cache, shape, sparse, o);
+  // Few rows (decode): split each row's blocks over several thread blocks to fill the GPU.
+  int device = 0, sms = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const int64_t rows = T * shape.kv_heads;
+  const int splits = rows >= sms ? 1 : int(std::min<int64_t>(16, (2 * sms + rows - 1) / rows));
+  static DeviceBuffer<float> partial;  // one launch at a time per process
+  if (splits > 1) SALA_RETURN_IF_ERROR(partial.Reserve(size_t(rows) * splits * G * (shape.dim + 2)));
+  AttentionKernel<<<dim3(unsigned(T), shape.kv_heads, splits), kThreads, smem, stream>>>(
+      q, first, cache, shape, sparse, splits, partial.get(), o);
   SALA_CUDA_CHECK_LAUNCH();
+  if (splits > 1) {
+    CombineKernel<<<dim3(unsigned(T), shape.kv_heads), shape.dim, 0, stream>>>(partial.get(), splits, shape, o);
+    SALA_CUDA_CHECK_LAUNCH();
+  }
   return absl::OkStatus();
 }
 
