@@ -33,6 +33,7 @@ struct PrefillWorker::Job {
   bool done = false;
   absl::Status status;
   sala::v1::PrefillResult result;
+  std::deque<sala::v1::PrefillProgress> progress;  // for the caller's stream
 };
 
 PrefillWorker::PrefillWorker(std::unique_ptr<Engine> engine, std::unique_ptr<StateTransport> transport,
@@ -81,7 +82,7 @@ grpc::Status PrefillWorker::GetWorkerInfo(grpc::ServerContext*, const sala::v1::
 }
 
 grpc::Status PrefillWorker::Prefill(grpc::ServerContext* context, const sala::v1::PrefillTicket* ticket,
-                                    sala::v1::PrefillResult* result) {
+                                    grpc::ServerWriter<sala::v1::PrefillProgress>* writer) {
   if (ticket->session_id().empty() || ticket->decode_worker_address().empty())
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "ticket needs a session id and a decode worker");
   if (ticket->prompt_ids().empty()) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "prompt is empty");
@@ -99,14 +100,25 @@ grpc::Status PrefillWorker::Prefill(grpc::ServerContext* context, const sala::v1
     Metrics::Get().waiting.Set(double(queue_.size()));
   }
   cv_.notify_all();
-  // Wait for the job, noticing a caller that went away (router cancelled or died).
+  // Relay progress until the job ends, noticing a caller that went away (router cancelled or died).
   std::unique_lock<std::mutex> lock(mu_);
-  while (!job->done) {
+  for (;;) {
+    while (!job->progress.empty()) {
+      const sala::v1::PrefillProgress p = std::move(job->progress.front());
+      job->progress.pop_front();
+      lock.unlock();
+      if (!writer->Write(p)) job->cancelled = true;
+      lock.lock();
+    }
+    if (job->done) break;
     cv_.wait_for(lock, std::chrono::milliseconds(50));
     if (context->IsCancelled()) job->cancelled = true;
   }
   if (!job->status.ok()) return service::ToGrpcStatus(job->status);
-  *result = job->result;
+  sala::v1::PrefillProgress last;
+  *last.mutable_result() = job->result;
+  lock.unlock();
+  writer->Write(last);
   return grpc::Status::OK;
 }
 
@@ -117,6 +129,14 @@ grpc::Status PrefillWorker::Abort(grpc::ServerContext*, const sala::v1::AbortReq
   response->set_found(it != jobs_.end());
   if (it != jobs_.end()) it->second->cancelled = true;
   return grpc::Status::OK;
+}
+
+void PrefillWorker::Progress(Job& job, const std::function<void(sala::v1::PrefillProgress&)>& fill) {
+  sala::v1::PrefillProgress p;
+  fill(p);
+  std::lock_guard<std::mutex> lock(mu_);
+  job.progress.push_back(std::move(p));
+  cv_.notify_all();
 }
 
 void PrefillWorker::Loop() {
@@ -162,7 +182,9 @@ absl::Status PrefillWorker::Run(Job& job) {
     if (job.cancelled) return absl::CancelledError("prefill cancelled");
     if (absl::Now() > job.lease_deadline) return absl::DeadlineExceededError("prefill lease expired");
     SALA_RETURN_IF_ERROR(engine_->SyncToHost(state, /*linear=*/false));
-    return sender->Send(writer.SparseDelta(state, /*final=*/false));
+    SALA_RETURN_IF_ERROR(sender->Send(writer.SparseDelta(state, /*final=*/false)));
+    Progress(job, [&](sala::v1::PrefillProgress& p) { p.mutable_chunk()->set_tokens_done(state.tokens); });
+    return absl::OkStatus();
   };
   auto logits = engine_->Prefill(state, prompt, after_chunk);
   if (!logits.ok()) {
@@ -179,6 +201,7 @@ absl::Status PrefillWorker::Run(Job& job) {
   Sampler sampler(params);
   const int first_token = sampler.Sample(*logits);
   const auto finish_start = Clock::now();
+  Progress(job, [](sala::v1::PrefillProgress& p) { p.mutable_transferring(); });
   if (absl::Status s = engine_->SyncToHost(state, /*linear=*/true); !s.ok()) {
     sender->Abort(std::string(s.message()));
     return s;

@@ -4,6 +4,7 @@
 
 #include <condition_variable>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -23,7 +24,7 @@ class PrefillWorker final : public sala::v1::PrefillWorker::Service {
   ~PrefillWorker() override;
 
   grpc::Status Prefill(grpc::ServerContext* context, const sala::v1::PrefillTicket* ticket,
-                       sala::v1::PrefillResult* result) override;
+                       grpc::ServerWriter<sala::v1::PrefillProgress>* writer) override;
   grpc::Status Abort(grpc::ServerContext* context, const sala::v1::AbortRequest* request,
                      sala::v1::AbortResponse* response) override;
   grpc::Status GetWorkerInfo(grpc::ServerContext* context, const sala::v1::WorkerInfoRequest* request,
@@ -37,6 +38,8 @@ class PrefillWorker final : public sala::v1::PrefillWorker::Service {
   struct Job;
   void Loop();
   absl::Status Run(Job& job);
+  // Queues a progress event for the job's caller.
+  void Progress(Job& job, const std::function<void(sala::v1::PrefillProgress&)>& fill);
 
   std::unique_ptr<Engine> engine_;
   std::unique_ptr<StateTransport> transport_;

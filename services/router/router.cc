@@ -338,8 +338,18 @@ absl::Status Router::Attempt(Call& call, ResponseSink& sink, sala::v1::Generatio
     ticket.set_lease_seconds(options_.lease_seconds);
     sala::v1::PrefillResult result;
     pool_->AddInflight(prefill_address, int64_t(call.prompt.size()));
-    const grpc::Status ps =
-        sala::v1::PrefillWorker::NewStub(service::SharedChannel(prefill_address))->Prefill(&prefill_ctx, ticket, &result);
+    auto progress = sala::v1::PrefillWorker::NewStub(service::SharedChannel(prefill_address))->Prefill(&prefill_ctx, ticket);
+    sala::v1::PrefillProgress event;
+    bool got_result = false;
+    while (progress->Read(&event)) {
+      if (event.has_transferring()) Record(call, sala::v1::SESSION_STATUS_TRANSFERRING);
+      if (event.has_result()) {
+        result = event.result();
+        got_result = true;
+      }
+    }
+    grpc::Status ps = progress->Finish();
+    if (ps.ok() && !got_result) ps = grpc::Status(grpc::StatusCode::UNAVAILABLE, "prefill stream ended without a result");
     pool_->AddInflight(prefill_address, -int64_t(call.prompt.size()));
     {
       std::lock_guard<std::mutex> lock(call.mu);

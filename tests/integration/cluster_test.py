@@ -213,6 +213,38 @@ class ClusterTest(unittest.TestCase):
         status, models = http_json(self.cluster, "/v1/models")
         self.assertEqual(models["data"][0]["id"], os.path.basename(self.cluster.model))
 
+    def test_session_passes_through_every_status(self):
+        # Every write to Redis, as it happens (statuses can be sub-millisecond on this model).
+        monitor = socket.create_connection(("127.0.0.1", self.cluster.redis_port))
+        monitor.sendall(b"MONITOR\r\n")
+        lines, stop = [], threading.Event()
+
+        def read():
+            f = monitor.makefile("rb")
+            while not stop.is_set():
+                line = f.readline()
+                if not line:
+                    break
+                lines.append(line.decode(errors="replace"))
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        time.sleep(0.2)
+        code, out, err = client(self.cluster, "complete", f"--token-ids={csv(random_ids(3000, seed=95))}",
+                                "--max-new-tokens=20", "--ignore-eos", "--json")
+        self.assertEqual(code, 0, err)
+        time.sleep(0.5)
+        stop.set()
+        monitor.close()
+        writes = [l for l in lines if '"HSET"' in l and '"sala:session:' in l]
+        session = next(l.split('"sala:session:')[1].split('"')[0] for l in writes if '"queued"' in l)
+        order = []
+        for l in writes:
+            if f'"sala:session:{session}"' in l:
+                status = l.split('"status" "')[1].split('"')[0]
+                if not order or order[-1] != status:
+                    order.append(status)
+        self.assertEqual(order, ["queued", "prefilling", "transferring", "decoding", "done"])
+
     def test_metrics_and_health(self):
         with __import__("urllib.request").request.urlopen(self.cluster.http + "/health") as r:
             self.assertEqual(r.status, 200)
