@@ -33,11 +33,11 @@ class Backend {
   // Brings the host fields of `state` up to date with a device-resident state, so that it can
   // be serialised: the sparse rows and compressed keys not yet on the host, and the linear
   // states when `linear` is set. A no-op where the state lives on the host.
-  virtual absl::Status SyncToHost(SequenceState& state, bool linear) { return absl::OkStatus(); }
+  virtual absl::Status SyncToHost(SequenceState& /*state*/, bool /*linear*/) { return absl::OkStatus(); }
 
   // Time by kind of work (GEMM, linear attention, sparse attention, ...) while profiling is on;
   // profiling synchronises the device between sections, so it is for benchmarks only.
-  virtual void SetProfiling(bool on) {}
+  virtual void SetProfiling(bool /*on*/) {}
   virtual std::map<std::string, double> TakeProfile() { return {}; }
 };
 

@@ -379,6 +379,11 @@ class CudaBackend final : public Backend {
                                   sc.window_blocks(), sc.selected_blocks()};
     const size_t row = SparseRow();
     const int slot = config_.slot_of(layer);
+    // Decode (every segment one row): one attention launch for the whole batch.
+    const bool batched = segs.size() > 1;
+    std::vector<cuda::SparseCacheView> views;
+    std::vector<int64_t> positions;
+    std::unique_ptr<bool[]> flags(new bool[segs.size()]);
     for (const Segment& seg : segs) {
       SparseCache& c = seg.dev->sparse[slot];
       const int64_t before = seg.state->tokens, after = before + seg.rows;
@@ -393,10 +398,21 @@ class CudaBackend final : public Backend {
       SALA_RETURN_IF_ERROR(cuda::CompressKeys(c.k.get(), Hk, D, c.n2, n2, sc.k2_kernel(), sc.k2_stride(), c.k2.get(), s));
       c.n1 = n1;
       c.n2 = n2;
+      const cuda::SparseCacheView view{c.k.get(), c.v.get(), c.k1.get(), c.k2.get()};
+      if (batched) {
+        flags[views.size()] = seg.sparse;
+        views.push_back(view);
+        positions.push_back(before);
+        continue;
+      }
       Section section(this, "sparse_attention");
-      SALA_RETURN_IF_ERROR(cuda::SparseAttention(q_.get() + seg.row0 * H * D, before, seg.rows,
-                                                 {c.k.get(), c.v.get(), c.k1.get(), c.k2.get()}, shape, seg.sparse,
+      SALA_RETURN_IF_ERROR(cuda::SparseAttention(q_.get() + seg.row0 * H * D, before, seg.rows, view, shape, seg.sparse,
                                                  o_.get() + seg.row0 * H * D, s));
+    }
+    if (batched) {
+      Section section(this, "sparse_attention");
+      SALA_RETURN_IF_ERROR(cuda::SparseAttentionRows(q_.get(), int(views.size()), views.data(), positions.data(),
+                                                     flags.get(), shape, o_.get(), s));
     }
     SALA_RETURN_IF_ERROR(cuda::GateToBf16(o_.get(), config_.attn_use_output_gate ? z_.get() : nullptr, R * H * D,
                                           ob_.get(), s));

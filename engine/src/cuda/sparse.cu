@@ -1,5 +1,6 @@
 #include <algorithm>
 #include <cfloat>
+#include <vector>
 
 #include "cuda_common.h"
 #include "sala/status_macros.h"
@@ -72,11 +73,23 @@ __device__ float BlockLse(float m, float s, float* scratch) {
 // One block per (row, KV group).
 // One block per (row, KV group, split). With several splits (few rows: decode) each block takes
 // its share of the attended blocks and writes a partial softmax state that CombineKernel merges.
-__global__ void AttentionKernel(const float* q, int64_t first, SparseCacheView c, SparseShape sh, bool sparse,
+// Rows either follow each other in one sequence (`rows` null: position first + row, cache
+// views[0], `sparse_all`), or each come from their own sequence (`rows` set: a decode step).
+struct RowSource {
+  const SparseCacheView* views;  // device
+  const int64_t* positions;      // device, or null
+  const unsigned char* sparse;   // device, or null
+};
+
+__global__ void AttentionKernel(const float* q, int64_t first, RowSource src, SparseShape sh, bool sparse_all,
                                 int splits, float* partial, float* o) {
   extern __shared__ float smem[];
   const int G = sh.heads / sh.kv_heads, D = sh.dim, g = blockIdx.y;
-  const int64_t t = blockIdx.x, pos = first + t;
+  const int64_t t = blockIdx.x;
+  const bool per_row = src.positions != nullptr;
+  const int64_t pos = per_row ? src.positions[t] : first + t;
+  const SparseCacheView c = src.views[per_row ? t : 0];
+  const bool sparse = per_row ? src.sparse[t] != 0 : sparse_all;
   const int64_t bq = pos / sh.block;
   float* qs = smem;                 // [G, D]
   float* scratch = qs + G * D;      // 2 * warps
@@ -270,14 +283,16 @@ absl::Status CompressKeys(const __nv_bfloat16* k, int kv_heads, int dim, int64_t
   return absl::OkStatus();
 }
 
-absl::Status SparseAttention(const float* q, int64_t first, int64_t T, const SparseCacheView& cache,
-                             const SparseShape& shape, bool sparse, float* o, cudaStream_t stream) {
-  if (T == 0) return absl::OkStatus();
+namespace {
+
+// Shared launch: `max_pos` bounds the shared memory for block scores.
+absl::Status Launch(const float* q, int64_t first, int64_t T, RowSource src, int64_t max_pos, const SparseShape& shape,
+                    bool sparse_all, float* o, cudaStream_t stream) {
   if (shape.dim % 32 != 0 || shape.dim > kMaxDim) return absl::InvalidArgumentError("sparse head_dim must be 32..128");
   const int G = shape.heads / shape.kv_heads;
   if (G > kHeadsPerWarp * kThreads / 32) return absl::InvalidArgumentError("at most 16 query heads per KV head");
   if (shape.block > kTile) return absl::InvalidArgumentError("sparse block size above 64");
-  const int64_t max_blocks = (first + T - 1) / shape.block + 1;
+  const int64_t max_blocks = max_pos / shape.block + 1;
   const size_t smem = (size_t(G) * shape.dim + 64 + G + shape.selected_blocks + max_blocks +
                        size_t(kTile) * (2 * shape.dim + 1)) * sizeof(float);
   if (smem > 220 * 1024) return absl::ResourceExhaustedError("context too long for the sparse attention kernel");
@@ -291,13 +306,41 @@ absl::Status SparseAttention(const float* q, int64_t first, int64_t T, const Spa
   static DeviceBuffer<float> partial;  // one launch at a time per process
   if (splits > 1) SALA_RETURN_IF_ERROR(partial.Reserve(size_t(rows) * splits * G * (shape.dim + 2)));
   AttentionKernel<<<dim3(unsigned(T), shape.kv_heads, splits), kThreads, smem, stream>>>(
-      q, first, cache, shape, sparse, splits, partial.get(), o);
+      q, first, src, shape, sparse_all, splits, partial.get(), o);
   SALA_CUDA_CHECK_LAUNCH();
   if (splits > 1) {
     CombineKernel<<<dim3(unsigned(T), shape.kv_heads), shape.dim, 0, stream>>>(partial.get(), splits, shape, o);
     SALA_CUDA_CHECK_LAUNCH();
   }
   return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status SparseAttention(const float* q, int64_t first, int64_t T, const SparseCacheView& cache,
+                             const SparseShape& shape, bool sparse, float* o, cudaStream_t stream) {
+  if (T == 0) return absl::OkStatus();
+  static DeviceBuffer<SparseCacheView> view;
+  SALA_RETURN_IF_ERROR(view.Reserve(1));
+  SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(view.get(), &cache, sizeof(cache), cudaMemcpyHostToDevice));
+  return Launch(q, first, T, {view.get(), nullptr, nullptr}, first + T - 1, shape, sparse, o, stream);
+}
+
+absl::Status SparseAttentionRows(const float* q, int rows, const SparseCacheView* caches, const int64_t* positions,
+                                 const bool* sparse_rows, const SparseShape& shape, float* o, cudaStream_t stream) {
+  if (rows == 0) return absl::OkStatus();
+  static DeviceBuffer<SparseCacheView> views;
+  static DeviceBuffer<int64_t> pos;
+  static DeviceBuffer<unsigned char> flags;
+  SALA_RETURN_IF_ERROR(views.Reserve(rows));
+  SALA_RETURN_IF_ERROR(pos.Reserve(rows));
+  SALA_RETURN_IF_ERROR(flags.Reserve(rows));
+  std::vector<unsigned char> f(sparse_rows, sparse_rows + rows);
+  SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(views.get(), caches, rows * sizeof(SparseCacheView), cudaMemcpyHostToDevice));
+  SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(pos.get(), positions, rows * sizeof(int64_t), cudaMemcpyHostToDevice));
+  SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(flags.get(), f.data(), rows, cudaMemcpyHostToDevice));
+  const int64_t max_pos = *std::max_element(positions, positions + rows);
+  return Launch(q, 0, rows, {views.get(), pos.get(), flags.get()}, max_pos, shape, false, o, stream);
 }
 
 }  // namespace sala::cuda

@@ -29,9 +29,14 @@ struct SparseCacheView {
 absl::Status CompressKeys(const __nv_bfloat16* k, int kv_heads, int dim, int64_t from, int64_t to, int kernel,
                           int stride, float* out, cudaStream_t stream);
 
-// Attention of the rows at absolute positions [first, first + T); the cache already holds them.
-// q, o: [T, heads, dim] fp32.
+// Attention of the rows at absolute positions [first, first + T) of one sequence; the cache
+// already holds them. q, o: [T, heads, dim] fp32.
 absl::Status SparseAttention(const float* q, int64_t first, int64_t T, const SparseCacheView& cache,
                              const SparseShape& shape, bool sparse, float* o, cudaStream_t stream);
+
+// One row for each of `rows` sequences (a decode step) in a single launch: row r reads
+// caches[r] at position positions[r], sparse or dense as sparse_rows[r] says. Host arrays.
+absl::Status SparseAttentionRows(const float* q, int rows, const SparseCacheView* caches, const int64_t* positions,
+                                 const bool* sparse_rows, const SparseShape& shape, float* o, cudaStream_t stream);
 
 }  // namespace sala::cuda
