@@ -13,6 +13,7 @@ constexpr int kThreads = 128;  // four warps
 constexpr int kMaxDim = 128;
 constexpr int kTile = 64;         // keys per shared-memory tile: one attention block
 constexpr int kHeadsPerWarp = 4;  // query heads per KV group up to 4 * warps = 16
+constexpr int kMaxGroup = 16;
 
 __device__ int64_t NumCompressed(int64_t tokens, int kernel, int stride) {
   return tokens < kernel ? 0 : (tokens - kernel) / stride + 1;
@@ -33,6 +34,20 @@ __device__ float Dot(const float* q, const float* k, int D) {
   float acc = 0.0f;
   for (int d = 0; d < D; ++d) acc += q[d] * k[d];
   return acc;
+}
+
+// dots[h] = q_h · k for every head of the group, reading k once (q is in shared memory).
+__device__ void DotsAllHeads(const float* qs, const float* k, int G, int D, float* dots) {
+  for (int h = 0; h < kMaxGroup; ++h) dots[h] = 0.0f;
+  for (int d = 0; d < D; d += 4) {
+    const float4 kv = *reinterpret_cast<const float4*>(k + d);
+#pragma unroll
+    for (int h = 0; h < kMaxGroup; ++h) {
+      if (h >= G) break;
+      const float* q = qs + h * D + d;
+      dots[h] += q[0] * kv.x + q[1] * kv.y + q[2] * kv.z + q[3] * kv.w;
+    }
+  }
 }
 
 __device__ float WarpMax(float v) {
@@ -106,15 +121,23 @@ __global__ void AttentionKernel(const float* q, int64_t first, RowSource src, Sp
   if (sparse) {
     const int64_t n1 = NumCompressed(pos + 1, sh.kernel, sh.stride);
     const int64_t n2 = NumCompressed(pos + 1, 4 * sh.kernel, 4 * sh.stride);
+    // lse_h over the visible k2 entries; each k2 row is read once for all heads of the group.
+    float m[kMaxGroup], sum[kMaxGroup];
     for (int h = 0; h < G; ++h) {
-      float m = -INFINITY, s = 0.0f;
-      for (int64_t j = threadIdx.x; j < n2; j += blockDim.x) {
-        const float l = Dot(qs + h * D, c.k2 + (j * sh.kv_heads + g) * D, D) * scale;
-        const float mm = fmaxf(m, l);
-        s = (m == -INFINITY ? 0.0f : s * __expf(m - mm)) + __expf(l - mm);
-        m = mm;
+      m[h] = -INFINITY;
+      sum[h] = 0.0f;
+    }
+    for (int64_t j = threadIdx.x; j < n2; j += blockDim.x) {
+      float dots[kMaxGroup];
+      DotsAllHeads(qs, c.k2 + (j * sh.kv_heads + g) * D, G, D, dots);
+      for (int h = 0; h < G; ++h) {
+        const float l = dots[h] * scale, mm = fmaxf(m[h], l);
+        sum[h] = (m[h] == -INFINITY ? 0.0f : sum[h] * __expf(m[h] - mm)) + __expf(l - mm);
+        m[h] = mm;
       }
-      const float v = BlockLse(m, s, scratch);
+    }
+    for (int h = 0; h < G; ++h) {
+      const float v = BlockLse(m[h], sum[h], scratch);
       if (threadIdx.x == 0) lse[h] = v;
     }
     __syncthreads();
@@ -127,9 +150,11 @@ __global__ void AttentionKernel(const float* q, int64_t first, RowSource src, Sp
         const int64_t j_end = n1 < (b + 1) * per_block ? n1 : (b + 1) * per_block;
         for (int64_t j = b * per_block - lead > 0 ? b * per_block - lead : 0; j < j_end; ++j) {
           float sj = 0.0f;
-          if (n2 > 0)
-            for (int h = 0; h < G; ++h)
-              sj += __expf(Dot(qs + h * D, c.k1 + (j * sh.kv_heads + g) * D, D) * scale - lse[h]);
+          if (n2 > 0) {
+            float dots[kMaxGroup];
+            DotsAllHeads(qs, c.k1 + (j * sh.kv_heads + g) * D, G, D, dots);
+            for (int h = 0; h < G; ++h) sj += __expf(dots[h] * scale - lse[h]);
+          }
           sc = fmaxf(sc, sj);
         }
       }
