@@ -120,8 +120,9 @@ TEST_F(GpuTest, LinearAttentionChunkedMatchesCpu) {
                                 ref_o.data());
     float* state = ToDevice(s0);
     float* o = Poisoned<float>(ref_o.size());
+    cuda::DeviceBuffer<float> scratch;
     ASSERT_TRUE(cuda::LinearAttentionChunked(ToDevice(q), ToDevice(k), ToDevice(v), T, H, Hk, D, float(scale),
-                                             ToDevice(fslopes), state, o, nullptr)
+                                             ToDevice(fslopes), state, o, scratch, nullptr)
                     .ok());
     EXPECT_LT(testing::RelativeError(FromDevice(o, ref_o.size()), ref_o), 1e-4) << T << " " << H << " " << Hk << " " << D;
     EXPECT_LT(testing::RelativeError(FromDevice(state, ref_state.size()), ref_state), 1e-4);
@@ -191,8 +192,9 @@ TEST_F(GpuTest, SparseAttentionMatchesCpu) {
       std::vector<float> ref(T * heads * dim);
       cpu::SparseLayerAttention(c, cache, q.data(), first, T, sparse, ref.data());
       float* o = Poisoned<float>(ref.size());
+      cuda::SparseScratch scratch;
       ASSERT_TRUE(cuda::SparseAttention(ToDevice(q), first, T, {k, Bf16ToDevice(cache.v), k1, k2}, shape, sparse, o,
-                                        nullptr)
+                                        scratch, nullptr)
                       .ok());
       EXPECT_LT(testing::RelativeError(FromDevice(o, ref.size()), ref), 1e-3) << "L " << L << " T " << T << " sparse " << sparse;
     }

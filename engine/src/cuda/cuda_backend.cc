@@ -346,7 +346,7 @@ class CudaBackend final : public Backend {
       if (seg.rows > 1)
         SALA_RETURN_IF_ERROR(cuda::LinearAttentionChunked(qs, ks, v_.get() + seg.row0 * Hk * D, seg.rows, H, Hk, D, scale,
                                                           slopes_.get(), seg.dev->linear[slot].get(),
-                                                          o_.get() + seg.row0 * H * D, s));
+                                                          o_.get() + seg.row0 * H * D, chunk_states_, s));
       else
         step_states.push_back(seg.dev->linear[slot].get());
     }
@@ -407,12 +407,12 @@ class CudaBackend final : public Backend {
       }
       Section section(this, "sparse_attention");
       SALA_RETURN_IF_ERROR(cuda::SparseAttention(q_.get() + seg.row0 * H * D, before, seg.rows, view, shape, seg.sparse,
-                                                 o_.get() + seg.row0 * H * D, s));
+                                                 o_.get() + seg.row0 * H * D, sparse_scratch_, s));
     }
     if (batched) {
       Section section(this, "sparse_attention");
       SALA_RETURN_IF_ERROR(cuda::SparseAttentionRows(q_.get(), int(views.size()), views.data(), positions.data(),
-                                                     flags.get(), shape, o_.get(), s));
+                                                     flags.get(), shape, o_.get(), sparse_scratch_, s));
     }
     SALA_RETURN_IF_ERROR(cuda::GateToBf16(o_.get(), config_.attn_use_output_gate ? z_.get() : nullptr, R * H * D,
                                           ob_.get(), s));
@@ -455,6 +455,8 @@ class CudaBackend final : public Backend {
   DeviceBuffer<Bf16> xb_, ob_, gb_, last_;
   DeviceBuffer<int> ids_;
   DeviceBuffer<float*> state_ptrs_;
+  DeviceBuffer<float> chunk_states_;
+  cuda::SparseScratch sparse_scratch_;
 };
 
 }  // namespace

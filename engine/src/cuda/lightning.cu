@@ -118,13 +118,11 @@ __global__ void StepKernel(const float* q, const float* k, const float* v, int H
 
 absl::Status LinearAttentionChunked(const float* q, const float* k, const float* v, int64_t T, int heads,
                                     int kv_heads, int dim, float scale, const float* slopes, float* state, float* o,
-                                    cudaStream_t stream) {
+                                    DeviceBuffer<float>& chunk_states, cudaStream_t stream) {
   if (T == 0) return absl::OkStatus();
   if (dim > 128) return absl::InvalidArgumentError("linear attention supports head_dim up to 128");
   const int64_t chunks = (T + kChunk - 1) / kChunk;
-  // Per-chunk states: [chunks, heads, dim, dim] fp32, kept between calls (one prefill at a time
-  // per process; the buffer only grows).
-  static DeviceBuffer<float> chunk_states;
+  // Per-chunk states: [chunks, heads, dim, dim] fp32.
   SALA_RETURN_IF_ERROR(chunk_states.Reserve(size_t(chunks) * heads * dim * dim));
   const size_t kv_smem = 2 * size_t(kChunk) * dim * sizeof(float);
   const size_t out_smem = (3 * size_t(kChunk) * dim + kChunk * kChunk) * sizeof(float);

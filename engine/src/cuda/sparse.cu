@@ -312,7 +312,7 @@ namespace {
 
 // Shared launch: `max_pos` bounds the shared memory for block scores.
 absl::Status Launch(const float* q, int64_t first, int64_t T, RowSource src, int64_t max_pos, const SparseShape& shape,
-                    bool sparse_all, float* o, cudaStream_t stream) {
+                    bool sparse_all, float* o, DeviceBuffer<float>& partial, cudaStream_t stream) {
   if (shape.dim % 32 != 0 || shape.dim > kMaxDim) return absl::InvalidArgumentError("sparse head_dim must be 32..128");
   const int G = shape.heads / shape.kv_heads;
   if (G > kHeadsPerWarp * kThreads / 32) return absl::InvalidArgumentError("at most 16 query heads per KV head");
@@ -328,7 +328,6 @@ absl::Status Launch(const float* q, int64_t first, int64_t T, RowSource src, int
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   const int64_t rows = T * shape.kv_heads;
   const int splits = rows >= sms ? 1 : int(std::min<int64_t>(16, (2 * sms + rows - 1) / rows));
-  static DeviceBuffer<float> partial;  // one launch at a time per process
   if (splits > 1) SALA_RETURN_IF_ERROR(partial.Reserve(size_t(rows) * splits * G * (shape.dim + 2)));
   AttentionKernel<<<dim3(unsigned(T), shape.kv_heads, splits), kThreads, smem, stream>>>(
       q, first, src, shape, sparse_all, splits, partial.get(), o);
@@ -343,20 +342,22 @@ absl::Status Launch(const float* q, int64_t first, int64_t T, RowSource src, int
 }  // namespace
 
 absl::Status SparseAttention(const float* q, int64_t first, int64_t T, const SparseCacheView& cache,
-                             const SparseShape& shape, bool sparse, float* o, cudaStream_t stream) {
+                             const SparseShape& shape, bool sparse, float* o, SparseScratch& scratch,
+                             cudaStream_t stream) {
   if (T == 0) return absl::OkStatus();
-  static DeviceBuffer<SparseCacheView> view;
-  SALA_RETURN_IF_ERROR(view.Reserve(1));
-  SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(view.get(), &cache, sizeof(cache), cudaMemcpyHostToDevice));
-  return Launch(q, first, T, {view.get(), nullptr, nullptr}, first + T - 1, shape, sparse, o, stream);
+  SALA_RETURN_IF_ERROR(scratch.views.Reserve(1));
+  SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(scratch.views.get(), &cache, sizeof(cache), cudaMemcpyHostToDevice));
+  return Launch(q, first, T, {scratch.views.get(), nullptr, nullptr}, first + T - 1, shape, sparse, o, scratch.partial,
+                stream);
 }
 
 absl::Status SparseAttentionRows(const float* q, int rows, const SparseCacheView* caches, const int64_t* positions,
-                                 const bool* sparse_rows, const SparseShape& shape, float* o, cudaStream_t stream) {
+                                 const bool* sparse_rows, const SparseShape& shape, float* o, SparseScratch& scratch,
+                                 cudaStream_t stream) {
   if (rows == 0) return absl::OkStatus();
-  static DeviceBuffer<SparseCacheView> views;
-  static DeviceBuffer<int64_t> pos;
-  static DeviceBuffer<unsigned char> flags;
+  auto& views = scratch.views;
+  auto& pos = scratch.positions;
+  auto& flags = scratch.flags;
   SALA_RETURN_IF_ERROR(views.Reserve(rows));
   SALA_RETURN_IF_ERROR(pos.Reserve(rows));
   SALA_RETURN_IF_ERROR(flags.Reserve(rows));
@@ -365,7 +366,7 @@ absl::Status SparseAttentionRows(const float* q, int rows, const SparseCacheView
   SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(pos.get(), positions, rows * sizeof(int64_t), cudaMemcpyHostToDevice));
   SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(flags.get(), f.data(), rows, cudaMemcpyHostToDevice));
   const int64_t max_pos = *std::max_element(positions, positions + rows);
-  return Launch(q, 0, rows, {views.get(), pos.get(), flags.get()}, max_pos, shape, false, o, stream);
+  return Launch(q, 0, rows, {views.get(), pos.get(), flags.get()}, max_pos, shape, false, o, scratch.partial, stream);
 }
 
 }  // namespace sala::cuda

@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "absl/status/status.h"
+#include "cuda_common.h"
 
 namespace sala::cuda {
 
@@ -25,6 +26,14 @@ struct SparseCacheView {
   const float* k2;
 };
 
+// Device buffers the attention launches reuse (grown as needed; one per caller).
+struct SparseScratch {
+  DeviceBuffer<float> partial;  // split-K partial softmax states
+  DeviceBuffer<SparseCacheView> views;
+  DeviceBuffer<int64_t> positions;
+  DeviceBuffer<unsigned char> flags;
+};
+
 // Writes compressed entries [from, to) of window `kernel` and stride `stride` from the raw keys.
 absl::Status CompressKeys(const __nv_bfloat16* k, int kv_heads, int dim, int64_t from, int64_t to, int kernel,
                           int stride, float* out, cudaStream_t stream);
@@ -32,11 +41,13 @@ absl::Status CompressKeys(const __nv_bfloat16* k, int kv_heads, int dim, int64_t
 // Attention of the rows at absolute positions [first, first + T) of one sequence; the cache
 // already holds them. q, o: [T, heads, dim] fp32.
 absl::Status SparseAttention(const float* q, int64_t first, int64_t T, const SparseCacheView& cache,
-                             const SparseShape& shape, bool sparse, float* o, cudaStream_t stream);
+                             const SparseShape& shape, bool sparse, float* o, SparseScratch& scratch,
+                             cudaStream_t stream);
 
 // One row for each of `rows` sequences (a decode step) in a single launch: row r reads
 // caches[r] at position positions[r], sparse or dense as sparse_rows[r] says. Host arrays.
 absl::Status SparseAttentionRows(const float* q, int rows, const SparseCacheView* caches, const int64_t* positions,
-                                 const bool* sparse_rows, const SparseShape& shape, float* o, cudaStream_t stream);
+                                 const bool* sparse_rows, const SparseShape& shape, float* o, SparseScratch& scratch,
+                                 cudaStream_t stream);
 
 }  // namespace sala::cuda
