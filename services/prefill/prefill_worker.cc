@@ -8,6 +8,7 @@
 #include "absl/time/clock.h"
 #include "log.h"
 #include "metrics.h"
+#include "process.h"
 #include "sala/state_serialization.h"
 #include "sala/status_macros.h"
 #include "status_map.h"
@@ -18,12 +19,6 @@ using service::LogInfo;
 using service::LogWarning;
 using service::Metrics;
 using Clock = std::chrono::steady_clock;
-
-namespace {
-
-double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
-
-}  // namespace
 
 struct PrefillWorker::Job {
   sala::v1::PrefillTicket ticket;
@@ -168,7 +163,7 @@ void PrefillWorker::Loop() {
 
 absl::Status PrefillWorker::Run(Job& job) {
   const sala::v1::PrefillTicket& t = job.ticket;
-  const double queue_seconds = Since(job.enqueued);
+  const double queue_seconds = service::SecondsSince(job.enqueued);
   Metrics::Get().queue_time.Observe(queue_seconds);
   const std::vector<int> prompt(t.prompt_ids().begin(), t.prompt_ids().end());
   const auto start = Clock::now();
@@ -191,7 +186,7 @@ absl::Status PrefillWorker::Run(Job& job) {
     sender->Abort(std::string(logits.status().message()));
     return logits.status();
   }
-  const double prefill_seconds = Since(start);
+  const double prefill_seconds = service::SecondsSince(start);
   SamplingParams params;
   const auto& sp = t.sampling();
   params.temperature = sp.has_temperature() ? sp.temperature() : 0.9;
@@ -213,9 +208,9 @@ absl::Status PrefillWorker::Run(Job& job) {
     Metrics::Get().TransferFailures(service::CodeLabel(s.code())).Increment();
     return s;
   }
-  const double exposed = Since(finish_start);
+  const double exposed = service::SecondsSince(finish_start);
   Metrics::Get().prefill_time.Observe(prefill_seconds);
-  Metrics::Get().transfer_time.Observe(Since(start));
+  Metrics::Get().transfer_time.Observe(service::SecondsSince(start));
   Metrics::Get().transfer_exposed.Observe(exposed);
   Metrics::Get().transfer_bytes.Increment(double(sender->bytes_sent()));
   Metrics::Get().prompt_tokens.Increment(double(prompt.size()));

@@ -25,7 +25,6 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 int64_t NowMs() { return absl::ToUnixMillis(absl::Now()); }
 
 // Worker failures that another worker may not share.
@@ -209,7 +208,7 @@ absl::StatusOr<sala::v1::GenerationFinal> Router::Generate(const sala::v1::Gener
   }
   in_flight_.fetch_sub(1);
   Metrics::Get().waiting.Set(in_flight_);
-  const double e2e = Since(call.start);
+  const double e2e = service::SecondsSince(call.start);
   Metrics::Get().e2e.Observe(e2e);
   if (status.ok()) {
     Record(call, sala::v1::SESSION_STATUS_DONE);
@@ -219,8 +218,8 @@ absl::StatusOr<sala::v1::GenerationFinal> Router::Generate(const sala::v1::Gener
            std::string(status.message()));
     LogWarning("request failed", {{"request_id", call.request_id}, {"error", status.ToString()}});
   }
-  finish(status);
-  if (!status.ok()) return status;
+  if (!status.ok()) return finish(status);
+  Metrics::Get().Requests(service::CodeLabel(absl::StatusCode::kOk)).Increment();
   final.set_request_id(call.request_id);
   auto* t = final.mutable_timings();
   t->set_queue_seconds(call.queue_seconds);
@@ -383,7 +382,7 @@ absl::Status Router::Attempt(Call& call, ResponseSink& sink, sala::v1::Generatio
       const std::string text = call.decoder->Push(token);
       if (!call.first_token_sent) {
         call.first_token_sent = true;
-        call.ttft = Since(call.start);
+        call.ttft = service::SecondsSince(call.start);
         Metrics::Get().ttft.Observe(call.ttft);
         if (call.continuing) call.prefill_seconds = 0;
       }
