@@ -74,8 +74,20 @@ std::optional<ParseError> ParseCommon(const json& body, OpenAiRequest* out) {
   if (auto e = Optional(body, "keep_session", is_bool, "true or false", &keep_session)) return e;
   if (auto e = Optional(body, "ignore_eos", is_bool, "true or false", &ignore_eos)) return e;
   if (n && *n != 1) return ParseError{absl::InvalidArgumentError("only n = 1 is supported"), "n"};
-  if (body.contains("stop") && !body["stop"].is_null())
-    return ParseError{absl::InvalidArgumentError("'stop' strings are not supported; use 'stop_token_ids'"), "stop"};
+  if (body.contains("stop") && !body["stop"].is_null()) {
+    const json& stop = body["stop"];
+    auto bad = ParseError{absl::InvalidArgumentError("'stop' must be a string or a list of strings"), "stop"};
+    if (stop.is_string()) {
+      r.mutable_sampling()->add_stop_strings(stop.get<std::string>());
+    } else if (stop.is_array()) {
+      for (const json& s : stop) {
+        if (!s.is_string()) return bad;
+        r.mutable_sampling()->add_stop_strings(s.get<std::string>());
+      }
+    } else {
+      return bad;
+    }
+  }
   if (body.contains("stop_token_ids")) {
     const json& ids = body["stop_token_ids"];
     if (!ids.is_array()) return ParseError{absl::InvalidArgumentError("'stop_token_ids' must be a list of integers"), "stop_token_ids"};

@@ -50,6 +50,7 @@ struct Router::Call {
   std::set<std::string> tried_prefill;
   double queue_seconds = 0, prefill_seconds = 0, transfer_seconds = 0, ttft = 0;
   std::unique_ptr<StreamDecoder> decoder;
+  std::string held;  // decoded text not yet sent: it may be the start of a stop string
   // Cancellation: the contexts of the worker calls in progress.
   std::mutex mu;
   bool cancelled = false;
@@ -185,6 +186,13 @@ absl::StatusOr<sala::v1::GenerationFinal> Router::Generate(const sala::v1::Gener
     if (absl::Status s = ValidateSamplingParams(p, config_.vocab_size); !s.ok()) return finish(s);
     if (p.max_new_tokens == 0) return finish(absl::InvalidArgumentError("max_new_tokens must be at least 1"));
   }
+  if (call.sampling.stop_strings_size() > 8)
+    return finish(absl::InvalidArgumentError("at most 8 stop strings"));
+  for (const std::string& stop : call.sampling.stop_strings())
+    if (stop.empty() || stop.size() > 256)
+      return finish(absl::InvalidArgumentError("stop strings must be 1 to 256 bytes long"));
+  if (call.sampling.stop_strings_size() > 0 && call.keep)
+    return finish(absl::InvalidArgumentError("stop strings cannot be combined with keep_session"));
   // Admission.
   if (in_flight_.fetch_add(1) >= options_.max_queue) {
     in_flight_.fetch_sub(1);
@@ -379,7 +387,8 @@ absl::Status Router::Attempt(Call& call, ResponseSink& sink, sala::v1::Generatio
   while (reader->Read(&event)) {
     if (event.has_token()) {
       const int token = event.token().token_id();
-      const std::string text = call.decoder->Push(token);
+      bool stopped = false;
+      const std::string text = ReleaseText(call, call.decoder->Push(token), &stopped);
       if (!call.first_token_sent) {
         call.first_token_sent = true;
         call.ttft = service::SecondsSince(call.start);
@@ -394,6 +403,14 @@ absl::Status Router::Attempt(Call& call, ResponseSink& sink, sala::v1::Generatio
         call.cancelled = true;
         attach_ctx.TryCancel();
         break;
+      }
+      if (stopped) {
+        // A stop string: the answer is complete; the decode worker frees the sequence.
+        final->set_finish_reason(sala::v1::FINISH_REASON_STOP);
+        attach_ctx.TryCancel();
+        reader->Finish();
+        detach();
+        return absl::OkStatus();
       }
     } else if (event.has_finished()) {
       final->set_finish_reason(event.finished().finish_reason());
@@ -416,9 +433,38 @@ absl::Status Router::Attempt(Call& call, ResponseSink& sink, sala::v1::Generatio
   }
   if (final->finish_reason() == sala::v1::FINISH_REASON_UNSPECIFIED)
     return absl::AbortedError("decode stream ended without a finish");
-  const std::string tail = call.decoder->Flush();
+  bool stopped = false;
+  std::string tail = ReleaseText(call, call.decoder->Flush(), &stopped);
+  if (!stopped) tail += std::exchange(call.held, "");
+  else final->set_finish_reason(sala::v1::FINISH_REASON_STOP);
   if (!tail.empty()) sink.OnDelta({}, tail);
   return absl::OkStatus();
+}
+
+std::string Router::ReleaseText(Call& call, const std::string& text, bool* stopped) {
+  const auto& stops = call.sampling.stop_strings();
+  call.held += text;
+  if (stops.empty()) return std::exchange(call.held, "");
+  // The earliest complete stop string ends the answer.
+  size_t cut = std::string::npos;
+  for (const std::string& stop : stops) cut = std::min(cut, call.held.find(stop));
+  if (cut != std::string::npos) {
+    *stopped = true;
+    std::string out = call.held.substr(0, cut);
+    call.held.clear();
+    return out;
+  }
+  // Hold back the longest tail that could still grow into a stop string.
+  size_t keep = 0;
+  for (const std::string& stop : stops)
+    for (size_t n = std::min(stop.size() - 1, call.held.size()); n > keep; --n)
+      if (call.held.compare(call.held.size() - n, n, stop, 0, n) == 0) {
+        keep = n;
+        break;
+      }
+  std::string out = call.held.substr(0, call.held.size() - keep);
+  call.held.erase(0, call.held.size() - keep);
+  return out;
 }
 
 }  // namespace sala::router

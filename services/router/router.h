@@ -64,6 +64,9 @@ class Router {
   absl::Status Attempt(Call& call, ResponseSink& sink, sala::v1::GenerationFinal* final, bool* retryable);
   absl::Status Relay(Call& call, ResponseSink& sink, sala::v1::GenerationFinal* final);
   void Record(Call& call, sala::v1::SessionStatus status, const std::string& error = "");
+  // Text of the answer that can be sent now, given the request's stop strings; sets *stopped
+  // (and drops the rest) when one appeared.
+  static std::string ReleaseText(Call& call, const std::string& text, bool* stopped);
 
   std::unique_ptr<Tokenizer> tokenizer_;
   ModelConfig config_;

@@ -101,6 +101,25 @@ class ClusterTest(unittest.TestCase):
         text = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
         self.assertEqual(text, ref.rstrip("\n"))
 
+    def test_stop_strings_cut_the_answer(self):
+        ids = random_ids(300, seed=97)
+        ref = reference(ids, 24)["text"]
+        start = next(i for i in range(4, len(ref) - 3) if ref.find(ref[i:i + 3]) == i)
+        stop = ref[start:start + 3]
+        body = {"prompt": ids, "max_tokens": 24, "temperature": 0, "ignore_eos": True, "stop": [stop, "never-seen"]}
+        status, out = http_json(self.cluster, "/v1/completions", body)
+        self.assertEqual(status, 200, out)
+        self.assertEqual(out["choices"][0]["text"], ref[:start])
+        self.assertEqual(out["choices"][0]["finish_reason"], "stop")
+        events, done = http_stream(self.cluster, "/v1/completions", dict(body, stop=stop))
+        self.assertTrue(done)
+        self.assertEqual("".join(c["text"] for e in events for c in e["choices"]), ref[:start])
+        self.assertEqual(events[-1]["choices"][0]["finish_reason"], "stop")
+        self.assert_workers_idle()
+        for bad in [{"stop": 5}, {"stop": [""]}, {"stop": ["x"] * 9}, {"stop": "x", "keep_session": True}]:
+            status, out = http_json(self.cluster, "/v1/completions", dict({"prompt": "hi"}, **bad))
+            self.assertEqual(status, 400, (bad, out))
+
     def test_64_concurrent_requests_with_mixed_lengths(self):
         def one(i):
             ids = random_ids(20 + (i * 37) % 400, seed=100 + i)
@@ -180,6 +199,7 @@ class ClusterTest(unittest.TestCase):
             ("/v1/completions", json.dumps({"prompt": "hi", "temperature": -1}).encode(), 400),
             ("/v1/completions", json.dumps({"prompt": "hi", "top_p": 2}).encode(), 400),
             ("/v1/completions", json.dumps({"prompt": "hi", "n": 2}).encode(), 400),
+            ("/v1/completions", json.dumps({"prompt": "hi", "stop": {"a": 1}}).encode(), 400),
             ("/v1/completions", json.dumps({"prompt": "hi", "session_id": "s-nope"}).encode(), 404),
             ("/v1/completions", json.dumps({"prompt": "hi", "stream": True, "top_k": -1}).encode(), 400),
             ("/v1/chat/completions", json.dumps({"messages": []}).encode(), 400),
