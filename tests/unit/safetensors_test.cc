@@ -157,14 +157,8 @@ TEST(CheckpointTest, ShardedIndexIsCheckedBothWays) {
   EXPECT_EQ(Checkpoint::Open(ScratchDir("empty")).status().code(), absl::StatusCode::kNotFound);
 }
 
-class ModelCheckpointTest : public ::testing::Test {
+class ModelCheckpointTest : public testing::TestModelConfigTest {
  protected:
-  void SetUp() override {
-    SALA_REQUIRE_TEST_MODEL();
-    auto c = LoadModelConfig(testing::TestModelDir());
-    ASSERT_TRUE(c.ok()) << c.status();
-    config_ = *c;
-  }
   // Rewrites the test model's weights with `edit` applied to the tensor list.
   absl::Status CheckEdited(const std::function<void(std::vector<TensorToWrite>&)>& edit) {
     auto ckpt = Checkpoint::Open(testing::TestModelDir());
@@ -179,7 +173,6 @@ class ModelCheckpointTest : public ::testing::Test {
     if (!edited.ok()) return edited.status();
     return ValidateCheckpoint(config_, **edited);
   }
-  ModelConfig config_;
 };
 
 TEST_F(ModelCheckpointTest, AcceptsTheBuiltInModel) {

@@ -8,14 +8,8 @@
 namespace sala {
 namespace {
 
-class StateSerializationTest : public ::testing::Test {
+class StateSerializationTest : public testing::TestModelConfigTest {
  protected:
-  void SetUp() override {
-    SALA_REQUIRE_TEST_MODEL();
-    auto c = LoadModelConfig(testing::TestModelDir());
-    ASSERT_TRUE(c.ok()) << c.status();
-    config_ = *c;
-  }
 
   // A state of `tokens` tokens filled with random values, grown the way prefill grows it.
   SequenceState RandomState(int64_t tokens, uint32_t seed) {
@@ -49,7 +43,6 @@ class StateSerializationTest : public ::testing::Test {
     }
     for (size_t i = 0; i < a.linear.size(); ++i) EXPECT_EQ(a.linear[i].s, b.linear[i].s);
   }
-  ModelConfig config_;
 };
 
 TEST_F(StateSerializationTest, RoundTripsWholeState) {

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "gtest/gtest.h"
+#include "sala/config.h"
 
 namespace sala::testing {
 
@@ -26,6 +27,18 @@ inline std::string TestModelDir() {
     if (::sala::testing::TestModelDir().empty())                               \
       GTEST_FAIL() << "SALA_TEST_MODEL is not set (run the tests through ctest)"; \
   } while (0)
+
+// A fixture holding the test model's config (tests that need its shapes, not its weights).
+class TestModelConfigTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    SALA_REQUIRE_TEST_MODEL();
+    auto c = LoadModelConfig(TestModelDir());
+    ASSERT_TRUE(c.ok()) << c.status();
+    config_ = *c;
+  }
+  ModelConfig config_;
+};
 
 inline std::string ReadAll(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
