@@ -25,6 +25,7 @@ ABSL_FLAG(uint64_t, seed, 1, "seed of the random weights");
 ABSL_FLAG(std::string, lengths, "8192", "prompt lengths, comma-separated");
 ABSL_FLAG(int, chunk_size, 8192, "prefill chunk");
 ABSL_FLAG(std::string, decode_batches, "1,8", "decode batch sizes");
+ABSL_FLAG(bool, profile, true, "repeat each prefill with device-synchronised sections for the time split by kind");
 ABSL_FLAG(int, decode_steps, 16, "timed decode steps per batch size");
 ABSL_FLAG(std::string, out, "", "write the results here as JSON");
 
@@ -148,7 +149,7 @@ int main(int argc, char** argv) {
     const double ttft = Since(start);
     // The split by kind comes from a second, profiled (device-synchronised) run.
     nlohmann::json split;
-    if (logits.ok()) {
+    if (logits.ok() && absl::GetFlag(FLAGS_profile)) {
       sala::SequenceState again = e.NewSequence();
       e.backend().SetProfiling(true);
       const auto ps = Clock::now();
@@ -181,6 +182,12 @@ int main(int argc, char** argv) {
                         {"gpu_memory_used_gib", (total_b - free_b) / double(1 << 30)},
                         {"profiled_split_seconds", split}};
     for (int B : Ints(absl::GetFlag(FLAGS_decode_batches))) {
+      cudaMemGetInfo(&free_b, &total_b);
+      if (double(B) * s.device->bytes() > 0.9 * double(free_b)) {
+        std::printf("  decode batch %3d at %7d: does not fit (%.1f GiB of states, %.1f GiB free)\n", B, L,
+                    B * double(s.device->bytes()) / (1 << 30), free_b / double(1 << 30));
+        continue;
+      }
       std::vector<sala::SequenceState> seqs(B, s);
       std::vector<sala::SequenceState*> ptrs;
       for (auto& q : seqs) ptrs.push_back(&q);

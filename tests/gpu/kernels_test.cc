@@ -2,6 +2,8 @@
 // poisoned (NaN) before each run so that an unwritten element cannot pass.
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <memory>
 #include <random>
 
 #include "cpu/cpu_ops.h"
@@ -107,9 +109,10 @@ TEST_F(GpuTest, GemmMatchesCpu) {
   }
 }
 
+// Tensor cores with tf32 inputs: tolerances of the order of tf32 rounding.
 TEST_F(GpuTest, LinearAttentionChunkedMatchesCpu) {
   for (auto [T, H, Hk, D] : {std::tuple{1, 4, 4, 64}, {63, 4, 2, 64}, {64, 4, 4, 64}, {65, 4, 4, 128},
-                             {300, 8, 8, 128}}) {
+                             {300, 8, 8, 128}, {1000, 32, 32, 128}}) {
     const auto slopes = LinearDecaySlopes(H);
     std::vector<float> fslopes(slopes.begin(), slopes.end());
     auto q = Random(T * H * D, 7), k = Random(T * Hk * D, 8), v = Random(T * Hk * D, 9);
@@ -124,8 +127,8 @@ TEST_F(GpuTest, LinearAttentionChunkedMatchesCpu) {
     ASSERT_TRUE(cuda::LinearAttentionChunked(ToDevice(q), ToDevice(k), ToDevice(v), T, H, Hk, D, float(scale),
                                              ToDevice(fslopes), state, o, scratch, nullptr)
                     .ok());
-    EXPECT_LT(testing::RelativeError(FromDevice(o, ref_o.size()), ref_o), 1e-4) << T << " " << H << " " << Hk << " " << D;
-    EXPECT_LT(testing::RelativeError(FromDevice(state, ref_state.size()), ref_state), 1e-4);
+    EXPECT_LT(testing::RelativeError(FromDevice(o, ref_o.size()), ref_o), 5e-3) << T << " " << H << " " << Hk << " " << D;
+    EXPECT_LT(testing::RelativeError(FromDevice(state, ref_state.size()), ref_state), 5e-3);
   }
 }
 
@@ -167,38 +170,138 @@ ModelConfig SmallSparseConfig(int heads, int kv_heads, int dim) {
   return c;
 }
 
-TEST_F(GpuTest, SparseAttentionMatchesCpu) {
-  for (auto [L, T, heads, kv_heads, dim] : {std::tuple{200, 200, 4, 2, 64}, {1500, 40, 4, 2, 64},
-                                            {1501, 1, 4, 2, 64}, {2100, 64, 32, 2, 128}}) {
-    const ModelConfig c = SmallSparseConfig(heads, kv_heads, dim);
-    const size_t row = size_t(kv_heads) * dim;
-    SparseLayerCache cache;
-    cache.k = Random(L * row, 30, 1.0f, true);
-    cache.v = Random(L * row, 31, 1.0f, true);
+// A random sparse-layer cache of L tokens (bf16-exact K/V) with its compressed keys on both sides.
+struct SparseFixture {
+  ModelConfig c;
+  SparseLayerCache cache;
+  size_t row;
+  __nv_bfloat16 *k, *v;
+  float *k1, *k2;
+  cuda::SparseShape shape;
+
+  SparseFixture(int64_t L, int heads, int kv_heads, int dim, uint32_t seed)
+      : c(SmallSparseConfig(heads, kv_heads, dim)), row(size_t(kv_heads) * dim) {
+    cache.k = Random(L * row, seed, 1.0f, true);
+    cache.v = Random(L * row, seed + 1, 1.0f, true);
     UpdateCompressedKeys(c, L, cache);
-    auto q = Random(T * heads * dim, 32, 1.0f);
-    const int64_t first = L - T;
-    // Compressed keys from the bf16 cache, on the GPU.
-    auto* k = Bf16ToDevice(cache.k);
+    k = Bf16ToDevice(cache.k);
+    v = Bf16ToDevice(cache.v);
     const int64_t n1 = int64_t(cache.k1.size() / row), n2 = int64_t(cache.k2.size() / row);
-    float* k1 = Poisoned<float>(std::max<int64_t>(n1, 1) * row);
-    float* k2 = Poisoned<float>(std::max<int64_t>(n2, 1) * row);
-    ASSERT_TRUE(cuda::CompressKeys(k, kv_heads, dim, 0, n1, 32, 16, k1, nullptr).ok());
-    ASSERT_TRUE(cuda::CompressKeys(k, kv_heads, dim, 0, n2, 128, 64, k2, nullptr).ok());
+    k1 = Poisoned<float>(std::max<int64_t>(n1, 1) * row);
+    k2 = Poisoned<float>(std::max<int64_t>(n2, 1) * row);
+    EXPECT_TRUE(cuda::CompressKeys(k, kv_heads, dim, 0, n1, 32, 16, k1, nullptr).ok());
+    EXPECT_TRUE(cuda::CompressKeys(k, kv_heads, dim, 0, n2, 128, 64, k2, nullptr).ok());
     EXPECT_LT(testing::RelativeError(FromDevice(k1, n1 * row), cache.k1), 1e-5);
     if (n2) EXPECT_LT(testing::RelativeError(FromDevice(k2, n2 * row), cache.k2), 1e-5);
-    const cuda::SparseShape shape{heads, kv_heads, dim, 64, 32, 16, 1, 2, 10};
+    shape = {heads, kv_heads, dim, 64, 32, 16, 1, c.sparse.window_blocks(), c.sparse.selected_blocks()};
+  }
+  cuda::SparseCacheView view() const { return {k, v, k1, k2}; }
+};
+
+// Stage 1: the GPU's block lists equal SelectBlocks', except where a differing block's score is
+// within bf16 rounding of the last chosen score (scores are bf16 products on the GPU).
+TEST_F(GpuTest, SparseBlockSelectionMatchesCpu) {
+  for (auto [L, T, heads, kv_heads, dim] : {std::tuple{1500, 40, 4, 2, 64}, {2100, 100, 32, 2, 128},
+                                            {9000, 33, 32, 2, 128}, {70000, 20, 32, 2, 128}}) {
+    SparseFixture f(L, heads, kv_heads, dim, 40);
+    const auto q = Random(T * heads * dim, 41, 1.0f);
+    const int S = f.shape.selected_blocks;
+    int* blocks = Poisoned<int>(size_t(T) * kv_heads * S);
+    int* counts = Poisoned<int>(size_t(T) * kv_heads);
+    cuda::SparseScratch scratch;
+    const int64_t first = L - T;
+    ASSERT_TRUE(cuda::SelectSparseBlocks(ToDevice(q), first, T, f.view(), f.shape, blocks, counts, scratch, nullptr).ok());
+    std::vector<int> gb(size_t(T) * kv_heads * S), gc(size_t(T) * kv_heads);
+    cudaMemcpy(gb.data(), blocks, gb.size() * 4, cudaMemcpyDeviceToHost);
+    cudaMemcpy(gc.data(), counts, gc.size() * 4, cudaMemcpyDeviceToHost);
+    int differing = 0;
+    for (int64_t t = 0; t < T; ++t)
+      for (int g = 0; g < kv_heads; ++g) {
+        std::vector<float> score;
+        const auto want = cpu::SelectBlocks(f.c, f.cache, q.data() + (t * heads + g * (heads / kv_heads)) * dim, g,
+                                            first + t, &score);
+        const int n = gc[t * kv_heads + g];
+        ASSERT_EQ(n, int(want.size())) << "L " << L << " t " << t;
+        std::vector<int64_t> got(gb.begin() + (t * kv_heads + g) * S, gb.begin() + (t * kv_heads + g) * S + n);
+        ASSERT_TRUE(std::is_sorted(got.begin(), got.end()));
+        float last = INFINITY;  // the lowest finite score the CPU chose
+        for (int64_t b : want) last = std::min(last, score[b]);
+        for (int64_t b : got) {
+          if (std::binary_search(want.begin(), want.end(), b)) continue;
+          ++differing;
+          EXPECT_GE(score[b], last * (1 - 2e-2f)) << "L " << L << " t " << t << " block " << b;
+        }
+        for (int64_t b : want)
+          if (!std::binary_search(got.begin(), got.end(), b))
+            EXPECT_LE(score[b], last * (1 + 2e-2f)) << "L " << L << " t " << t << " block " << b;
+      }
+    EXPECT_LE(differing, T * kv_heads) << "L " << L;  // near-ties only
+  }
+}
+
+// Stage 2 over the GPU's own lists (and dense causal) against AttendBlocks.
+TEST_F(GpuTest, BlockSparseAttentionMatchesCpu) {
+  for (auto [L, T, heads, kv_heads, dim] : {std::tuple{200, 200, 4, 2, 64}, {1500, 40, 4, 2, 64},
+                                            {1501, 1, 4, 2, 64}, {2100, 100, 32, 2, 128}, {9000, 17, 32, 2, 128}}) {
+    SparseFixture f(L, heads, kv_heads, dim, 50);
+    const auto q = Random(T * heads * dim, 51, 1.0f);
+    const int S = f.shape.selected_blocks, G = heads / kv_heads;
+    const int64_t first = L - T;
+    int* blocks = Poisoned<int>(size_t(T) * kv_heads * S);
+    int* counts = Poisoned<int>(size_t(T) * kv_heads);
+    cuda::SparseScratch scratch;
+    float* dq = ToDevice(q);
+    ASSERT_TRUE(cuda::SelectSparseBlocks(dq, first, T, f.view(), f.shape, blocks, counts, scratch, nullptr).ok());
+    std::vector<int> gb(size_t(T) * kv_heads * S), gc(size_t(T) * kv_heads);
+    cudaMemcpy(gb.data(), blocks, gb.size() * 4, cudaMemcpyDeviceToHost);
+    cudaMemcpy(gc.data(), counts, gc.size() * 4, cudaMemcpyDeviceToHost);
     for (bool sparse : {false, true}) {
       std::vector<float> ref(T * heads * dim);
-      cpu::SparseLayerAttention(c, cache, q.data(), first, T, sparse, ref.data());
+      for (int64_t t = 0; t < T; ++t)
+        for (int g = 0; g < kv_heads; ++g) {
+          std::vector<int64_t> list;
+          if (sparse) {
+            const int* b = gb.data() + (t * kv_heads + g) * S;
+            list.assign(b, b + gc[t * kv_heads + g]);
+          } else {
+            for (int64_t b = 0; b <= (first + t) / 64; ++b) list.push_back(b);
+          }
+          const size_t at = (t * heads + g * G) * dim;
+          cpu::AttendBlocks(f.c, f.cache, q.data() + at, g, first + t, list, ref.data() + at);
+        }
       float* o = Poisoned<float>(ref.size());
-      cuda::SparseScratch scratch;
-      ASSERT_TRUE(cuda::SparseAttention(ToDevice(q), first, T, {k, Bf16ToDevice(cache.v), k1, k2}, shape, sparse, o,
-                                        scratch, nullptr)
+      ASSERT_TRUE(cuda::BlockSparseAttention(dq, first, T, f.view(), f.shape, sparse ? blocks : nullptr,
+                                             sparse ? counts : nullptr, o, nullptr)
                       .ok());
-      EXPECT_LT(testing::RelativeError(FromDevice(o, ref.size()), ref), 1e-3) << "L " << L << " T " << T << " sparse " << sparse;
+      EXPECT_LT(testing::RelativeError(FromDevice(o, ref.size()), ref), 1e-2) << "L " << L << " T " << T << " sparse " << sparse;
     }
   }
+}
+
+// Decode: one row per sequence, sequences of different lengths, sparse and dense rows mixed.
+TEST_F(GpuTest, SparseAttentionRowsMatchesCpu) {
+  const int heads = 32, kv_heads = 2, dim = 128;
+  std::vector<std::unique_ptr<SparseFixture>> seqs;
+  std::vector<cuda::SparseCacheView> views;
+  std::vector<int64_t> positions;
+  bool flags[4] = {false, true, true, false};
+  const int64_t lengths[4] = {300, 1501, 4100, 2000};
+  for (int i = 0; i < 4; ++i) {
+    seqs.push_back(std::make_unique<SparseFixture>(lengths[i], heads, kv_heads, dim, 60 + i));
+    views.push_back(seqs.back()->view());
+    positions.push_back(lengths[i] - 1);
+  }
+  const auto q = Random(4 * heads * dim, 70, 1.0f);
+  std::vector<float> ref(q.size());
+  for (int i = 0; i < 4; ++i)
+    cpu::SparseLayerAttention(seqs[i]->c, seqs[i]->cache, q.data() + i * heads * dim, positions[i], 1, flags[i],
+                              ref.data() + i * heads * dim);
+  float* o = Poisoned<float>(ref.size());
+  cuda::SparseScratch scratch;
+  ASSERT_TRUE(cuda::SparseAttentionRows(ToDevice(q), 4, views.data(), positions.data(), flags, seqs[0]->shape, o,
+                                        scratch, nullptr)
+                  .ok());
+  EXPECT_LT(testing::RelativeError(FromDevice(o, ref.size()), ref), 1e-3);
 }
 
 }  // namespace

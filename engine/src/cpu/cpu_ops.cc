@@ -179,44 +179,52 @@ std::vector<int64_t> SelectBlocks(const ModelConfig& config, const SparseLayerCa
   return order;
 }
 
+void AttendBlocks(const ModelConfig& config, const SparseLayerCache& cache, const float* q, int kv_head,
+                  int64_t pos, std::span<const int64_t> blocks, float* o) {
+  const int hd = config.sparse_head_dim(), Hkv = config.num_kv_heads, group = config.sparse_group();
+  const int64_t block = config.sparse.block_size;
+  const float scale = 1.0f / std::sqrt(float(hd));
+  std::vector<int64_t> keys;
+  for (int64_t b : blocks)
+    for (int64_t k = b * block; k < std::min(pos + 1, (b + 1) * block); ++k) keys.push_back(k);
+  std::vector<float> logits(keys.size());
+  for (int hh = 0; hh < group; ++hh) {
+    const float* qh = q + int64_t(hh) * hd;
+    float m = -std::numeric_limits<float>::infinity();
+    for (size_t i = 0; i < keys.size(); ++i) {
+      logits[i] = Dot(qh, cache.k.data() + (keys[i] * Hkv + kv_head) * hd, hd) * scale;
+      m = std::max(m, logits[i]);
+    }
+    double denom = 0.0;
+    for (float& l : logits) {
+      l = std::exp(l - m);
+      denom += l;
+    }
+    float* oh = o + int64_t(hh) * hd;
+    std::fill(oh, oh + hd, 0.0f);
+    for (size_t i = 0; i < keys.size(); ++i)
+      Axpy(float(logits[i] / denom), cache.v.data() + (keys[i] * Hkv + kv_head) * hd, oh, hd);
+  }
+}
+
 void SparseLayerAttention(const ModelConfig& config, const SparseLayerCache& cache,
                           const float* q, int64_t first, int64_t T, bool sparse, float* o) {
   const int H = config.num_heads, hd = config.sparse_head_dim(), Hkv = config.num_kv_heads;
   const int group = config.sparse_group();
   const int64_t block = config.sparse.block_size;
-  const float scale = 1.0f / std::sqrt(float(hd));
 #pragma omp parallel for schedule(dynamic, 4)
   for (int64_t t = 0; t < T; ++t) {
     const int64_t pos = first + t;
-    std::vector<float> logits;
-    std::vector<int64_t> keys;
+    std::vector<int64_t> blocks;
     for (int g = 0; g < Hkv; ++g) {
       const float* qg = q + (t * H + int64_t(g) * group) * hd;
-      keys.clear();
       if (sparse) {
-        for (int64_t b : SelectBlocks(config, cache, qg, g, pos))
-          for (int64_t k = b * block; k < std::min(pos + 1, (b + 1) * block); ++k) keys.push_back(k);
+        blocks = SelectBlocks(config, cache, qg, g, pos);
       } else {
-        for (int64_t k = 0; k <= pos; ++k) keys.push_back(k);
+        blocks.resize(pos / block + 1);
+        for (size_t b = 0; b < blocks.size(); ++b) blocks[b] = int64_t(b);
       }
-      logits.resize(keys.size());
-      for (int hh = 0; hh < group; ++hh) {
-        const float* qh = qg + int64_t(hh) * hd;
-        float m = -std::numeric_limits<float>::infinity();
-        for (size_t i = 0; i < keys.size(); ++i) {
-          logits[i] = Dot(qh, cache.k.data() + (keys[i] * Hkv + g) * hd, hd) * scale;
-          m = std::max(m, logits[i]);
-        }
-        double denom = 0.0;
-        for (float& l : logits) {
-          l = std::exp(l - m);
-          denom += l;
-        }
-        float* oh = o + (t * H + int64_t(g) * group + hh) * hd;
-        std::fill(oh, oh + hd, 0.0f);
-        for (size_t i = 0; i < keys.size(); ++i)
-          Axpy(float(logits[i] / denom), cache.v.data() + (keys[i] * Hkv + g) * hd, oh, hd);
-      }
+      AttendBlocks(config, cache, qg, g, pos, blocks, o + (t * H + int64_t(g) * group) * hd);
     }
   }
 }

@@ -50,4 +50,9 @@ std::vector<int64_t> SelectBlocks(const ModelConfig& config, const SparseLayerCa
                                   const float* q, int kv_head, int64_t pos,
                                   std::vector<float>* scores = nullptr);
 
+// Softmax attention of one query's group heads q [group, hd] at position `pos` over the keys
+// of `blocks` up to `pos`; o [group, hd]. The oracle of the GPU stage-2 kernel.
+void AttendBlocks(const ModelConfig& config, const SparseLayerCache& cache, const float* q, int kv_head,
+                  int64_t pos, std::span<const int64_t> blocks, float* o);
+
 }  // namespace sala::cpu

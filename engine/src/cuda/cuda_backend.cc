@@ -1,6 +1,7 @@
 // The CUDA backend: MODEL_SPEC §2–4 with bf16 weights and GEMM inputs, fp32 accumulation,
 // fp32 residual stream and linear states. Structure mirrors the CPU backend: one pass over row
 // segments (a prefill chunk, or one row per sequence in a decode step).
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <utility>
@@ -379,8 +380,9 @@ class CudaBackend final : public Backend {
                                   sc.window_blocks(), sc.selected_blocks()};
     const size_t row = SparseRow();
     const int slot = config_.slot_of(layer);
-    // Decode (every segment one row): one attention launch for the whole batch.
-    const bool batched = segs.size() > 1;
+    // Decode (every segment one row, any batch size): one fp32 attention launch for the whole
+    // batch, so that a sequence decodes the same alone or batched.
+    const bool batched = std::all_of(segs.begin(), segs.end(), [](const Segment& seg) { return seg.rows == 1; });
     std::vector<cuda::SparseCacheView> views;
     std::vector<int64_t> positions;
     std::unique_ptr<bool[]> flags(new bool[segs.size()]);
@@ -405,18 +407,34 @@ class CudaBackend final : public Backend {
         positions.push_back(before);
         continue;
       }
-      Section section(this, "sparse_attention");
-      SALA_RETURN_IF_ERROR(cuda::SparseAttention(q_.get() + seg.row0 * H * D, before, seg.rows, view, shape, seg.sparse,
-                                                 o_.get() + seg.row0 * H * D, sparse_scratch_, s));
+      SALA_RETURN_IF_ERROR(SparsePrefill(q_.get() + seg.row0 * H * D, before, seg.rows, view, shape, seg.sparse,
+                                         o_.get() + seg.row0 * H * D));
     }
     if (batched) {
-      Section section(this, "sparse_attention");
+      Section section(this, "sparse_decode_attention");
       SALA_RETURN_IF_ERROR(cuda::SparseAttentionRows(q_.get(), int(views.size()), views.data(), positions.data(),
                                                      flags.get(), shape, o_.get(), sparse_scratch_, s));
     }
     SALA_RETURN_IF_ERROR(cuda::GateToBf16(o_.get(), config_.attn_use_output_gate ? z_.get() : nullptr, R * H * D,
                                           ob_.get(), s));
     return Mm(ob_.get(), R, int64_t(H) * D, w.o.get(), d, y_.get());
+  }
+
+  // A prefill chunk's sparse-layer attention: stage 1 picks each row's blocks (sparse rows only),
+  // stage 2 attends to them.
+  absl::Status SparsePrefill(const float* q, int64_t first, int64_t T, const cuda::SparseCacheView& view,
+                             const cuda::SparseShape& shape, bool sparse, float* o) {
+    cuda::SparseScratch& sc = sparse_scratch_;
+    if (sparse) {
+      Section section(this, "sparse_stage1");
+      SALA_RETURN_IF_ERROR(sc.blocks.Reserve(size_t(T) * shape.kv_heads * shape.selected_blocks));
+      SALA_RETURN_IF_ERROR(sc.counts.Reserve(size_t(T) * shape.kv_heads));
+      SALA_RETURN_IF_ERROR(
+          cuda::SelectSparseBlocks(q, first, T, view, shape, sc.blocks.get(), sc.counts.get(), sc, nullptr));
+    }
+    Section section(this, "sparse_stage2");
+    return cuda::BlockSparseAttention(q, first, T, view, shape, sparse ? sc.blocks.get() : nullptr,
+                                      sparse ? sc.counts.get() : nullptr, o, nullptr);
   }
 
   // Adds the device time of the enclosing scope to profile_[kind] when profiling.

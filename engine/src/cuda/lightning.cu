@@ -1,42 +1,76 @@
 #include "cuda_common.h"
 #include "lightning.h"
+#include "mma.cuh"
 #include "sala/status_macros.h"
 
 namespace sala::cuda {
 namespace {
 
 constexpr int kChunk = 64;
-constexpr int kThreads = 256;
+constexpr int kThreads = 256;  // eight warps
+constexpr int kPad = 8;        // row padding of shared tiles: fragment loads hit 32 distinct banks
 
 // Chunk-parallel form in three passes, so that all (chunk, head) pairs run at once:
 //   1. ChunkStateKernel: each chunk's own contribution dS_c = Σ_j exp(g (c − 1 − j)) k_jᵀ v_j;
 //   2. ScanKernel: S_in of every chunk by S ← exp(g c) S + dS_c, in order (element-parallel);
 //   3. ChunkOutputKernel: O = exp(G_i) s Q S_in + (s Q Kᵀ ⊙ decay mask) V within the chunk.
-// dS_c is overwritten by S_in of the same chunk in pass 2.
+// dS_c is overwritten by S_in of the same chunk in pass 2. Passes 1 and 3 run on tensor cores
+// (tf32 inputs, fp32 accumulation); shared tiles hold tf32 bit patterns.
 __device__ int ChunkLen(int64_t T, int64_t c) { return T - c * kChunk < kChunk ? int(T - c * kChunk) : kChunk; }
 
-__global__ void ChunkStateKernel(const float* k, const float* v, int64_t T, int H, int Hk, int D,
-                                 const float* slopes, float* chunk_states) {
-  extern __shared__ float smem[];
-  float* K = smem;
-  float* V = K + kChunk * D;
+// Copies rows [0, len) of a [rows, heads, kDim] fp32 tensor's head `h` into a padded tf32 tile,
+// multiplied by row_scale(row); rows [len, kChunk) become 0.
+template <int kDim, typename Scale>
+__device__ void LoadTile(uint32_t* tile, const float* src, int64_t row0, int len, int heads, int h, Scale row_scale) {
+  for (int e = threadIdx.x; e < kChunk * kDim / 4; e += kThreads) {
+    const int row = e / (kDim / 4), c4 = e % (kDim / 4);
+    float4 v{0, 0, 0, 0};
+    if (row < len) {
+      v = *reinterpret_cast<const float4*>(src + ((row0 + row) * heads + h) * kDim + c4 * 4);
+      const float w = row_scale(row);
+      v = {v.x * w, v.y * w, v.z * w, v.w * w};
+    }
+    uint32_t* d = tile + row * (kDim + kPad) + c4 * 4;
+    d[0] = ToTf32(v.x);
+    d[1] = ToTf32(v.y);
+    d[2] = ToTf32(v.z);
+    d[3] = ToTf32(v.w);
+  }
+}
+
+// dS = K̃ᵀ V with K̃ the decayed keys: warp w computes state rows (key dims) 16 (w % (kDim / 16)) ..
+// + 15, over value columns split evenly between the warps that share those rows.
+template <int kDim>
+__global__ void __launch_bounds__(kThreads) ChunkStateKernel(const float* k, const float* v, int64_t T, int H, int Hk,
+                                                             const float* slopes, float* chunk_states) {
+  extern __shared__ __align__(16) uint32_t lsmem[];
+  uint32_t* K = lsmem;                     // [kChunk, kDim + kPad]
+  uint32_t* V = K + kChunk * (kDim + kPad);
   const int64_t c = blockIdx.x;
   const int h = blockIdx.y, kh = h / (H / Hk);
   const float g = -slopes[h];
   const int len = ChunkLen(T, c);
-  for (int e = threadIdx.x; e < len * D; e += blockDim.x) {
-    const int j = e / D, d = e % D;
-    const float w = __expf(g * float(len - 1 - j));  // fold the decay into K
-    K[e] = w * k[((c * kChunk + j) * Hk + kh) * D + d];
-    V[e] = v[((c * kChunk + j) * Hk + kh) * D + d];
-  }
+  LoadTile<kDim>(K, k, c * kChunk, len, Hk, kh, [&](int j) { return __expf(g * float(len - 1 - j)); });
+  LoadTile<kDim>(V, v, c * kChunk, len, Hk, kh, [](int) { return 1.0f; });
   __syncthreads();
-  float* out = chunk_states + (c * H + h) * int64_t(D) * D;
-  for (int e = threadIdx.x; e < D * D; e += blockDim.x) {
-    const int a = e / D, col = e % D;
-    float acc = 0.0f;
-    for (int j = 0; j < len; ++j) acc += K[j * D + a] * V[j * D + col];
-    out[e] = acc;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, tq = lane % 4;
+  constexpr int kRowTiles = kDim / 16, kCols = kDim * kRowTiles / 8;
+  const int a0 = 16 * (warp % kRowTiles), col0 = kCols * (warp / kRowTiles);
+  float acc[kCols / 8][4] = {};
+  for (int kk = 0; kk < kChunk / 8; ++kk) {
+    const int j = kk * 8 + tq;
+    const uint32_t a[4] = {K[j * (kDim + kPad) + a0 + gq], K[j * (kDim + kPad) + a0 + gq + 8],
+                           K[(j + 4) * (kDim + kPad) + a0 + gq], K[(j + 4) * (kDim + kPad) + a0 + gq + 8]};
+#pragma unroll
+    for (int n = 0; n < kCols / 8; ++n)
+      MmaTf32(acc[n], a, V[j * (kDim + kPad) + col0 + n * 8 + gq], V[(j + 4) * (kDim + kPad) + col0 + n * 8 + gq]);
+  }
+  float* out = chunk_states + (c * H + h) * int64_t(kDim) * kDim;
+#pragma unroll
+  for (int n = 0; n < kCols / 8; ++n) {
+    const int col = col0 + n * 8 + 2 * tq;
+    *reinterpret_cast<float2*>(out + (a0 + gq) * kDim + col) = float2{acc[n][0], acc[n][1]};
+    *reinterpret_cast<float2*>(out + (a0 + gq + 8) * kDim + col) = float2{acc[n][2], acc[n][3]};
   }
 }
 
@@ -56,43 +90,100 @@ __global__ void ScanKernel(int64_t T, int64_t chunks, int H, int D, const float*
   state[int64_t(h) * D * D + e] = S;
 }
 
-__global__ void ChunkOutputKernel(const float* q, const float* k, const float* v, int64_t T, int H, int Hk, int D,
-                                  float scale, const float* slopes, const float* chunk_states, float* o) {
-  extern __shared__ float smem[];
-  float* Q = smem;
-  float* K = Q + kChunk * D;
-  float* V = K + kChunk * D;
-  float* A = V + kChunk * D;
+// Warp w owns output rows 16 (w % 4) .. + 15 and, for the score tile, keys 32 (w / 4) .. + 31;
+// for the output, value columns kDim / 2 (w / 4) .. onwards.
+template <int kDim>
+__global__ void __launch_bounds__(kThreads) ChunkOutputKernel(const float* q, const float* k, const float* v, int64_t T,
+                                                              int H, int Hk, float scale, const float* slopes,
+                                                              const float* chunk_states, float* o) {
+  extern __shared__ __align__(16) uint32_t lsmem[];
+  uint32_t* Q = lsmem;                        // [kChunk, kDim + kPad]
+  uint32_t* K = Q + kChunk * (kDim + kPad);   // [kChunk, kDim + kPad]; later the scores [kChunk, kChunk + kPad]
+  uint32_t* V = K + kChunk * (kDim + kPad);
+  uint32_t* S = V + kChunk * (kDim + kPad);   // S_in [kDim, kDim + kPad]
   const int64_t c = blockIdx.x, t0 = c * kChunk;
   const int h = blockIdx.y, kh = h / (H / Hk);
   const float g = -slopes[h];
   const int len = ChunkLen(T, c);
-  const float* S = chunk_states + (c * H + h) * int64_t(D) * D;
-  for (int e = threadIdx.x; e < len * D; e += blockDim.x) {
-    const int i = e / D, d = e % D;
-    Q[e] = q[((t0 + i) * H + h) * D + d];
-    K[e] = k[((t0 + i) * Hk + kh) * D + d];
-    V[e] = v[((t0 + i) * Hk + kh) * D + d];
+  const auto one = [](int) { return 1.0f; };
+  LoadTile<kDim>(Q, q, t0, len, H, h, one);
+  LoadTile<kDim>(K, k, t0, len, Hk, kh, one);
+  LoadTile<kDim>(V, v, t0, len, Hk, kh, one);
+  const float* Sg = chunk_states + (c * H + h) * int64_t(kDim) * kDim;
+  for (int e = threadIdx.x; e < kDim * kDim / 4; e += kThreads) {
+    const int row = e / (kDim / 4), c4 = e % (kDim / 4);
+    const float4 x = *reinterpret_cast<const float4*>(Sg + row * kDim + c4 * 4);
+    uint32_t* d = S + row * (kDim + kPad) + c4 * 4;
+    d[0] = ToTf32(x.x);
+    d[1] = ToTf32(x.y);
+    d[2] = ToTf32(x.z);
+    d[3] = ToTf32(x.w);
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < len * len; e += blockDim.x) {
-    const int i = e / len, j = e % len;
-    float acc = 0.0f;
-    if (j <= i) {
-      for (int d = 0; d < D; ++d) acc += Q[i * D + d] * K[j * D + d];
-      acc *= scale * __expf(g * float(i - j));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, tq = lane % 4;
+  const int i0 = 16 * (warp % 4), half = warp / 4;
+
+  // Scores A = s Q Kᵀ ⊙ exp(g (i − j)) [j <= i] for rows i0.., keys 32 half ..
+  float sc[4][4] = {};
+  for (int kk = 0; kk < kDim / 8; ++kk) {
+    const int d = kk * 8 + tq;
+    const uint32_t a[4] = {Q[(i0 + gq) * (kDim + kPad) + d], Q[(i0 + gq + 8) * (kDim + kPad) + d],
+                           Q[(i0 + gq) * (kDim + kPad) + d + 4], Q[(i0 + gq + 8) * (kDim + kPad) + d + 4]};
+#pragma unroll
+    for (int n = 0; n < 4; ++n) {
+      const int j = 32 * half + n * 8 + gq;
+      MmaTf32(sc[n], a, K[j * (kDim + kPad) + d], K[j * (kDim + kPad) + d + 4]);
     }
-    A[i * kChunk + j] = acc;
   }
+  // Inter-chunk part first: oacc = Q S_in over this warp's value columns, scaled per row below.
+  constexpr int kOutTiles = kDim / 16;
+  float oacc[kOutTiles][4] = {};
+  for (int kk = 0; kk < kDim / 8; ++kk) {
+    const int d = kk * 8 + tq;
+    const uint32_t a[4] = {Q[(i0 + gq) * (kDim + kPad) + d], Q[(i0 + gq + 8) * (kDim + kPad) + d],
+                           Q[(i0 + gq) * (kDim + kPad) + d + 4], Q[(i0 + gq + 8) * (kDim + kPad) + d + 4]};
+#pragma unroll
+    for (int n = 0; n < kOutTiles; ++n) {
+      const int col = kDim / 2 * half + n * 8 + gq;
+      MmaTf32(oacc[n], a, S[d * (kDim + kPad) + col], S[(d + 4) * (kDim + kPad) + col]);
+    }
+  }
+  __syncthreads();  // every warp is done with K: the score tile takes its place
+  uint32_t* A = K;
+#pragma unroll
+  for (int n = 0; n < 4; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = i0 + gq + 8 * (e / 2), j = 32 * half + n * 8 + 2 * tq + (e % 2);
+      const float w = j <= i ? scale * __expf(g * float(i - j)) : 0.0f;
+      A[i * (kChunk + kPad) + j] = ToTf32(sc[n][e] * w);
+    }
+  const float row_scale[2] = {scale * __expf(g * float(i0 + gq + 1)), scale * __expf(g * float(i0 + gq + 9))};
+#pragma unroll
+  for (int n = 0; n < kOutTiles; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) oacc[n][e] *= row_scale[e / 2];
   __syncthreads();
-  for (int e = threadIdx.x; e < len * D; e += blockDim.x) {
-    const int i = e / D, col = e % D;
-    float inter = 0.0f;
-    for (int a = 0; a < D; ++a) inter += Q[i * D + a] * S[a * D + col];
-    float intra = 0.0f;
-    for (int j = 0; j <= i; ++j) intra += A[i * kChunk + j] * V[j * D + col];
-    o[((t0 + i) * H + h) * D + col] = __expf(g * float(i + 1)) * scale * inter + intra;
+  // Intra-chunk part: oacc += A V (keys up to the row: A is zero above the diagonal).
+  for (int kk = 0; kk < kChunk / 8; ++kk) {
+    const int j = kk * 8 + tq;
+    const uint32_t a[4] = {A[(i0 + gq) * (kChunk + kPad) + j], A[(i0 + gq + 8) * (kChunk + kPad) + j],
+                           A[(i0 + gq) * (kChunk + kPad) + j + 4], A[(i0 + gq + 8) * (kChunk + kPad) + j + 4]};
+#pragma unroll
+    for (int n = 0; n < kOutTiles; ++n) {
+      const int col = kDim / 2 * half + n * 8 + gq;
+      MmaTf32(oacc[n], a, V[j * (kDim + kPad) + col], V[(j + 4) * (kDim + kPad) + col]);
+    }
   }
+#pragma unroll
+  for (int n = 0; n < kOutTiles; ++n)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int i = i0 + gq + 8 * r;
+      if (i < len)
+        *reinterpret_cast<float2*>(o + ((t0 + i) * H + h) * kDim + kDim / 2 * half + n * 8 + 2 * tq) =
+            float2{oacc[n][2 * r], oacc[n][2 * r + 1]};
+    }
 }
 
 // One block per (sequence, head); thread `col` owns one value column of the state.
@@ -114,30 +205,42 @@ __global__ void StepKernel(const float* q, const float* k, const float* v, int H
   o[(int64_t(b) * H + h) * D + col] = scale * acc;
 }
 
+
+template <int kDim>
+absl::Status LaunchChunked(const float* q, const float* k, const float* v, int64_t T, int heads, int kv_heads,
+                           float scale, const float* slopes, float* state, float* o, float* chunk_states,
+                           cudaStream_t stream) {
+  const int64_t chunks = (T + kChunk - 1) / kChunk;
+  const size_t tile = size_t(kChunk) * (kDim + kPad) * sizeof(uint32_t);
+  const size_t state_smem = 2 * tile;
+  const size_t out_smem = 3 * tile + size_t(kDim) * (kDim + kPad) * sizeof(uint32_t);
+  SALA_CUDA_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(ChunkStateKernel<kDim>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(state_smem)));
+  SALA_CUDA_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(ChunkOutputKernel<kDim>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(out_smem)));
+  const dim3 grid(unsigned(chunks), heads);
+  ChunkStateKernel<kDim><<<grid, kThreads, state_smem, stream>>>(k, v, T, heads, kv_heads, slopes, chunk_states);
+  SALA_CUDA_CHECK_LAUNCH();
+  ScanKernel<<<dim3(unsigned((kDim * kDim + kThreads - 1) / kThreads), heads), kThreads, 0, stream>>>(
+      T, chunks, heads, kDim, slopes, state, chunk_states);
+  SALA_CUDA_CHECK_LAUNCH();
+  ChunkOutputKernel<kDim><<<grid, kThreads, out_smem, stream>>>(q, k, v, T, heads, kv_heads, scale, slopes,
+                                                                chunk_states, o);
+  SALA_CUDA_CHECK_LAUNCH();
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::Status LinearAttentionChunked(const float* q, const float* k, const float* v, int64_t T, int heads,
                                     int kv_heads, int dim, float scale, const float* slopes, float* state, float* o,
                                     DeviceBuffer<float>& chunk_states, cudaStream_t stream) {
   if (T == 0) return absl::OkStatus();
-  if (dim > 128) return absl::InvalidArgumentError("linear attention supports head_dim up to 128");
-  const int64_t chunks = (T + kChunk - 1) / kChunk;
+  if (dim != 64 && dim != 128) return absl::InvalidArgumentError("linear attention prefill needs head_dim 64 or 128");
   // Per-chunk states: [chunks, heads, dim, dim] fp32.
-  SALA_RETURN_IF_ERROR(chunk_states.Reserve(size_t(chunks) * heads * dim * dim));
-  const size_t kv_smem = 2 * size_t(kChunk) * dim * sizeof(float);
-  const size_t out_smem = (3 * size_t(kChunk) * dim + kChunk * kChunk) * sizeof(float);
-  SALA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(ChunkStateKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kv_smem)));
-  SALA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(ChunkOutputKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(out_smem)));
-  const dim3 grid(unsigned(chunks), heads);
-  ChunkStateKernel<<<grid, kThreads, kv_smem, stream>>>(k, v, T, heads, kv_heads, dim, slopes, chunk_states.get());
-  SALA_CUDA_CHECK_LAUNCH();
-  ScanKernel<<<dim3(unsigned((dim * dim + kThreads - 1) / kThreads), heads), kThreads, 0, stream>>>(
-      T, chunks, heads, dim, slopes, state, chunk_states.get());
-  SALA_CUDA_CHECK_LAUNCH();
-  ChunkOutputKernel<<<grid, kThreads, out_smem, stream>>>(q, k, v, T, heads, kv_heads, dim, scale, slopes,
-                                                          chunk_states.get(), o);
-  SALA_CUDA_CHECK_LAUNCH();
-  return absl::OkStatus();
+  SALA_RETURN_IF_ERROR(chunk_states.Reserve(size_t((T + kChunk - 1) / kChunk) * heads * dim * dim));
+  return dim == 128 ? LaunchChunked<128>(q, k, v, T, heads, kv_heads, scale, slopes, state, o, chunk_states.get(), stream)
+                    : LaunchChunked<64>(q, k, v, T, heads, kv_heads, scale, slopes, state, o, chunk_states.get(), stream);
 }
 
 absl::Status LinearAttentionStep(const float* q, const float* k, const float* v, int batch, int heads, int kv_heads,

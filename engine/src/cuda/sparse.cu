@@ -85,26 +85,22 @@ __device__ float BlockLse(float m, float s, float* scratch) {
   return M + logf(Ssum);
 }
 
-// One block per (row, KV group).
-// One block per (row, KV group, split). With several splits (few rows: decode) each block takes
-// its share of the attended blocks and writes a partial softmax state that CombineKernel merges.
-// Rows either follow each other in one sequence (`rows` null: position first + row, cache
-// views[0], `sparse_all`), or each come from their own sequence (`rows` set: a decode step).
+// Decode: one row per sequence. One block per (row, KV group, split); with several splits each
+// block takes its share of the attended blocks and writes a partial softmax state that
+// CombineKernel merges (flash-decoding).
 struct RowSource {
-  const SparseCacheView* views;  // device
-  const int64_t* positions;      // device, or null
-  const unsigned char* sparse;   // device, or null
+  const SparseCacheView* views;  // device, one per row
+  const int64_t* positions;      // device
+  const unsigned char* sparse;   // device
 };
 
-__global__ void AttentionKernel(const float* q, int64_t first, RowSource src, SparseShape sh, bool sparse_all,
-                                int splits, float* partial, float* o) {
+__global__ void AttentionKernel(const float* q, RowSource src, SparseShape sh, int splits, float* partial, float* o) {
   extern __shared__ float smem[];
   const int G = sh.heads / sh.kv_heads, D = sh.dim, g = blockIdx.y;
   const int64_t t = blockIdx.x;
-  const bool per_row = src.positions != nullptr;
-  const int64_t pos = per_row ? src.positions[t] : first + t;
-  const SparseCacheView c = src.views[per_row ? t : 0];
-  const bool sparse = per_row ? src.sparse[t] != 0 : sparse_all;
+  const int64_t pos = src.positions[t];
+  const SparseCacheView c = src.views[t];
+  const bool sparse = src.sparse[t] != 0;
   const int64_t bq = pos / sh.block;
   float* qs = smem;                 // [G, D]
   float* scratch = qs + G * D;      // 2 * warps
@@ -310,9 +306,9 @@ absl::Status CompressKeys(const __nv_bfloat16* k, int kv_heads, int dim, int64_t
 
 namespace {
 
-// Shared launch: `max_pos` bounds the shared memory for block scores.
-absl::Status Launch(const float* q, int64_t first, int64_t T, RowSource src, int64_t max_pos, const SparseShape& shape,
-                    bool sparse_all, float* o, DeviceBuffer<float>& partial, cudaStream_t stream) {
+// `max_pos` bounds the shared memory for block scores.
+absl::Status Launch(const float* q, int64_t T, RowSource src, int64_t max_pos, const SparseShape& shape, float* o,
+                    DeviceBuffer<float>& partial, cudaStream_t stream) {
   if (shape.dim % 32 != 0 || shape.dim > kMaxDim) return absl::InvalidArgumentError("sparse head_dim must be 32..128");
   const int G = shape.heads / shape.kv_heads;
   if (G > kHeadsPerWarp * kThreads / 32) return absl::InvalidArgumentError("at most 16 query heads per KV head");
@@ -330,7 +326,7 @@ absl::Status Launch(const float* q, int64_t first, int64_t T, RowSource src, int
   const int splits = rows >= sms ? 1 : int(std::min<int64_t>(16, (2 * sms + rows - 1) / rows));
   if (splits > 1) SALA_RETURN_IF_ERROR(partial.Reserve(size_t(rows) * splits * G * (shape.dim + 2)));
   AttentionKernel<<<dim3(unsigned(T), shape.kv_heads, splits), kThreads, smem, stream>>>(
-      q, first, src, shape, sparse_all, splits, partial.get(), o);
+      q, src, shape, splits, partial.get(), o);
   SALA_CUDA_CHECK_LAUNCH();
   if (splits > 1) {
     CombineKernel<<<dim3(unsigned(T), shape.kv_heads), shape.dim, 0, stream>>>(partial.get(), splits, shape, o);
@@ -340,16 +336,6 @@ absl::Status Launch(const float* q, int64_t first, int64_t T, RowSource src, int
 }
 
 }  // namespace
-
-absl::Status SparseAttention(const float* q, int64_t first, int64_t T, const SparseCacheView& cache,
-                             const SparseShape& shape, bool sparse, float* o, SparseScratch& scratch,
-                             cudaStream_t stream) {
-  if (T == 0) return absl::OkStatus();
-  SALA_RETURN_IF_ERROR(scratch.views.Reserve(1));
-  SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(scratch.views.get(), &cache, sizeof(cache), cudaMemcpyHostToDevice));
-  return Launch(q, first, T, {scratch.views.get(), nullptr, nullptr}, first + T - 1, shape, sparse, o, scratch.partial,
-                stream);
-}
 
 absl::Status SparseAttentionRows(const float* q, int rows, const SparseCacheView* caches, const int64_t* positions,
                                  const bool* sparse_rows, const SparseShape& shape, float* o, SparseScratch& scratch,
@@ -366,7 +352,7 @@ absl::Status SparseAttentionRows(const float* q, int rows, const SparseCacheView
   SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(pos.get(), positions, rows * sizeof(int64_t), cudaMemcpyHostToDevice));
   SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(flags.get(), f.data(), rows, cudaMemcpyHostToDevice));
   const int64_t max_pos = *std::max_element(positions, positions + rows);
-  return Launch(q, 0, rows, {views.get(), pos.get(), flags.get()}, max_pos, shape, false, o, scratch.partial, stream);
+  return Launch(q, rows, {views.get(), pos.get(), flags.get()}, max_pos, shape, o, scratch.partial, stream);
 }
 
 }  // namespace sala::cuda

@@ -32,17 +32,28 @@ struct SparseScratch {
   DeviceBuffer<SparseCacheView> views;
   DeviceBuffer<int64_t> positions;
   DeviceBuffer<unsigned char> flags;
+  DeviceBuffer<float> scores;  // stage-1 block scores of a batch of prefill rows
+  DeviceBuffer<int> blocks, counts;
 };
 
 // Writes compressed entries [from, to) of window `kernel` and stride `stride` from the raw keys.
 absl::Status CompressKeys(const __nv_bfloat16* k, int kv_heads, int dim, int64_t from, int64_t to, int kernel,
                           int stride, float* out, cudaStream_t stream);
 
-// Attention of the rows at absolute positions [first, first + T) of one sequence; the cache
-// already holds them. q, o: [T, heads, dim] fp32.
-absl::Status SparseAttention(const float* q, int64_t first, int64_t T, const SparseCacheView& cache,
-                             const SparseShape& shape, bool sparse, float* o, SparseScratch& scratch,
-                             cudaStream_t stream);
+// Prefill (the rows at absolute positions [first, first + T) of one sequence, already in the
+// cache; q, o [T, heads, dim] fp32) on tensor cores, in two stages. Needs block 64, kernel 32,
+// stride 16, head_dim 64 or 128 and a local window of at least one block.
+// Stage 1: the blocks each (row, KV group) attends, ascending:
+// blocks [T, kv_heads, selected_blocks] (device), counts [T, kv_heads] (device).
+absl::Status SelectSparseBlocks(const float* q, int64_t first, int64_t T, const SparseCacheView& cache,
+                                const SparseShape& shape, int* blocks, int* counts, SparseScratch& scratch,
+                                cudaStream_t stream);
+
+// Stage 2 of the prefill path: softmax attention over the listed blocks, or (blocks null) over
+// every block up to each row's (dense causal attention).
+absl::Status BlockSparseAttention(const float* q, int64_t first, int64_t T, const SparseCacheView& cache,
+                                  const SparseShape& shape, const int* blocks, const int* counts, float* o,
+                                  cudaStream_t stream);
 
 // One row for each of `rows` sequences (a decode step) in a single launch: row r reads
 // caches[r] at position positions[r], sparse or dense as sparse_rows[r] says. Host arrays.

@@ -1,0 +1,618 @@
+// Prefill attention of the sparse layers on tensor cores (MODEL_SPEC §4), in three kernels:
+//   ScoreKernel: stage 1. For 16 query tokens of one 64-token block and one KV group, the k2
+//     log-sum-exp of every head, then S(j) = Σ_h exp(q_h·k1_j/√d − lse_h) over the candidate
+//     blocks' k1 entries, max-pooled into block scores. The MMA computes keys × heads, so the sum
+//     over a group's 16 heads is a sum across the four lanes of a quad.
+//   TopKKernel: the `keep` best candidate blocks of each (token, group) by a bitwise search for
+//     the keep-th largest score (ties: the lower block), plus the forced init and local blocks;
+//     lists come out in ascending order.
+//   BlockAttentionKernel: stage 2. One warp per (token, group): the group's 16 heads are the MMA
+//     rows, K/V half-blocks stream through shared memory with cp.async, online softmax in registers.
+// Only candidate blocks (init <= b < b_q - window) are scored: with a local window of at least one
+// block, every k1 entry they pool over is visible to every token of the query block.
+#include <algorithm>
+
+#include "cuda_common.h"
+#include "mma.cuh"
+#include "sala/status_macros.h"
+#include "sparse.h"
+
+namespace sala::cuda {
+namespace {
+
+using Bf16 = __nv_bfloat16;
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kBlock = 64;          // tokens per attention block
+constexpr int kScoreTokens = 16;    // query tokens per stage-1 thread block
+constexpr int kScoreThreads = 256;  // eight warps, two tokens each
+constexpr int kKeyTile = 64;        // compressed keys per stage-1 tile: 16 blocks of k1
+constexpr int kTopKThreads = 256;
+constexpr int kAttnWarps = 2;
+constexpr int kHalf = 32;  // keys per stage-2 pipeline step
+
+struct Candidates {
+  int init, window, keep;  // forced init blocks, local blocks before b_q, blocks chosen by score
+  __device__ int64_t Count(int64_t bq) const { return bq - window - init; }
+};
+
+struct ScoreParams {
+  const float* q;  // [T, H, D] of positions first ..
+  int64_t first, T;
+  const float* k1;  // [n1, Hk, D]
+  const float* k2;
+  int H, Hk, G;
+  Candidates cand;
+  float scale_log2;
+  float* scores;  // [T, Hk, ncap]: block init + c at c
+  int64_t ncap;
+};
+
+__device__ __forceinline__ float Exp2(float x) { return exp2f(x); }
+
+// Loads a tile of kKeyTile compressed keys (fp32, rows j0 ..) into registers; rows >= jend are 0.
+template <int D>
+struct KeyTileLoader {
+  static constexpr int kLoads = kKeyTile * D / 4 / kScoreThreads;
+  float4 r[kLoads];
+  __device__ void Fetch(const float* src, int Hk, int g, int64_t j0, int64_t jend) {
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) {
+      const int e = threadIdx.x + i * kScoreThreads, row = e / (D / 4), c4 = e % (D / 4);
+      const int64_t j = j0 + row;
+      r[i] = j < jend ? *reinterpret_cast<const float4*>(src + (j * Hk + g) * D + c4 * 4) : float4{0, 0, 0, 0};
+    }
+  }
+  __device__ void Store(Bf16* tile) const {
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) {
+      const int e = threadIdx.x + i * kScoreThreads, row = e / (D / 4), c4 = e % (D / 4);
+      uint2 packed{PackBf16(r[i].x, r[i].y), PackBf16(r[i].z, r[i].w)};
+      *reinterpret_cast<uint2*>(tile + Swizzled<D>(row, c4 * 4)) = packed;
+    }
+  }
+};
+
+// acc[tok][m][n] += K-tile rows 16 (2 mp + m) .. (keys) x Q heads of the warp's two tokens.
+template <int D>
+__device__ void ScoreMma(const Bf16* qs, const Bf16* kt, int tok0, int mp, float (&acc)[2][2][2][4]) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int tk = 0; tk < 2; ++tk)
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[tk][m][n][c] = 0.0f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t b[2][4];
+#pragma unroll
+    for (int tk = 0; tk < 2; ++tk)
+      LdMatrixX4(b[tk], qs + Swizzled<D>((tok0 + tk) * 16 + (lane % 8) + 8 * (lane / 16), kk * 16 + 8 * ((lane / 8) % 2)));
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+      uint32_t a[4];
+      LdMatrixX4(a, kt + Swizzled<D>((2 * mp + m) * 16 + (lane % 8) + 8 * ((lane / 8) % 2), kk * 16 + 8 * (lane / 16)));
+#pragma unroll
+      for (int tk = 0; tk < 2; ++tk) {
+        MmaBf16(acc[tk][m][0], a, b[tk][0], b[tk][1]);
+        MmaBf16(acc[tk][m][1], a, b[tk][2], b[tk][3]);
+      }
+    }
+  }
+}
+
+template <int D>
+__global__ void __launch_bounds__(kScoreThreads) ScoreKernel(ScoreParams p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Bf16* qs = reinterpret_cast<Bf16*>(smem_raw);  // [16 tokens x 16 heads, D]
+  Bf16* tiles = qs + kScoreTokens * 16 * D;      // [2][kKeyTile, D]
+  float* lse2 = reinterpret_cast<float*>(tiles + 2 * kKeyTile * D);  // [16 tokens][16 heads], log2 units
+  const int g = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t base = (p.first / kScoreTokens) * kScoreTokens + kScoreTokens * int64_t(blockIdx.x);
+  const int64_t lo = max(base, p.first), hi = min(base + kScoreTokens, p.first + p.T);
+  const int64_t bq = base / kBlock;
+  if (p.cand.Count(bq) <= p.cand.keep) return;  // every block is taken; nothing to score
+
+  for (int e = threadIdx.x; e < kScoreTokens * 16 * D / 4; e += kScoreThreads) {
+    const int row = e / (D / 4), c4 = e % (D / 4), tk = row / 16, h = row % 16;
+    const int64_t pos = base + tk;
+    float4 v{0, 0, 0, 0};
+    if (pos >= lo && pos < hi && h < p.G)
+      v = *reinterpret_cast<const float4*>(p.q + ((pos - p.first) * p.H + g * p.G + h) * D + c4 * 4);
+    *reinterpret_cast<uint2*>(qs + Swizzled<D>(row, c4 * 4)) = uint2{PackBf16(v.x, v.y), PackBf16(v.z, v.w)};
+  }
+
+  const int tok0 = 2 * warp, gq = lane / 4, tq = lane % 4;
+  KeyTileLoader<D> loader;
+
+  // Pass 1: log-sum-exp over the visible k2 entries, per (token, head): k2_j is visible to
+  // position i when 64 j + 128 <= i + 1.
+  int64_t n2[2];
+  for (int tk = 0; tk < 2; ++tk) n2[tk] = base + tok0 + tk + 1 >= 128 ? (base + tok0 + tk + 1 - 128) / 64 + 1 : 0;
+  const int64_t n2_all = (hi - 1) + 1 >= 128 ? (hi - 1 + 1 - 128) / 64 + 1 : 0;
+  float m[2][4], l[2][4];  // [token][n * 2 + column parity]
+  for (int tk = 0; tk < 2; ++tk)
+    for (int s = 0; s < 4; ++s) {
+      m[tk][s] = -INFINITY;
+      l[tk][s] = 0.0f;
+    }
+  const int64_t tiles2 = (n2_all + kKeyTile - 1) / kKeyTile;
+  if (tiles2 > 0) {
+    loader.Fetch(p.k2, p.Hk, g, 0, n2_all);
+    loader.Store(tiles);
+  }
+  __syncthreads();
+  for (int64_t t = 0; t < tiles2; ++t) {
+    const Bf16* kt = tiles + (t & 1) * kKeyTile * D;
+    if (t + 1 < tiles2) loader.Fetch(p.k2, p.Hk, g, (t + 1) * kKeyTile, n2_all);
+    for (int mp = 0; mp < 2; ++mp) {
+      float acc[2][2][2][4];
+      ScoreMma<D>(qs, kt, tok0, mp, acc);
+#pragma unroll
+      for (int tk = 0; tk < 2; ++tk)
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+          const int n = s / 2, par = s % 2;
+          float x[4];  // keys (m, half): 16 (2 mp + m) + gq + 8 half
+          float tmax = -INFINITY;
+#pragma unroll
+          for (int mm = 0; mm < 2; ++mm)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+              const int64_t j = t * kKeyTile + (2 * mp + mm) * 16 + gq + 8 * half;
+              const float v = j < n2[tk] ? acc[tk][mm][n][2 * half + par] * p.scale_log2 : -INFINITY;
+              x[2 * mm + half] = v;
+              tmax = fmaxf(tmax, v);
+            }
+          const float mn = fmaxf(m[tk][s], tmax);
+          if (mn == -INFINITY) continue;
+          float sum = l[tk][s] * Exp2(m[tk][s] - mn);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) sum += Exp2(x[e] - mn);
+          m[tk][s] = mn;
+          l[tk][s] = sum;
+        }
+    }
+    if (t + 1 < tiles2) loader.Store(tiles + ((t + 1) & 1) * kKeyTile * D);
+    __syncthreads();
+  }
+  // Merge over the key rows held by the eight lanes of each column.
+  for (int tk = 0; tk < 2; ++tk)
+    for (int s = 0; s < 4; ++s) {
+      float mm = m[tk][s], ll = l[tk][s];
+      for (int off = 4; off < 32; off <<= 1) {
+        const float m2 = __shfl_xor_sync(0xffffffff, mm, off), l2 = __shfl_xor_sync(0xffffffff, ll, off);
+        const float mx = fmaxf(mm, m2);
+        if (mx != -INFINITY) {
+          ll = ll * Exp2(mm - mx) + l2 * Exp2(m2 - mx);
+          mm = mx;
+        }
+      }
+      if (gq == 0) lse2[(tok0 + tk) * 16 + (s / 2) * 8 + 2 * tq + s % 2] = ll > 0.0f ? mm + log2f(ll) : INFINITY;
+    }
+  __syncwarp();
+
+  // Pass 2: k1 scores of the candidate blocks, pooled over entries 4b-1 .. 4b+3. Tiles start at
+  // a block boundary one block early, so that entry 4 init - 1 is scanned too.
+  const int64_t b0 = max(p.cand.init - 1, 0);
+  const int64_t b_end = bq - p.cand.window;  // candidates are [init, b_end)
+  const int64_t j0 = 4 * b0, j_end = 4 * b_end;
+  const int64_t tiles1 = (j_end - j0 + kKeyTile - 1) / kKeyTile;
+  float carry[2] = {-INFINITY, -INFINITY};
+  float lse_row[2][4];
+  for (int tk = 0; tk < 2; ++tk)
+    for (int s = 0; s < 4; ++s) {
+      const int h = (s / 2) * 8 + 2 * tq + s % 2;
+      lse_row[tk][s] = h < p.G ? lse2[(tok0 + tk) * 16 + h] : INFINITY;  // INFINITY: no such head
+    }
+  loader.Fetch(p.k1, p.Hk, g, j0, j_end);
+  loader.Store(tiles);
+  __syncthreads();
+  for (int64_t t = 0; t < tiles1; ++t) {
+    const Bf16* kt = tiles + (t & 1) * kKeyTile * D;
+    if (t + 1 < tiles1) loader.Fetch(p.k1, p.Hk, g, j0 + (t + 1) * kKeyTile, j_end);
+    for (int mp = 0; mp < 2; ++mp) {
+      float acc[2][2][2][4];
+      ScoreMma<D>(qs, kt, tok0, mp, acc);
+#pragma unroll
+      for (int tk = 0; tk < 2; ++tk)
+#pragma unroll
+        for (int mm = 0; mm < 2; ++mm) {
+          float v[2];  // S of keys gq and gq + 8 of this m-tile
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            float s = 0.0f;
+#pragma unroll
+            for (int sl = 0; sl < 4; ++sl)
+              s += Exp2(acc[tk][mm][sl / 2][2 * half + sl % 2] * p.scale_log2 - lse_row[tk][sl]);
+            s += __shfl_xor_sync(0xffffffff, s, 1);
+            s += __shfl_xor_sync(0xffffffff, s, 2);
+            v[half] = s;
+          }
+          // Blocks c = 0..3 of this m-tile pool entries 4c-1 .. 4c+3.
+          float mx0 = fmaxf(v[0], __shfl_xor_sync(0xffffffff, v[0], 4));
+          mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 8));
+          float mx1 = fmaxf(v[1], __shfl_xor_sync(0xffffffff, v[1], 4));
+          mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 8));
+          const float k3 = __shfl_sync(0xffffffff, v[0], 12), k7 = __shfl_sync(0xffffffff, v[0], 28);
+          const float k11 = __shfl_sync(0xffffffff, v[1], 12), k15 = __shfl_sync(0xffffffff, v[1], 28);
+          const int64_t pos = base + tok0 + tk;
+          const int64_t blk = b0 + 16 * t + 4 * (2 * mp + mm);
+          float* out = p.scores + ((pos - p.first) * p.Hk + g) * p.ncap - p.cand.init;
+          const bool row_ok = pos >= lo && pos < hi;
+          if (lane == 0 || lane == 16) {
+            const int c_lo = lane == 0 ? 0 : 1;  // lane 0: blocks 0 and 2; lane 16: 1 and 3
+            const float s_lo = lane == 0 ? fmaxf(carry[tk], mx0) : fmaxf(k3, mx0);
+            const float s_hi = lane == 0 ? fmaxf(k7, mx1) : fmaxf(k11, mx1);
+            if (row_ok && blk + c_lo >= p.cand.init && blk + c_lo < b_end) out[blk + c_lo] = s_lo;
+            if (row_ok && blk + c_lo + 2 >= p.cand.init && blk + c_lo + 2 < b_end) out[blk + c_lo + 2] = s_hi;
+          }
+          carry[tk] = k15;
+        }
+    }
+    if (t + 1 < tiles1) loader.Store(tiles + ((t + 1) & 1) * kKeyTile * D);
+    __syncthreads();
+  }
+}
+
+struct TopKParams {
+  const float* scores;
+  int64_t first, T, ncap;
+  int Hk, selected;
+  Candidates cand;
+  int* blocks;  // [T, Hk, selected]
+  int* counts;  // [T, Hk]
+};
+
+// Exclusive prefix sums of two per-thread counts over the block (thread order), and totals.
+__device__ void BlockScan2(int a, int b, int& a_excl, int& b_excl, int& a_total, int& b_total) {
+  __shared__ int warp_a[kTopKThreads / 32], warp_b[kTopKThreads / 32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int ia = a, ib = b;
+  for (int off = 1; off < 32; off <<= 1) {
+    const int xa = __shfl_up_sync(0xffffffff, ia, off), xb = __shfl_up_sync(0xffffffff, ib, off);
+    if (lane >= off) {
+      ia += xa;
+      ib += xb;
+    }
+  }
+  if (lane == 31) {
+    warp_a[warp] = ia;
+    warp_b[warp] = ib;
+  }
+  __syncthreads();
+  int pa = 0, pb = 0, ta = 0, tb = 0;
+  for (int w = 0; w < kTopKThreads / 32; ++w) {
+    if (w < warp) {
+      pa += warp_a[w];
+      pb += warp_b[w];
+    }
+    ta += warp_a[w];
+    tb += warp_b[w];
+  }
+  a_excl = pa + ia - a;
+  b_excl = pb + ib - b;
+  a_total = ta;
+  b_total = tb;
+}
+
+// E candidate scores per thread, contiguous, so that thread order is block order.
+template <int E>
+__global__ void __launch_bounds__(kTopKThreads) TopKKernel(TopKParams p) {
+  __shared__ int warp_counts[2][kTopKThreads / 32];
+  const int64_t r = blockIdx.x;
+  const int g = blockIdx.y, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t pos = p.first + r, bq = pos / kBlock;
+  const int64_t nc = p.cand.Count(bq);
+  int* out = p.blocks + (r * p.Hk + g) * p.selected;
+  if (nc <= p.cand.keep) {  // every block up to b_q
+    for (int64_t b = threadIdx.x; b <= bq; b += kTopKThreads) out[b] = int(b);
+    if (threadIdx.x == 0) p.counts[r * p.Hk + g] = int(bq + 1);
+    return;
+  }
+  const float* row = p.scores + (r * p.Hk + g) * p.ncap;
+  const int64_t i0 = int64_t(threadIdx.x) * E;
+  uint32_t v[E];  // non-negative floats order as their bit patterns
+#pragma unroll
+  for (int e = 0; e < E; e += 4) {
+    float4 x{0, 0, 0, 0};
+    if (i0 + e < nc) x = *reinterpret_cast<const float4*>(row + i0 + e);
+    v[e] = i0 + e < nc ? __float_as_uint(x.x) : 0u;
+    v[e + 1] = i0 + e + 1 < nc ? __float_as_uint(x.y) : 0u;
+    v[e + 2] = i0 + e + 2 < nc ? __float_as_uint(x.z) : 0u;
+    v[e + 3] = i0 + e + 3 < nc ? __float_as_uint(x.w) : 0u;
+  }
+  // tau = the keep-th largest score: the largest value with at least `keep` scores >= it.
+  uint32_t tau = 0;
+  for (int bit = 30; bit >= 0; --bit) {
+    const uint32_t trial = tau | (1u << bit);
+    int cnt = 0;
+#pragma unroll
+    for (int e = 0; e < E; ++e) cnt += v[e] >= trial;
+    cnt = int(__reduce_add_sync(0xffffffff, unsigned(cnt)));
+    if (lane == 0) warp_counts[bit & 1][warp] = cnt;
+    __syncthreads();
+    int total = 0;
+    for (int w = 0; w < kTopKThreads / 32; ++w) total += warp_counts[bit & 1][w];
+    if (total >= p.cand.keep) tau = trial;
+  }
+  int gt = 0, eq = 0;
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const bool valid = i0 + e < nc;
+    gt += valid && v[e] > tau;
+    eq += valid && v[e] == tau;
+  }
+  int gt_excl, eq_excl, gt_total, eq_total;
+  BlockScan2(gt, eq, gt_excl, eq_excl, gt_total, eq_total);
+  const int need_eq = p.cand.keep - gt_total;  // ties at tau: the lowest blocks
+  int at = p.cand.init + gt_excl + min(eq_excl, need_eq), eq_rank = eq_excl;
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    if (i0 + e >= nc) break;
+    if (v[e] > tau) {
+      out[at++] = int(p.cand.init + i0 + e);
+    } else if (v[e] == tau) {
+      if (eq_rank < need_eq) out[at++] = int(p.cand.init + i0 + e);
+      ++eq_rank;
+    }
+  }
+  for (int b = threadIdx.x; b < p.cand.init; b += kTopKThreads) out[b] = b;
+  for (int w = threadIdx.x; w <= p.cand.window; w += kTopKThreads)
+    out[p.cand.init + p.cand.keep + w] = int(bq - p.cand.window + w);
+  if (threadIdx.x == 0) p.counts[r * p.Hk + g] = p.cand.init + p.cand.keep + p.cand.window + 1;
+}
+
+struct AttnParams {
+  const float* q;  // [T, H, D]
+  int64_t first, T;
+  const Bf16* k;  // [tokens, Hk, D]
+  const Bf16* v;
+  int H, Hk, G;
+  float scale_log2;
+  const int* blocks;  // [T, Hk, selected], or null: every block up to the query's (dense causal)
+  const int* counts;
+  int selected;
+  float* o;  // [T, H, D]
+};
+
+template <int D>
+__global__ void __launch_bounds__(kAttnWarps * 32) BlockAttentionKernel(AttnParams p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, tq = lane % 4;
+  const int64_t r = int64_t(blockIdx.x) * kAttnWarps + warp;
+  if (r >= p.T) return;  // warps never synchronise with each other
+  const int g = blockIdx.y;
+  Bf16* stage_base = reinterpret_cast<Bf16*>(smem_raw) + warp * 2 * 2 * kHalf * D;  // [2][K | V][kHalf, D]
+  const int64_t pos = p.first + r, bq = pos / kBlock;
+  const int* list = p.blocks ? p.blocks + (r * p.Hk + g) * p.selected : nullptr;
+  const int nblocks = p.blocks ? p.counts[r * p.Hk + g] : int(bq + 1);
+
+  // Q as A fragments: rows = the group's heads (zero beyond G), bf16.
+  uint32_t qa[D / 16][4];
+  const float* qrow = p.q + (r * p.H + int64_t(g) * p.G) * D;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int h = gq + 8 * (i % 2), col = kk * 16 + 2 * tq + 8 * (i / 2);
+      float2 x{0.0f, 0.0f};
+      if (h < p.G) x = *reinterpret_cast<const float2*>(qrow + int64_t(h) * D + col);
+      qa[kk][i] = PackBf16(x.x, x.y);
+    }
+
+  // Pipeline steps: half-blocks that hold at least one key <= pos.
+  auto step_key0 = [&](int s) -> int64_t {
+    const int64_t b = list ? list[s / 2] : s / 2;
+    return b * kBlock + (s % 2) * kHalf;
+  };
+  const int steps = 2 * nblocks;
+  auto issue = [&](int s, int stage) {
+    const int64_t key0 = step_key0(s);
+    Bf16* ks = stage_base + stage * 2 * kHalf * D;
+    Bf16* vs = ks + kHalf * D;
+    for (int c = lane; c < kHalf * D / 8; c += 32) {
+      const int row = c / (D / 8), cc = c % (D / 8);
+      const int64_t key = key0 + row;
+      const bool valid = key <= pos;
+      const int64_t at = ((valid ? key : 0) * p.Hk + g) * D + cc * 8;
+      CpAsync16(ks + Swizzled<D>(row, cc * 8), p.k + at, valid);
+      CpAsync16(vs + Swizzled<D>(row, cc * 8), p.v + at, valid);
+    }
+    CpAsyncCommit();
+  };
+  auto next_step = [&](int s) {  // the first step from s on with a visible key, or steps
+    while (s < steps && step_key0(s) > pos) ++s;
+    return s;
+  };
+
+  float oacc[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) oacc[n][c] = 0.0f;
+  float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.0f, 0.0f};
+
+  int cur = next_step(0), stage = 0;
+  if (cur < steps) issue(cur, 0);
+  while (cur < steps) {
+    const int nxt = next_step(cur + 1);
+    if (nxt < steps) {
+      issue(nxt, stage ^ 1);
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
+    __syncwarp();
+    const Bf16* ks = stage_base + stage * 2 * kHalf * D;
+    const Bf16* vs = ks + kHalf * D;
+    const int64_t key0 = step_key0(cur);
+
+    float s[4][4];  // scores: heads x 32 keys
+#pragma unroll
+    for (int n = 0; n < 4; ++n)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) s[n][c] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+      for (int np = 0; np < 2; ++np) {
+        uint32_t kb[4];
+        LdMatrixX4(kb, ks + Swizzled<D>(np * 16 + (lane % 8) + 8 * (lane / 16), kk * 16 + 8 * ((lane / 8) % 2)));
+        MmaBf16(s[2 * np], qa[kk], kb[0], kb[1]);
+        MmaBf16(s[2 * np + 1], qa[kk], kb[2], kb[3]);
+      }
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < 4; ++n)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int64_t key = key0 + n * 8 + 2 * tq + (c % 2);
+        s[n][c] = key <= pos ? s[n][c] * p.scale_log2 : -INFINITY;
+        mx[c / 2] = fmaxf(mx[c / 2], s[n][c]);
+      }
+    float corr[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 1));
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 2));
+      const float mn = fmaxf(mrow[h], mx[h]);  // finite: every step has a visible key
+      corr[h] = Exp2(mrow[h] - mn);
+      mrow[h] = mn;
+      lrow[h] *= corr[h];
+    }
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) oacc[n][c] *= corr[c / 2];
+#pragma unroll
+    for (int n = 0; n < 4; ++n)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        s[n][c] = Exp2(s[n][c] - mrow[c / 2]);
+        lrow[c / 2] += s[n][c];
+      }
+#pragma unroll
+    for (int ks16 = 0; ks16 < 2; ++ks16) {
+      const uint32_t pa[4] = {PackBf16(s[2 * ks16][0], s[2 * ks16][1]), PackBf16(s[2 * ks16][2], s[2 * ks16][3]),
+                              PackBf16(s[2 * ks16 + 1][0], s[2 * ks16 + 1][1]),
+                              PackBf16(s[2 * ks16 + 1][2], s[2 * ks16 + 1][3])};
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t vb[4];
+        LdMatrixX4Trans(vb, vs + Swizzled<D>(ks16 * 16 + (lane % 8) + 8 * ((lane / 8) % 2), dp * 16 + 8 * (lane / 16)));
+        MmaBf16(oacc[2 * dp], pa, vb[0], vb[1]);
+        MmaBf16(oacc[2 * dp + 1], pa, vb[2], vb[3]);
+      }
+    }
+    __syncwarp();  // this stage is refilled two steps later
+    cur = nxt;
+    stage ^= 1;
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    lrow[h] += __shfl_xor_sync(0xffffffff, lrow[h], 1);
+    lrow[h] += __shfl_xor_sync(0xffffffff, lrow[h], 2);
+  }
+  float* orow = p.o + (r * p.H + int64_t(g) * p.G) * D;
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int head = gq + 8 * h;
+      if (head < p.G)
+        *reinterpret_cast<float2*>(orow + int64_t(head) * D + n * 8 + 2 * tq) =
+            float2{oacc[n][2 * h] / lrow[h], oacc[n][2 * h + 1] / lrow[h]};
+    }
+}
+
+absl::Status CheckShape(const SparseShape& sh) {
+  if (sh.dim != 64 && sh.dim != 128) return absl::InvalidArgumentError("sparse head_dim must be 64 or 128");
+  if (sh.heads % sh.kv_heads != 0 || sh.heads / sh.kv_heads > 16)
+    return absl::InvalidArgumentError("at most 16 query heads per KV head");
+  if (sh.block != kBlock || sh.kernel != 32 || sh.stride != 16)
+    return absl::InvalidArgumentError("sparse attention needs block 64, kernel 32, stride 16");
+  if (sh.window_blocks < 1 || sh.init_blocks < 0 || sh.selected_blocks <= sh.init_blocks + sh.window_blocks + 1)
+    return absl::InvalidArgumentError("sparse selection needs a local window and room for scored blocks");
+  return absl::OkStatus();
+}
+
+Candidates MakeCandidates(const SparseShape& sh) {
+  return {sh.init_blocks, sh.window_blocks, sh.selected_blocks - sh.init_blocks - sh.window_blocks - 1};
+}
+
+template <int D>
+absl::Status LaunchScores(const ScoreParams& p, cudaStream_t stream) {
+  const size_t smem = (size_t(kScoreTokens) * 16 * D + 2 * kKeyTile * D) * sizeof(Bf16) + kScoreTokens * 16 * sizeof(float);
+  SALA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(ScoreKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  const int64_t tiles = (p.first + p.T + kScoreTokens - 1) / kScoreTokens - p.first / kScoreTokens;
+  ScoreKernel<D><<<dim3(unsigned(tiles), p.Hk), kScoreThreads, smem, stream>>>(p);
+  SALA_CUDA_CHECK_LAUNCH();
+  return absl::OkStatus();
+}
+
+absl::Status LaunchTopK(const TopKParams& p, cudaStream_t stream) {
+  const dim3 grid(unsigned(p.T), p.Hk);
+  if (p.ncap <= 4 * kTopKThreads) TopKKernel<4><<<grid, kTopKThreads, 0, stream>>>(p);
+  else if (p.ncap <= 16 * kTopKThreads) TopKKernel<16><<<grid, kTopKThreads, 0, stream>>>(p);
+  else if (p.ncap <= 64 * kTopKThreads) TopKKernel<64><<<grid, kTopKThreads, 0, stream>>>(p);
+  else if (p.ncap <= 128 * kTopKThreads) TopKKernel<128><<<grid, kTopKThreads, 0, stream>>>(p);
+  else return absl::ResourceExhaustedError("context too long for sparse block selection (above 2M tokens)");
+  SALA_CUDA_CHECK_LAUNCH();
+  return absl::OkStatus();
+}
+
+template <int D>
+absl::Status LaunchAttention(const AttnParams& p, cudaStream_t stream) {
+  const size_t smem = size_t(kAttnWarps) * 2 * 2 * kHalf * D * sizeof(Bf16);
+  SALA_CUDA_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(BlockAttentionKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  BlockAttentionKernel<D><<<dim3(unsigned((p.T + kAttnWarps - 1) / kAttnWarps), p.Hk), kAttnWarps * 32, smem, stream>>>(p);
+  SALA_CUDA_CHECK_LAUNCH();
+  return absl::OkStatus();
+}
+
+// Rows of stage-1 scores per launch, so that the score buffer stays near 256 MiB.
+constexpr size_t kScoreBudgetBytes = size_t(256) << 20;
+
+}  // namespace
+
+absl::Status SelectSparseBlocks(const float* q, int64_t first, int64_t T, const SparseCacheView& cache,
+                                const SparseShape& shape, int* blocks, int* counts, SparseScratch& scratch,
+                                cudaStream_t stream) {
+  SALA_RETURN_IF_ERROR(CheckShape(shape));
+  if (T == 0) return absl::OkStatus();
+  const Candidates cand = MakeCandidates(shape);
+  const int64_t last_bq = (first + T - 1) / kBlock;
+  const int64_t ncap = std::max<int64_t>(4, (last_bq - cand.window - cand.init + 3) / 4 * 4);
+  const int64_t rows_per = std::max<int64_t>(
+      kScoreTokens, int64_t(kScoreBudgetBytes / (size_t(shape.kv_heads) * ncap * 4)) / kScoreTokens * kScoreTokens);
+  SALA_RETURN_IF_ERROR(scratch.scores.Reserve(size_t(std::min(T, rows_per)) * shape.kv_heads * ncap));
+  const int G = shape.heads / shape.kv_heads;
+  const float scale_log2 = kLog2e / std::sqrt(float(shape.dim));
+  for (int64_t s0 = 0; s0 < T; s0 += rows_per) {
+    const int64_t n = std::min(rows_per, T - s0);
+    const ScoreParams sp{q + s0 * shape.heads * shape.dim, first + s0, n, cache.k1, cache.k2, shape.heads,
+                         shape.kv_heads, G, cand, scale_log2, scratch.scores.get(), ncap};
+    SALA_RETURN_IF_ERROR(shape.dim == 128 ? LaunchScores<128>(sp, stream) : LaunchScores<64>(sp, stream));
+    const TopKParams tp{scratch.scores.get(), first + s0, n, ncap, shape.kv_heads, shape.selected_blocks, cand,
+                        blocks + s0 * shape.kv_heads * shape.selected_blocks, counts + s0 * shape.kv_heads};
+    SALA_RETURN_IF_ERROR(LaunchTopK(tp, stream));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status BlockSparseAttention(const float* q, int64_t first, int64_t T, const SparseCacheView& cache,
+                                  const SparseShape& shape, const int* blocks, const int* counts, float* o,
+                                  cudaStream_t stream) {
+  SALA_RETURN_IF_ERROR(CheckShape(shape));
+  if (T == 0) return absl::OkStatus();
+  const AttnParams p{q, first, T, cache.k, cache.v, shape.heads, shape.kv_heads, shape.heads / shape.kv_heads,
+                     kLog2e / std::sqrt(float(shape.dim)), blocks, counts, shape.selected_blocks, o};
+  return shape.dim == 128 ? LaunchAttention<128>(p, stream) : LaunchAttention<64>(p, stream);
+}
+
+}  // namespace sala::cuda
