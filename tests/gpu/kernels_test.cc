@@ -278,9 +278,10 @@ TEST_F(GpuTest, BlockSparseAttentionMatchesCpu) {
   }
 }
 
-// Decode: one row per sequence, sequences of different lengths, sparse and dense rows mixed.
+// Decode: one row per sequence, sequences of different lengths, sparse and dense rows mixed;
+// sparse rows attend the blocks the GPU's stage 1 chose for them.
 TEST_F(GpuTest, SparseAttentionRowsMatchesCpu) {
-  const int heads = 32, kv_heads = 2, dim = 128;
+  const int heads = 32, kv_heads = 2, dim = 128, G = heads / kv_heads;
   std::vector<std::unique_ptr<SparseFixture>> seqs;
   std::vector<cuda::SparseCacheView> views;
   std::vector<int64_t> positions;
@@ -292,14 +293,31 @@ TEST_F(GpuTest, SparseAttentionRowsMatchesCpu) {
     positions.push_back(lengths[i] - 1);
   }
   const auto q = Random(4 * heads * dim, 70, 1.0f);
+  float* dq = ToDevice(q);
+  const int S = seqs[0]->shape.selected_blocks;
+  int* blocks = Poisoned<int>(4 * kv_heads * S);
+  int* counts = Poisoned<int>(4 * kv_heads);
+  cuda::SparseScratch scratch;
+  for (int i = 0; i < 4; ++i)
+    if (flags[i])
+      ASSERT_TRUE(cuda::SelectSparseBlocks(dq + i * heads * dim, positions[i], 1, views[i], seqs[i]->shape,
+                                           blocks + i * kv_heads * S, counts + i * kv_heads, scratch, nullptr)
+                      .ok());
+  std::vector<int> gb(4 * kv_heads * S), gc(4 * kv_heads);
+  cudaMemcpy(gb.data(), blocks, gb.size() * 4, cudaMemcpyDeviceToHost);
+  cudaMemcpy(gc.data(), counts, gc.size() * 4, cudaMemcpyDeviceToHost);
   std::vector<float> ref(q.size());
   for (int i = 0; i < 4; ++i)
-    cpu::SparseLayerAttention(seqs[i]->c, seqs[i]->cache, q.data() + i * heads * dim, positions[i], 1, flags[i],
-                              ref.data() + i * heads * dim);
+    for (int g = 0; g < kv_heads; ++g) {
+      std::vector<int64_t> list;
+      if (flags[i]) list.assign(gb.begin() + (i * kv_heads + g) * S, gb.begin() + (i * kv_heads + g) * S + gc[i * kv_heads + g]);
+      else for (int64_t b = 0; b <= positions[i] / 64; ++b) list.push_back(b);
+      const size_t at = (size_t(i) * heads + g * G) * dim;
+      cpu::AttendBlocks(seqs[i]->c, seqs[i]->cache, q.data() + at, g, positions[i], list, ref.data() + at);
+    }
   float* o = Poisoned<float>(ref.size());
-  cuda::SparseScratch scratch;
-  ASSERT_TRUE(cuda::SparseAttentionRows(ToDevice(q), 4, views.data(), positions.data(), flags, seqs[0]->shape, o,
-                                        scratch, nullptr)
+  ASSERT_TRUE(cuda::SparseAttentionRows(dq, 4, views.data(), positions.data(), flags, blocks, counts, seqs[0]->shape,
+                                        o, scratch, nullptr)
                   .ok());
   EXPECT_LT(testing::RelativeError(FromDevice(o, ref.size()), ref), 1e-3);
 }

@@ -48,7 +48,10 @@ class DeviceBuffer {
   absl::Status Reserve(size_t n, size_t keep = 0) {
     if (n <= n_) return absl::OkStatus();
     T* p = nullptr;
-    SALA_CUDA_RETURN_IF_ERROR(cudaMalloc(&p, n * sizeof(T)));
+    if (const cudaError_t e = cudaMalloc(&p, n * sizeof(T)); e != cudaSuccess) {
+      cudaGetLastError();  // an allocation failure must not surface again at the next launch check
+      return CudaStatus(e, "cudaMalloc");
+    }
     if (ptr_ && keep) SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(p, ptr_, keep * sizeof(T), cudaMemcpyDeviceToDevice));
     if (ptr_) cudaFree(ptr_);
     ptr_ = p;

@@ -55,10 +55,12 @@ absl::Status BlockSparseAttention(const float* q, int64_t first, int64_t T, cons
                                   const SparseShape& shape, const int* blocks, const int* counts, float* o,
                                   cudaStream_t stream);
 
-// One row for each of `rows` sequences (a decode step) in a single launch: row r reads
-// caches[r] at position positions[r], sparse or dense as sparse_rows[r] says. Host arrays.
+// Decode: one row for each of `rows` sequences in a single launch, fp32: row r reads caches[r]
+// at position positions[r]; sparse rows attend the blocks stage 1 chose (blocks, counts: device,
+// laid out as SelectSparseBlocks writes them for a single row at row r), dense rows every block.
+// Host arrays otherwise.
 absl::Status SparseAttentionRows(const float* q, int rows, const SparseCacheView* caches, const int64_t* positions,
-                                 const bool* sparse_rows, const SparseShape& shape, float* o, SparseScratch& scratch,
-                                 cudaStream_t stream);
+                                 const bool* sparse_rows, const int* blocks, const int* counts,
+                                 const SparseShape& shape, float* o, SparseScratch& scratch, cudaStream_t stream);
 
 }  // namespace sala::cuda
