@@ -298,14 +298,28 @@ TEST_F(GpuTest, SparseAttentionRowsMatchesCpu) {
   int* blocks = Poisoned<int>(4 * kv_heads * S);
   int* counts = Poisoned<int>(4 * kv_heads);
   cuda::SparseScratch scratch;
-  for (int i = 0; i < 4; ++i)
-    if (flags[i])
-      ASSERT_TRUE(cuda::SelectSparseBlocks(dq + i * heads * dim, positions[i], 1, views[i], seqs[i]->shape,
-                                           blocks + i * kv_heads * S, counts + i * kv_heads, scratch, nullptr)
-                      .ok());
+  ASSERT_TRUE(cuda::SelectSparseBlocksRows(dq, 4, ToDevice(views), ToDevice(positions), 4099, seqs[0]->shape, blocks,
+                                           counts, scratch, nullptr)
+                  .ok());
   std::vector<int> gb(4 * kv_heads * S), gc(4 * kv_heads);
   cudaMemcpy(gb.data(), blocks, gb.size() * 4, cudaMemcpyDeviceToHost);
   cudaMemcpy(gc.data(), counts, gc.size() * 4, cudaMemcpyDeviceToHost);
+  // Row by row, the lists equal those of the one-sequence entry point.
+  for (int i = 0; i < 4; ++i) {
+    if (!flags[i]) continue;
+    int* one = Poisoned<int>(kv_heads * S);
+    int* one_count = Poisoned<int>(kv_heads);
+    ASSERT_TRUE(cuda::SelectSparseBlocks(dq + i * heads * dim, positions[i], 1, views[i], seqs[i]->shape, one,
+                                         one_count, scratch, nullptr)
+                    .ok());
+    std::vector<int> ob(kv_heads * S), oc(kv_heads);
+    cudaMemcpy(ob.data(), one, ob.size() * 4, cudaMemcpyDeviceToHost);
+    cudaMemcpy(oc.data(), one_count, oc.size() * 4, cudaMemcpyDeviceToHost);
+    for (int g = 0; g < kv_heads; ++g) {
+      ASSERT_EQ(oc[g], gc[i * kv_heads + g]);
+      EXPECT_TRUE(std::equal(ob.begin() + g * S, ob.begin() + g * S + oc[g], gb.begin() + (i * kv_heads + g) * S)) << i;
+    }
+  }
   std::vector<float> ref(q.size());
   for (int i = 0; i < 4; ++i)
     for (int g = 0; g < kv_heads; ++g) {

@@ -416,13 +416,17 @@ class CudaBackend final : public Backend {
       const size_t per_row = size_t(Hk) * shape.selected_blocks;
       SALA_RETURN_IF_ERROR(sc.blocks.Reserve(views.size() * per_row));
       SALA_RETURN_IF_ERROR(sc.counts.Reserve(views.size() * Hk));
-      {
+      if (std::any_of(flags.get(), flags.get() + views.size(), [](bool f) { return f; })) {
         Section section(this, "sparse_stage1");
-        for (size_t r = 0; r < views.size(); ++r)
-          if (flags[r])
-            SALA_RETURN_IF_ERROR(cuda::SelectSparseBlocks(q_.get() + r * H * D, positions[r], 1, views[r], shape,
-                                                          sc.blocks.get() + r * per_row, sc.counts.get() + r * Hk, sc,
-                                                          s));
+        SALA_RETURN_IF_ERROR(sc.views.Reserve(views.size()));
+        SALA_RETURN_IF_ERROR(sc.positions.Reserve(views.size()));
+        SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(sc.views.get(), views.data(), views.size() * sizeof(views[0]),
+                                             cudaMemcpyHostToDevice));
+        SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(sc.positions.get(), positions.data(), positions.size() * sizeof(int64_t),
+                                             cudaMemcpyHostToDevice));
+        SALA_RETURN_IF_ERROR(cuda::SelectSparseBlocksRows(
+            q_.get(), int(views.size()), sc.views.get(), sc.positions.get(),
+            *std::max_element(positions.begin(), positions.end()), shape, sc.blocks.get(), sc.counts.get(), sc, s));
       }
       Section section(this, "sparse_decode_attention");
       SALA_RETURN_IF_ERROR(cuda::SparseAttentionRows(q_.get(), int(views.size()), views.data(), positions.data(),

@@ -49,6 +49,12 @@ absl::Status SelectSparseBlocks(const float* q, int64_t first, int64_t T, const 
                                 const SparseShape& shape, int* blocks, int* counts, SparseScratch& scratch,
                                 cudaStream_t stream);
 
+// Stage 1 for a decode step: row r is the one query of sequence r at positions[r] of views[r]
+// (device arrays); lists as above, row by row. Dense rows get every block up to theirs.
+absl::Status SelectSparseBlocksRows(const float* q, int rows, const SparseCacheView* views, const int64_t* positions,
+                                    int64_t max_position, const SparseShape& shape, int* blocks, int* counts,
+                                    SparseScratch& scratch, cudaStream_t stream);
+
 // Stage 2 of the prefill path: softmax attention over the listed blocks, or (blocks null) over
 // every block up to each row's (dense causal attention).
 absl::Status BlockSparseAttention(const float* q, int64_t first, int64_t T, const SparseCacheView& cache,

@@ -36,11 +36,15 @@ struct Candidates {
   __device__ int64_t Count(int64_t bq) const { return bq - window - init; }
 };
 
+// Rows come either from one sequence (positions first .. first + T − 1, caches k1/k2) or, with
+// `views` set, one from each of T sequences (a decode step: row r at positions[r] of views[r]).
 struct ScoreParams {
-  const float* q;  // [T, H, D] of positions first ..
+  const float* q;  // [T, H, D]
   int64_t first, T;
   const float* k1;  // [n1, Hk, D]
   const float* k2;
+  const SparseCacheView* views;  // device, or null
+  const int64_t* positions;      // device, with views
   int H, Hk, G;
   Candidates cand;
   float scale_log2;
@@ -111,8 +115,13 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreKernel(ScoreParams p) {
   Bf16* tiles = qs + kScoreTokens * 16 * D;      // [2][kKeyTile, D]
   float* lse2 = reinterpret_cast<float*>(tiles + 2 * kKeyTile * D);  // [16 tokens][16 heads], log2 units
   const int g = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t base = (p.first / kScoreTokens) * kScoreTokens + kScoreTokens * int64_t(blockIdx.x);
-  const int64_t lo = max(base, p.first), hi = min(base + kScoreTokens, p.first + p.T);
+  const bool per_row = p.views != nullptr;
+  const int64_t first = per_row ? p.positions[blockIdx.x] : p.first;
+  const int64_t base = (first / kScoreTokens) * kScoreTokens + (per_row ? 0 : kScoreTokens * int64_t(blockIdx.x));
+  const int64_t lo = max(base, first), hi = per_row ? first + 1 : min(base + kScoreTokens, first + p.T);
+  const int64_t row_of_first = per_row ? blockIdx.x : 0;  // output row of position `first`
+  const float* k1 = per_row ? p.views[blockIdx.x].k1 : p.k1;
+  const float* k2 = per_row ? p.views[blockIdx.x].k2 : p.k2;
   const int64_t bq = base / kBlock;
   if (p.cand.Count(bq) <= p.cand.keep) return;  // every block is taken; nothing to score
 
@@ -121,7 +130,7 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreKernel(ScoreParams p) {
     const int64_t pos = base + tk;
     float4 v{0, 0, 0, 0};
     if (pos >= lo && pos < hi && h < p.G)
-      v = *reinterpret_cast<const float4*>(p.q + ((pos - p.first) * p.H + g * p.G + h) * D + c4 * 4);
+      v = *reinterpret_cast<const float4*>(p.q + ((pos - first + row_of_first) * p.H + g * p.G + h) * D + c4 * 4);
     *reinterpret_cast<uint2*>(qs + Swizzled<D>(row, c4 * 4)) = uint2{PackBf16(v.x, v.y), PackBf16(v.z, v.w)};
   }
 
@@ -141,13 +150,13 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreKernel(ScoreParams p) {
     }
   const int64_t tiles2 = (n2_all + kKeyTile - 1) / kKeyTile;
   if (tiles2 > 0) {
-    loader.Fetch(p.k2, p.Hk, g, 0, n2_all);
+    loader.Fetch(k2, p.Hk, g, 0, n2_all);
     loader.Store(tiles);
   }
   __syncthreads();
   for (int64_t t = 0; t < tiles2; ++t) {
     const Bf16* kt = tiles + (t & 1) * kKeyTile * D;
-    if (t + 1 < tiles2) loader.Fetch(p.k2, p.Hk, g, (t + 1) * kKeyTile, n2_all);
+    if (t + 1 < tiles2) loader.Fetch(k2, p.Hk, g, (t + 1) * kKeyTile, n2_all);
     for (int mp = 0; mp < 2; ++mp) {
       float acc[2][2][2][4];
       ScoreMma<D>(qs, kt, tok0, mp, acc);
@@ -208,12 +217,12 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreKernel(ScoreParams p) {
       const int h = (s / 2) * 8 + 2 * tq + s % 2;
       lse_row[tk][s] = h < p.G ? lse2[(tok0 + tk) * 16 + h] : INFINITY;  // INFINITY: no such head
     }
-  loader.Fetch(p.k1, p.Hk, g, j0, j_end);
+  loader.Fetch(k1, p.Hk, g, j0, j_end);
   loader.Store(tiles);
   __syncthreads();
   for (int64_t t = 0; t < tiles1; ++t) {
     const Bf16* kt = tiles + (t & 1) * kKeyTile * D;
-    if (t + 1 < tiles1) loader.Fetch(p.k1, p.Hk, g, j0 + (t + 1) * kKeyTile, j_end);
+    if (t + 1 < tiles1) loader.Fetch(k1, p.Hk, g, j0 + (t + 1) * kKeyTile, j_end);
     for (int mp = 0; mp < 2; ++mp) {
       float acc[2][2][2][4];
       ScoreMma<D>(qs, kt, tok0, mp, acc);
@@ -241,7 +250,7 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreKernel(ScoreParams p) {
           const float k11 = __shfl_sync(0xffffffff, v[1], 12), k15 = __shfl_sync(0xffffffff, v[1], 28);
           const int64_t pos = base + tok0 + tk;
           const int64_t blk = b0 + 16 * t + 4 * (2 * mp + mm);
-          float* out = p.scores + ((pos - p.first) * p.Hk + g) * p.ncap - p.cand.init;
+          float* out = p.scores + ((pos - first + row_of_first) * p.Hk + g) * p.ncap - p.cand.init;
           const bool row_ok = pos >= lo && pos < hi;
           if (lane == 0 || lane == 16) {
             const int c_lo = lane == 0 ? 0 : 1;  // lane 0: blocks 0 and 2; lane 16: 1 and 3
@@ -261,6 +270,7 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreKernel(ScoreParams p) {
 struct TopKParams {
   const float* scores;
   int64_t first, T, ncap;
+  const int64_t* positions;  // device: row r at positions[r]; or null: at first + r
   int Hk, selected;
   Candidates cand;
   int* blocks;  // [T, Hk, selected]
@@ -305,7 +315,7 @@ __global__ void __launch_bounds__(kTopKThreads) TopKKernel(TopKParams p) {
   __shared__ int warp_counts[2][kTopKThreads / 32];
   const int64_t r = blockIdx.x;
   const int g = blockIdx.y, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t pos = p.first + r, bq = pos / kBlock;
+  const int64_t pos = p.positions ? p.positions[r] : p.first + r, bq = pos / kBlock;
   const int64_t nc = p.cand.Count(bq);
   int* out = p.blocks + (r * p.Hk + g) * p.selected;
   if (nc <= p.cand.keep) {  // every block up to b_q
@@ -548,7 +558,8 @@ template <int D>
 absl::Status LaunchScores(const ScoreParams& p, cudaStream_t stream) {
   const size_t smem = (size_t(kScoreTokens) * 16 * D + 2 * kKeyTile * D) * sizeof(Bf16) + kScoreTokens * 16 * sizeof(float);
   SALA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(ScoreKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  const int64_t tiles = (p.first + p.T + kScoreTokens - 1) / kScoreTokens - p.first / kScoreTokens;
+  const int64_t tiles =
+      p.views ? p.T : (p.first + p.T + kScoreTokens - 1) / kScoreTokens - p.first / kScoreTokens;
   ScoreKernel<D><<<dim3(unsigned(tiles), p.Hk), kScoreThreads, smem, stream>>>(p);
   SALA_CUDA_CHECK_LAUNCH();
   return absl::OkStatus();
@@ -595,14 +606,31 @@ absl::Status SelectSparseBlocks(const float* q, int64_t first, int64_t T, const 
   const float scale_log2 = kLog2e / std::sqrt(float(shape.dim));
   for (int64_t s0 = 0; s0 < T; s0 += rows_per) {
     const int64_t n = std::min(rows_per, T - s0);
-    const ScoreParams sp{q + s0 * shape.heads * shape.dim, first + s0, n, cache.k1, cache.k2, shape.heads,
-                         shape.kv_heads, G, cand, scale_log2, scratch.scores.get(), ncap};
+    const ScoreParams sp{q + s0 * shape.heads * shape.dim, first + s0, n, cache.k1, cache.k2, nullptr, nullptr,
+                         shape.heads, shape.kv_heads, G, cand, scale_log2, scratch.scores.get(), ncap};
     SALA_RETURN_IF_ERROR(shape.dim == 128 ? LaunchScores<128>(sp, stream) : LaunchScores<64>(sp, stream));
-    const TopKParams tp{scratch.scores.get(), first + s0, n, ncap, shape.kv_heads, shape.selected_blocks, cand,
+    const TopKParams tp{scratch.scores.get(), first + s0, n, ncap, nullptr, shape.kv_heads, shape.selected_blocks, cand,
                         blocks + s0 * shape.kv_heads * shape.selected_blocks, counts + s0 * shape.kv_heads};
     SALA_RETURN_IF_ERROR(LaunchTopK(tp, stream));
   }
   return absl::OkStatus();
+}
+
+absl::Status SelectSparseBlocksRows(const float* q, int rows, const SparseCacheView* views, const int64_t* positions,
+                                    int64_t max_position, const SparseShape& shape, int* blocks, int* counts,
+                                    SparseScratch& scratch, cudaStream_t stream) {
+  SALA_RETURN_IF_ERROR(CheckShape(shape));
+  if (rows == 0) return absl::OkStatus();
+  const Candidates cand = MakeCandidates(shape);
+  const int64_t ncap = std::max<int64_t>(4, (max_position / kBlock - cand.window - cand.init + 3) / 4 * 4);
+  SALA_RETURN_IF_ERROR(scratch.scores.Reserve(size_t(rows) * shape.kv_heads * ncap));
+  const ScoreParams sp{q, 0, rows, nullptr, nullptr, views, positions, shape.heads, shape.kv_heads,
+                       shape.heads / shape.kv_heads, cand, kLog2e / std::sqrt(float(shape.dim)), scratch.scores.get(),
+                       ncap};
+  SALA_RETURN_IF_ERROR(shape.dim == 128 ? LaunchScores<128>(sp, stream) : LaunchScores<64>(sp, stream));
+  return LaunchTopK({scratch.scores.get(), 0, rows, ncap, positions, shape.kv_heads, shape.selected_blocks, cand,
+                     blocks, counts},
+                    stream);
 }
 
 absl::Status BlockSparseAttention(const float* q, int64_t first, int64_t T, const SparseCacheView& cache,
