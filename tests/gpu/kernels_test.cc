@@ -286,7 +286,7 @@ TEST_F(GpuTest, SparseAttentionRowsMatchesCpu) {
   std::vector<cuda::SparseCacheView> views;
   std::vector<int64_t> positions;
   bool flags[4] = {false, true, true, false};
-  const int64_t lengths[4] = {300, 1501, 4100, 2000};
+  const int64_t lengths[4] = {300, 1501, 20000, 2000};  // 20000: stage 1 split over 5 thread blocks
   for (int i = 0; i < 4; ++i) {
     seqs.push_back(std::make_unique<SparseFixture>(lengths[i], heads, kv_heads, dim, 60 + i));
     views.push_back(seqs.back()->view());
@@ -298,7 +298,7 @@ TEST_F(GpuTest, SparseAttentionRowsMatchesCpu) {
   int* blocks = Poisoned<int>(4 * kv_heads * S);
   int* counts = Poisoned<int>(4 * kv_heads);
   cuda::SparseScratch scratch;
-  ASSERT_TRUE(cuda::SelectSparseBlocksRows(dq, 4, ToDevice(views), ToDevice(positions), 4099, seqs[0]->shape, blocks,
+  ASSERT_TRUE(cuda::SelectSparseBlocksRows(dq, 4, ToDevice(views), ToDevice(positions), 19999, seqs[0]->shape, blocks,
                                            counts, scratch, nullptr)
                   .ok());
   std::vector<int> gb(4 * kv_heads * S), gc(4 * kv_heads);

@@ -50,6 +50,7 @@ struct ScoreParams {
   float scale_log2;
   float* scores;  // [T, Hk, ncap]: block init + c at c
   int64_t ncap;
+  int splits;  // thread blocks per row and KV group, each scoring a share of the k1 tiles
 };
 
 __device__ __forceinline__ float Exp2(float x) { return exp2f(x); }
@@ -210,6 +211,12 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreKernel(ScoreParams p) {
   const int64_t b_end = bq - p.cand.window;  // candidates are [init, b_end)
   const int64_t j0 = 4 * b0, j_end = 4 * b_end;
   const int64_t tiles1 = (j_end - j0 + kKeyTile - 1) / kKeyTile;
+  // With several thread blocks per row (gridDim.z > 1: decode), each scores its share of the
+  // tiles, starting one tile early for the carry into its first block.
+  const int64_t per_split = (tiles1 + gridDim.z - 1) / gridDim.z;
+  const int64_t t_own = per_split * blockIdx.z, t_stop = min(tiles1, t_own + per_split);
+  const int64_t t_first = t_own > 0 ? t_own - 1 : 0;
+  if (t_own >= t_stop) return;
   float carry[2] = {-INFINITY, -INFINITY};
   float lse_row[2][4];
   for (int tk = 0; tk < 2; ++tk)
@@ -217,12 +224,12 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreKernel(ScoreParams p) {
       const int h = (s / 2) * 8 + 2 * tq + s % 2;
       lse_row[tk][s] = h < p.G ? lse2[(tok0 + tk) * 16 + h] : INFINITY;  // INFINITY: no such head
     }
-  loader.Fetch(k1, p.Hk, g, j0, j_end);
-  loader.Store(tiles);
+  loader.Fetch(k1, p.Hk, g, j0 + t_first * kKeyTile, j_end);
+  loader.Store(tiles + (t_first & 1) * kKeyTile * D);
   __syncthreads();
-  for (int64_t t = 0; t < tiles1; ++t) {
+  for (int64_t t = t_first; t < t_stop; ++t) {
     const Bf16* kt = tiles + (t & 1) * kKeyTile * D;
-    if (t + 1 < tiles1) loader.Fetch(k1, p.Hk, g, j0 + (t + 1) * kKeyTile, j_end);
+    if (t + 1 < t_stop) loader.Fetch(k1, p.Hk, g, j0 + (t + 1) * kKeyTile, j_end);
     for (int mp = 0; mp < 2; ++mp) {
       float acc[2][2][2][4];
       ScoreMma<D>(qs, kt, tok0, mp, acc);
@@ -251,7 +258,7 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreKernel(ScoreParams p) {
           const int64_t pos = base + tok0 + tk;
           const int64_t blk = b0 + 16 * t + 4 * (2 * mp + mm);
           float* out = p.scores + ((pos - first + row_of_first) * p.Hk + g) * p.ncap - p.cand.init;
-          const bool row_ok = pos >= lo && pos < hi;
+          const bool row_ok = pos >= lo && pos < hi && t >= t_own;
           if (lane == 0 || lane == 16) {
             const int c_lo = lane == 0 ? 0 : 1;  // lane 0: blocks 0 and 2; lane 16: 1 and 3
             const float s_lo = lane == 0 ? fmaxf(carry[tk], mx0) : fmaxf(k3, mx0);
@@ -262,7 +269,7 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreKernel(ScoreParams p) {
           carry[tk] = k15;
         }
     }
-    if (t + 1 < tiles1) loader.Store(tiles + ((t + 1) & 1) * kKeyTile * D);
+    if (t + 1 < t_stop) loader.Store(tiles + ((t + 1) & 1) * kKeyTile * D);
     __syncthreads();
   }
 }
@@ -560,7 +567,7 @@ absl::Status LaunchScores(const ScoreParams& p, cudaStream_t stream) {
   SALA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(ScoreKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   const int64_t tiles =
       p.views ? p.T : (p.first + p.T + kScoreTokens - 1) / kScoreTokens - p.first / kScoreTokens;
-  ScoreKernel<D><<<dim3(unsigned(tiles), p.Hk), kScoreThreads, smem, stream>>>(p);
+  ScoreKernel<D><<<dim3(unsigned(tiles), p.Hk, p.splits), kScoreThreads, smem, stream>>>(p);
   SALA_CUDA_CHECK_LAUNCH();
   return absl::OkStatus();
 }
@@ -607,7 +614,7 @@ absl::Status SelectSparseBlocks(const float* q, int64_t first, int64_t T, const 
   for (int64_t s0 = 0; s0 < T; s0 += rows_per) {
     const int64_t n = std::min(rows_per, T - s0);
     const ScoreParams sp{q + s0 * shape.heads * shape.dim, first + s0, n, cache.k1, cache.k2, nullptr, nullptr,
-                         shape.heads, shape.kv_heads, G, cand, scale_log2, scratch.scores.get(), ncap};
+                         shape.heads, shape.kv_heads, G, cand, scale_log2, scratch.scores.get(), ncap, 1};
     SALA_RETURN_IF_ERROR(shape.dim == 128 ? LaunchScores<128>(sp, stream) : LaunchScores<64>(sp, stream));
     const TopKParams tp{scratch.scores.get(), first + s0, n, ncap, nullptr, shape.kv_heads, shape.selected_blocks, cand,
                         blocks + s0 * shape.kv_heads * shape.selected_blocks, counts + s0 * shape.kv_heads};
@@ -624,9 +631,17 @@ absl::Status SelectSparseBlocksRows(const float* q, int rows, const SparseCacheV
   const Candidates cand = MakeCandidates(shape);
   const int64_t ncap = std::max<int64_t>(4, (max_position / kBlock - cand.window - cand.init + 3) / 4 * 4);
   SALA_RETURN_IF_ERROR(scratch.scores.Reserve(size_t(rows) * shape.kv_heads * ncap));
+  // Few rows: split each row's k1 tiles over several thread blocks to fill the GPU, at least
+  // four tiles each (every split also repeats the k2 pass, a quarter of the keys).
+  int device = 0, sms = 0;
+  SALA_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  SALA_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t max_tiles = 4 * ncap / kKeyTile + 1;
+  const int splits = int(std::clamp<int64_t>(std::min<int64_t>(2 * sms / (int64_t(rows) * shape.kv_heads), max_tiles / 4),
+                                             1, 16));
   const ScoreParams sp{q, 0, rows, nullptr, nullptr, views, positions, shape.heads, shape.kv_heads,
                        shape.heads / shape.kv_heads, cand, kLog2e / std::sqrt(float(shape.dim)), scratch.scores.get(),
-                       ncap};
+                       ncap, splits};
   SALA_RETURN_IF_ERROR(shape.dim == 128 ? LaunchScores<128>(sp, stream) : LaunchScores<64>(sp, stream));
   return LaunchTopK({scratch.scores.get(), 0, rows, ncap, positions, shape.kv_heads, shape.selected_blocks, cand,
                      blocks, counts},
