@@ -1,5 +1,4 @@
 #include <algorithm>
-#include <cfloat>
 #include <vector>
 
 #include "cuda_common.h"
@@ -13,7 +12,6 @@ constexpr int kThreads = 128;  // four warps
 constexpr int kMaxDim = 128;
 constexpr int kTile = 64;         // keys per shared-memory tile: one attention block
 constexpr int kHeadsPerWarp = 4;  // query heads per KV group up to 4 * warps = 16
-constexpr int kMaxGroup = 16;
 
 __global__ void CompressKernel(const __nv_bfloat16* k, int Hk, int D, int64_t from, int kernel, int stride,
                                float* out) {
