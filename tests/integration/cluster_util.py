@@ -82,7 +82,7 @@ def redis(cluster, *args):
     with socket.create_connection(("127.0.0.1", cluster.redis_port), timeout=2) as s:
         cmd = f"*{len(args)}\r\n" + "".join(f"${len(str(a).encode())}\r\n{a}\r\n" for a in args)
         s.sendall(cmd.encode())
-        f = s.makefile("rb")
+        f = s.makefile("rb")  # closed below: an open file keeps the socket alive
 
         def read():
             line = f.readline().decode().rstrip("\r\n")
@@ -100,7 +100,8 @@ def redis(cluster, *args):
             if kind == "*":
                 return [read() for _ in range(int(rest))]
             raise ValueError(line)
-        return read()
+        with f:
+            return read()
 
 
 def sessions_with_status(cluster, status):
