@@ -89,6 +89,8 @@ absl::StatusOr<std::vector<float>> Engine::Prefill(SequenceState& state, std::sp
         max_context_tokens(), " tokens"));
   // One dense/sparse decision for the whole prompt, so chunking cannot change the result.
   const bool sparse = UseSparse(final_tokens);
+  // Room for the whole prompt at once: no reallocation under blocks being shipped.
+  SALA_RETURN_IF_ERROR(backend_->Reserve(state, final_tokens));
   std::vector<float> logits;
   for (size_t begin = 0; begin < tokens.size(); begin += options_.chunk_size) {
     const size_t n = std::min<size_t>(options_.chunk_size, tokens.size() - begin);

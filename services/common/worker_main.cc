@@ -23,6 +23,9 @@ ABSL_FLAG(std::string, redis, "127.0.0.1:6379", "Redis address for the worker re
 ABSL_FLAG(std::string, worker_id, "", "worker id (default: role + random)");
 ABSL_FLAG(std::string, backend, "cpu", "compute backend");
 ABSL_FLAG(int, chunk_size, 8192, "prefill chunk, tokens");
+ABSL_FLAG(int64_t, random_weights_seed, -1,
+          "draw the weights on the GPU from this seed instead of reading the checkpoint (cuda backend; "
+          "for benchmarks of the 9B shape from its config.json alone); -1: read the checkpoint");
 ABSL_FLAG(bool, dense_as_sparse, false, "send every length down the sparse attention path");
 ABSL_FLAG(int64_t, max_context, 0, "maximum context in tokens (0: the model's max_position_embeddings)");
 ABSL_FLAG(double, heartbeat_interval, 0.5, "seconds between registry heartbeats");
@@ -38,6 +41,7 @@ absl::StatusOr<std::unique_ptr<Engine>> LoadEngineFromFlags() {
   o.chunk_size = absl::GetFlag(FLAGS_chunk_size);
   o.dense_as_sparse = absl::GetFlag(FLAGS_dense_as_sparse);
   o.max_context_tokens = absl::GetFlag(FLAGS_max_context);
+  if (absl::GetFlag(FLAGS_random_weights_seed) >= 0) o.random_weights_seed = uint64_t(absl::GetFlag(FLAGS_random_weights_seed));
   return Engine::Load(absl::GetFlag(FLAGS_model), o);
 }
 

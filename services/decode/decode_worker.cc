@@ -3,13 +3,16 @@
 #include <algorithm>
 #include <chrono>
 #include <deque>
+#include <numeric>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "log.h"
 #include "metrics.h"
+#include "process.h"
 #include "sala/state_serialization.h"
+#include "sala/status_macros.h"
 #include "status_map.h"
 
 namespace sala::decode {
@@ -298,6 +301,158 @@ grpc::Status DecodeWorker::Attach(grpc::ServerContext* context, const sala::v1::
   return service::ToGrpcStatus(result);
 }
 
+struct DecodeWorker::NcclPeerLink {
+  std::string prefill_worker_id;
+  std::unique_ptr<NcclLink> nccl;
+  std::mutex busy;  // one transfer at a time: receives must match the sender's order
+};
+
+grpc::Status DecodeWorker::OpenNcclLink(grpc::ServerContext*, const sala::v1::NcclLinkRequest* request,
+                                        sala::v1::NcclLinkReply* reply) {
+  if (engine_->backend().name() != "cuda" || !NcclLink::Available())
+    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "this decode worker has no GPU path (NCCL)");
+  const std::string hash = absl::StrFormat("%016x", engine_->config().layout_hash());
+  if (request->layout_hash() != hash)
+    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                        absl::StrCat("model layout ", request->layout_hash(), " differs from this worker's ", hash));
+  std::lock_guard<std::mutex> lock(links_mu_);
+  if (!request->link_id().empty()) {
+    auto it = links_.find(request->link_id());
+    if (it != links_.end() && !it->second->nccl->aborted()) {
+      reply->set_link_id(request->link_id());
+      return grpc::Status::OK;
+    }
+  }
+  // A new link replaces the peer's old ones.
+  for (auto it = links_.begin(); it != links_.end();)
+    it = it->second->prefill_worker_id == request->prefill_worker_id() ? links_.erase(it) : std::next(it);
+  auto id = NcclLink::NewUniqueId();
+  auto nccl = id.ok() ? NcclLink::Join(*id, /*rank=*/1) : absl::StatusOr<std::unique_ptr<NcclLink>>(id.status());
+  if (!nccl.ok()) return service::ToGrpcStatus(nccl.status());
+  auto link = std::make_shared<NcclPeerLink>();
+  link->prefill_worker_id = request->prefill_worker_id();
+  link->nccl = std::move(*nccl);
+  const std::string link_id = service::RandomId("link-");
+  links_[link_id] = link;
+  reply->set_link_id(link_id);
+  reply->set_nccl_unique_id(*id);
+  LogInfo("NCCL link opened", {{"link", link_id}, {"prefill_worker", request->prefill_worker_id()}});
+  return grpc::Status::OK;
+}
+
+bool DecodeWorker::Cancelled(const Sequence& seq) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return seq.cancelled || seq.closed;
+}
+
+absl::StatusOr<SequenceState> DecodeWorker::ReceiveBytes(grpc::ServerContext* context,
+                                                         grpc::ServerReader<sala::v1::StateChunk>* reader,
+                                                         sala::v1::StateChunk& chunk, Sequence& seq, int64_t& bytes) {
+  StateReader state_reader(engine_->config());
+  for (;;) {
+    bytes += int64_t(chunk.data().size());
+    SALA_RETURN_IF_ERROR(state_reader.Feed(chunk.data()));
+    if (chunk.last()) break;
+    if (Cancelled(seq)) return absl::CancelledError("sequence was cancelled");
+    if (!reader->Read(&chunk))
+      return absl::UnavailableError(context->IsCancelled() ? "state transfer cancelled by the prefill worker"
+                                                           : "state transfer broken");
+  }
+  if (!state_reader.committed()) return absl::DataLossError("state stream ended without a commit");
+  return state_reader.Take();
+}
+
+absl::StatusOr<SequenceState> DecodeWorker::ReceiveOverNccl(grpc::ServerContext* context,
+                                                            grpc::ServerReader<sala::v1::StateChunk>* reader,
+                                                            sala::v1::StateChunk& chunk, Sequence& seq,
+                                                            int64_t& bytes) {
+  const sala::v1::NcclSegment first = chunk.nccl();
+  const std::string hash = absl::StrFormat("%016x", engine_->config().layout_hash());
+  if (first.layout_hash() != hash)
+    return absl::FailedPreconditionError(
+        absl::StrCat("state of model layout ", first.layout_hash(), " does not fit this worker's ", hash));
+  if (first.expected_tokens() <= 0 || first.expected_tokens() > engine_->max_context_tokens())
+    return absl::InvalidArgumentError(absl::StrCat("a state of ", first.expected_tokens(), " tokens"));
+  std::shared_ptr<NcclPeerLink> link;
+  {
+    std::lock_guard<std::mutex> lock(links_mu_);
+    auto it = links_.find(first.link_id());
+    if (it == links_.end()) return absl::NotFoundError(absl::StrCat("no NCCL link '", first.link_id(), "' here"));
+    link = it->second;
+  }
+  std::unique_lock<std::mutex> busy(link->busy, std::try_to_lock);
+  if (!busy.owns_lock()) return absl::AbortedError("the NCCL link is busy with another transfer");
+  absl::Time deadline;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    deadline = seq.lease_deadline;
+  }
+  auto drop_link = [&] {
+    link->nccl->Abort();
+    std::lock_guard<std::mutex> lock(links_mu_);
+    links_.erase(first.link_id());
+  };
+  absl::Status status = link->nccl->WaitReady(deadline);
+  const double busy_before = status.ok() ? link->nccl->busy_seconds() : 0;
+  SequenceState state = engine_->NewSequence();
+  // Room for the prompt and the answer at once; the blocks land straight in the state.
+  if (status.ok())
+    status = engine_->backend().Reserve(
+        state, std::min(first.expected_tokens() + seq.params.max_new_tokens, engine_->max_context_tokens()));
+  while (status.ok()) {
+    const sala::v1::NcclSegment& seg = chunk.nccl();
+    if (seg.to_tokens() > first.expected_tokens()) {
+      status = absl::InvalidArgumentError("the state grows past its announced size");
+      break;
+    }
+    if (seg.to_tokens() > seg.from_tokens() || seg.linear_states()) {
+      auto spans = engine_->backend().StateSpans(state, seg.from_tokens(), seg.to_tokens(), seg.linear_states(),
+                                                 /*receive=*/true);
+      if (!spans.ok()) {
+        status = spans.status();
+        break;
+      }
+      const int64_t expect = std::accumulate(spans->begin(), spans->end(), int64_t(0),
+                                             [](int64_t a, const DeviceSpan& s) { return a + int64_t(s.bytes); });
+      if (expect != seg.bytes()) {
+        status = absl::DataLossError(absl::StrCat("a step of ", seg.bytes(), " bytes where this layout has ", expect));
+        break;
+      }
+      auto n = link->nccl->Recv(*spans);
+      if (!n.ok()) {
+        status = n.status();
+        break;
+      }
+      bytes += *n;
+    }
+    if (chunk.last()) break;
+    if (Cancelled(seq)) {
+      status = absl::CancelledError("sequence was cancelled");
+    } else if (!reader->Read(&chunk)) {
+      status = absl::UnavailableError(context->IsCancelled() ? "state transfer cancelled by the prefill worker"
+                                                             : "state transfer broken");
+    } else if (!chunk.has_nccl()) {
+      status = absl::InvalidArgumentError("an NCCL transfer step without its descriptor");
+    }
+  }
+  if (status.ok())
+    status = link->nccl->Wait(deadline, [&] { return context->IsCancelled() || Cancelled(seq); });
+  if (status.ok() && !(chunk.last() && state.tokens == first.expected_tokens()))
+    status = absl::DataLossError(absl::StrCat("the state ended at ", state.tokens, " of ", first.expected_tokens(),
+                                              " tokens"));
+  if (!status.ok()) {
+    drop_link();  // receives may be pending: abort before the state's memory goes
+    return status;
+  }
+  // Receives are posted once the sender's data is ready, so their time is the wire's.
+  const double wire = link->nccl->busy_seconds() - busy_before;
+  LogInfo("state received", {{"session", seq.session_id}, {"transport", "nccl"}, {"link", first.link_id()},
+                             {"tokens", std::to_string(state.tokens)}, {"state_bytes", std::to_string(bytes)},
+                             {"wire_seconds", absl::StrFormat("%.4f", wire)},
+                             {"wire_gb_per_s", absl::StrFormat("%.1f", wire > 0 ? bytes / wire / 1e9 : 0.0)}});
+  return state;
+}
+
 grpc::Status DecodeWorker::TransferState(grpc::ServerContext* context,
                                          grpc::ServerReader<sala::v1::StateChunk>* reader,
                                          sala::v1::TransferAck* ack) {
@@ -313,42 +468,19 @@ grpc::Status DecodeWorker::TransferState(grpc::ServerContext* context,
       return grpc::Status(grpc::StatusCode::NOT_FOUND, absl::StrCat("no sequence '", session, "' waits for state here"));
     seq = it->second;
   }
-  StateReader state_reader(engine_->config());
   int64_t bytes = 0;
-  absl::Status status = absl::OkStatus();
-  bool last = false;
-  for (;;) {
-    bytes += int64_t(chunk.data().size());
-    status = state_reader.Feed(chunk.data());
-    if (!status.ok() || chunk.last()) {
-      last = chunk.last();
-      break;
-    }
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (seq->cancelled || seq->closed) {
-        status = absl::CancelledError("sequence was cancelled");
-        break;
-      }
-    }
-    if (!reader->Read(&chunk)) {
-      status = absl::UnavailableError(
-          context->IsCancelled() ? "state transfer cancelled by the prefill worker" : "state transfer broken");
-      break;
-    }
-  }
-  if (status.ok() && !(last && state_reader.committed()))
-    status = absl::DataLossError("state stream ended without a commit");
+  auto state = chunk.has_nccl() ? ReceiveOverNccl(context, reader, chunk, *seq, bytes)
+                                : ReceiveBytes(context, reader, chunk, *seq, bytes);
   Metrics::Get().transfer_bytes.Increment(double(bytes));
   std::lock_guard<std::mutex> lock(mu_);
-  if (!status.ok()) {
+  if (!state.ok()) {
+    const absl::Status& status = state.status();
     Metrics::Get().TransferFailures(service::CodeLabel(status.code())).Increment();
     FailLocked(*seq, absl::Status(status.code(), absl::StrCat("state transfer: ", status.message())));
     work_cv_.notify_all();
     return service::ToGrpcStatus(status);
   }
   if (seq->cancelled || seq->closed) return grpc::Status(grpc::StatusCode::CANCELLED, "sequence was cancelled");
-  auto state = state_reader.Take();
   seq->state = std::move(*state);
   Metrics::Get().transfer_time.Observe(std::chrono::duration<double>(Clock::now() - start).count());
   ack->set_tokens(seq->state.tokens);

@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "sala/engine.h"
+#include "sala/nccl_link.h"
 #include "sala/v1/worker.grpc.pb.h"
 
 namespace sala::decode {
@@ -30,6 +31,8 @@ class DecodeWorker final : public sala::v1::DecodeWorker::Service {
                       grpc::ServerWriter<sala::v1::DecodeEvent>* writer) override;
   grpc::Status TransferState(grpc::ServerContext* context, grpc::ServerReader<sala::v1::StateChunk>* reader,
                              sala::v1::TransferAck* ack) override;
+  grpc::Status OpenNcclLink(grpc::ServerContext* context, const sala::v1::NcclLinkRequest* request,
+                            sala::v1::NcclLinkReply* reply) override;
   grpc::Status Abort(grpc::ServerContext* context, const sala::v1::AbortRequest* request,
                      sala::v1::AbortResponse* response) override;
   grpc::Status GetWorkerInfo(grpc::ServerContext* context, const sala::v1::WorkerInfoRequest* request,
@@ -42,6 +45,16 @@ class DecodeWorker final : public sala::v1::DecodeWorker::Service {
 
  private:
   struct Sequence;
+  struct NcclPeerLink;
+  // The state over an NCCL link; `chunk` is the stream's first message.
+  absl::StatusOr<SequenceState> ReceiveOverNccl(grpc::ServerContext* context,
+                                                grpc::ServerReader<sala::v1::StateChunk>* reader,
+                                                sala::v1::StateChunk& chunk, Sequence& seq, int64_t& bytes);
+  // The state as a byte stream through host memory.
+  absl::StatusOr<SequenceState> ReceiveBytes(grpc::ServerContext* context,
+                                             grpc::ServerReader<sala::v1::StateChunk>* reader,
+                                             sala::v1::StateChunk& chunk, Sequence& seq, int64_t& bytes);
+  bool Cancelled(const Sequence& seq) const;
   void Loop();
   void Step(std::vector<std::shared_ptr<Sequence>>& batch);
   void AppendPrefill(const std::shared_ptr<Sequence>& seq);
@@ -63,6 +76,8 @@ class DecodeWorker final : public sala::v1::DecodeWorker::Service {
   std::map<std::string, std::shared_ptr<Sequence>> sequences_;  // by session id
   uint64_t arrival_ = 0;
   bool draining_ = false, stop_ = false;
+  std::mutex links_mu_;
+  std::map<std::string, std::shared_ptr<NcclPeerLink>> links_;  // by link id
   std::thread thread_;
 };
 

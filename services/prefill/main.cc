@@ -1,13 +1,19 @@
 // sala-prefill: the prefill worker.
 #include <iostream>
 
+#include "absl/flags/flag.h"
 #include "flags.h"
 #include "grpc_state_transport.h"
+#include "nccl_state_transport.h"
 #include "log.h"
 #include "metrics.h"
 #include "prefill_worker.h"
 #include "process.h"
 #include "worker_main.h"
+
+ABSL_FLAG(std::string, state_transport, "auto",
+          "how states reach decode workers: nccl (GPU to GPU), grpc (through host memory), or auto "
+          "(nccl where both workers have a GPU path, grpc otherwise)");
 
 int main(int argc, char** argv) {
   sala::service::BlockTerminationSignals();
@@ -22,7 +28,16 @@ int main(int argc, char** argv) {
     sala::service::LogError(std::string(engine.status().message()));
     return 2;
   }
-  sala::prefill::PrefillWorker worker(std::move(*engine), std::make_unique<sala::service::GrpcStateTransport>(), id,
+  const std::string mode = absl::GetFlag(FLAGS_state_transport);
+  if (mode != "auto" && mode != "nccl" && mode != "grpc") {
+    sala::service::LogError("--state_transport must be auto, nccl or grpc", {{"value", mode}});
+    return 2;
+  }
+  sala::Engine& e = **engine;
+  std::unique_ptr<sala::StateTransport> transport;
+  if (mode == "grpc") transport = std::make_unique<sala::service::GrpcStateTransport>(e);
+  else transport = std::make_unique<sala::service::NcclStateTransport>(e, id, /*fallback=*/mode == "auto");
+  sala::prefill::PrefillWorker worker(std::move(*engine), std::move(transport), id,
                                       sala::service::AdvertisedAddressFromFlags(),
                                       sala::service::ModelNameFromFlags());
   return sala::service::ServeWorker(

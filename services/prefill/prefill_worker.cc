@@ -9,7 +9,6 @@
 #include "log.h"
 #include "metrics.h"
 #include "process.h"
-#include "sala/state_serialization.h"
 #include "sala/status_macros.h"
 #include "status_map.h"
 
@@ -167,22 +166,29 @@ absl::Status PrefillWorker::Run(Job& job) {
   Metrics::Get().queue_time.Observe(queue_seconds);
   const std::vector<int> prompt(t.prompt_ids().begin(), t.prompt_ids().end());
   const auto start = Clock::now();
-  SALA_ASSIGN_OR_RETURN(std::unique_ptr<StateSender> sender,
-                        transport_->Open(t.decode_worker_address(), t.session_id(), job.lease_deadline));
-  StateWriter writer(engine_->config(), int64_t(prompt.size()));
-  SALA_RETURN_IF_ERROR(sender->Send(writer.Header()));
+  // Declared before the sender, so destroyed after it: an unfinished sender aborts its
+  // transfer before the memory it may still be reading goes.
   SequenceState state = engine_->NewSequence();
-  // After each chunk its finished KV blocks go out while the next chunk computes.
+  auto opened = transport_->Open(t.decode_worker_address(), t.session_id(), int64_t(prompt.size()), job.lease_deadline);
+  if (!opened.ok()) {
+    Metrics::Get().TransferFailures(service::CodeLabel(opened.status().code())).Increment();
+    return opened.status();
+  }
+  std::unique_ptr<StateSender> sender = std::move(*opened);
+  absl::Status transfer_status = absl::OkStatus();
+  // After each chunk its rows go out while the next chunk computes.
   auto after_chunk = [&](const SequenceState&) -> absl::Status {
     if (job.cancelled) return absl::CancelledError("prefill cancelled");
     if (absl::Now() > job.lease_deadline) return absl::DeadlineExceededError("prefill lease expired");
-    SALA_RETURN_IF_ERROR(engine_->SyncToHost(state, /*linear=*/false));
-    SALA_RETURN_IF_ERROR(sender->Send(writer.SparseDelta(state, /*final=*/false)));
+    transfer_status = sender->SendProgress(state);
+    SALA_RETURN_IF_ERROR(transfer_status);
     Progress(job, [&](sala::v1::PrefillProgress& p) { p.mutable_chunk()->set_tokens_done(state.tokens); });
     return absl::OkStatus();
   };
   auto logits = engine_->Prefill(state, prompt, after_chunk);
   if (!logits.ok()) {
+    if (!transfer_status.ok())
+      Metrics::Get().TransferFailures(service::CodeLabel(transfer_status.code())).Increment();
     sender->Abort(std::string(logits.status().message()));
     return logits.status();
   }
@@ -197,14 +203,7 @@ absl::Status PrefillWorker::Run(Job& job) {
   const int first_token = sampler.Sample(*logits);
   const auto finish_start = Clock::now();
   Progress(job, [](sala::v1::PrefillProgress& p) { p.mutable_transferring(); });
-  if (absl::Status s = engine_->SyncToHost(state, /*linear=*/true); !s.ok()) {
-    sender->Abort(std::string(s.message()));
-    return s;
-  }
-  std::string last = writer.SparseDelta(state, /*final=*/true);
-  last += writer.LinearStates(state);
-  last += writer.Commit(state);
-  if (absl::Status s = sender->Finish(last, first_token); !s.ok()) {
+  if (absl::Status s = sender->Finish(state, first_token); !s.ok()) {
     Metrics::Get().TransferFailures(service::CodeLabel(s.code())).Increment();
     return s;
   }
@@ -219,10 +218,15 @@ absl::Status PrefillWorker::Run(Job& job) {
   job.result.set_prefill_seconds(prefill_seconds);
   job.result.set_transfer_exposed_seconds(exposed);
   job.result.set_state_bytes(sender->bytes_sent());
+  const double wire = sender->wire_seconds();
   LogInfo("prefill done", {{"session", t.session_id()}, {"request_id", t.request_id()},
                            {"prompt_tokens", std::to_string(prompt.size())},
                            {"prefill_seconds", absl::StrFormat("%.3f", prefill_seconds)},
-                           {"state_bytes", std::to_string(sender->bytes_sent())}});
+                           {"transport", sender->kind()},
+                           {"state_bytes", std::to_string(sender->bytes_sent())},
+                           {"exposed_seconds", absl::StrFormat("%.4f", exposed)},
+                           {"wire_seconds", absl::StrFormat("%.4f", wire)},
+                           {"wire_gb_per_s", absl::StrFormat("%.1f", wire > 0 ? sender->bytes_sent() / wire / 1e9 : 0.0)}});
   return absl::OkStatus();
 }
 

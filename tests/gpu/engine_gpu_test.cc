@@ -127,6 +127,48 @@ TEST_F(EngineGpuTest, TransferredStateContinuesIdentically) {
   EXPECT_LT(testing::RelativeError((*gpu_step)[0], (*cpu_step)[0]), 2e-2);
 }
 
+TEST_F(EngineGpuTest, StateMovedSpanBySpanContinuesIdentically) {
+  // What the NCCL transport does, with a device copy for the wire: the prefill side lists the
+  // spans each chunk added, the receiving engine lists the same spans of a fresh state, and
+  // the bytes go one to one. The received state must decode exactly like the original.
+  auto prefill = Load("cuda", 256);
+  const auto ids = Tokens(1300, 43);  // partial last chunk and block
+  SequenceState s = prefill->NewSequence();
+  SequenceState received = gpu_->NewSequence();
+  ASSERT_TRUE(gpu_->backend().Reserve(received, int64_t(ids.size()) + 16).ok());
+  int64_t sent = 0;
+  auto move = [&](bool linear) {
+    auto from = prefill->backend().StateSpans(s, sent, s.tokens, linear, /*receive=*/false);
+    auto to = gpu_->backend().StateSpans(received, sent, s.tokens, linear, /*receive=*/true);
+    ASSERT_TRUE(from.ok() && to.ok()) << from.status() << to.status();
+    ASSERT_EQ(from->size(), to->size());
+    for (size_t i = 0; i < from->size(); ++i) {
+      ASSERT_EQ((*from)[i].bytes, (*to)[i].bytes);
+      ASSERT_EQ(cudaMemset((*to)[i].data, 0xff, (*to)[i].bytes), cudaSuccess);  // poisoned
+      ASSERT_EQ(cudaMemcpy((*to)[i].data, (*from)[i].data, (*from)[i].bytes, cudaMemcpyDeviceToDevice), cudaSuccess);
+    }
+    sent = s.tokens;
+  };
+  auto logits = prefill->Prefill(s, ids, [&](const SequenceState&) {
+    move(false);
+    return absl::OkStatus();
+  });
+  ASSERT_TRUE(logits.ok()) << logits.status();
+  move(true);
+  EXPECT_EQ(received.tokens, s.tokens);
+  // A sender cannot list rows it has not computed; a receiver must continue where it stands.
+  EXPECT_FALSE(prefill->backend().StateSpans(s, 0, s.tokens + 1, false, false).ok());
+  EXPECT_FALSE(gpu_->backend().StateSpans(received, 5, s.tokens + 1, false, true).ok());
+  SamplingParams greedy;
+  greedy.temperature = 0;
+  greedy.max_new_tokens = 24;
+  greedy.ignore_eos = true;
+  auto here = prefill->GenerateFrom(s, *logits, greedy);
+  auto there = gpu_->GenerateFrom(received, *logits, greedy);
+  ASSERT_TRUE(here.ok() && there.ok()) << there.status();
+  EXPECT_EQ(here->tokens, there->tokens);
+}
+
 TEST_F(EngineGpuTest, ChunkedPrefillMatchesOneShot) {
   const auto ids = Tokens(1800, 5);
   auto chunked = Load("cuda", 333);

@@ -20,6 +20,7 @@ ABSL_FLAG(std::string, address, "127.0.0.1:50051", "router gRPC address");
 ABSL_FLAG(std::string, prompt, "", "prompt text");
 ABSL_FLAG(std::string, chat, "", "one user message (ChatML)");
 ABSL_FLAG(std::string, token_ids, "", "raw prompt token ids, comma-separated");
+ABSL_FLAG(std::string, token_ids_file, "", "raw prompt token ids from this file, comma- or whitespace-separated ('-' = stdin)");
 ABSL_FLAG(std::string, model, "", "model name (default: the cluster's)");
 ABSL_FLAG(int, max_new_tokens, 128, "tokens to generate at most");
 ABSL_FLAG(double, temperature, 0.9, "sampling temperature");
@@ -63,15 +64,15 @@ bool BuildRequest(sala::v1::GenerateRequest* r) {
     auto* m = r->mutable_chat()->add_messages();
     m->set_role("user");
     m->set_content(absl::GetFlag(FLAGS_chat));
-  } else if (!absl::GetFlag(FLAGS_token_ids).empty()) {
-    for (absl::string_view p : absl::StrSplit(absl::GetFlag(FLAGS_token_ids), ',', absl::SkipWhitespace())) {
-      int id;
-      if (!absl::SimpleAtoi(p, &id)) {
-        std::cerr << "not a token id: " << p << "\n";
-        return false;
-      }
-      r->mutable_token_ids()->add_ids(id);
+  } else if (!absl::GetFlag(FLAGS_token_ids).empty() || !absl::GetFlag(FLAGS_token_ids_file).empty()) {
+    auto text = absl::GetFlag(FLAGS_token_ids).empty() ? sala::tools::ReadFile(absl::GetFlag(FLAGS_token_ids_file))
+                                                       : absl::StatusOr<std::string>(absl::GetFlag(FLAGS_token_ids));
+    auto ids = text.ok() ? sala::tools::ParseIds(*text) : absl::StatusOr<std::vector<int>>(text.status());
+    if (!ids.ok()) {
+      std::cerr << ids.status().message() << "\n";
+      return false;
     }
+    for (int id : *ids) r->mutable_token_ids()->add_ids(id);
   } else {
     r->set_text("");  // the router answers INVALID_ARGUMENT
   }

@@ -59,7 +59,7 @@ class Process:
 
 class Cluster:
     def __init__(self, model, bin_dir=None, prefill=1, decode=1, log_dir=None, chunk_size=None,
-                 router_args=(), worker_args=(), decode_args=()):
+                 router_args=(), worker_args=(), decode_args=(), gpus=None):
         self.model = os.path.abspath(model)
         self.bin_dir = bin_dir or os.path.join(ROOT, "build", "services")
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="sala-cluster-")
@@ -67,6 +67,8 @@ class Cluster:
         self.n_prefill, self.n_decode = prefill, decode
         self.chunk_size = chunk_size
         self.router_args, self.worker_args, self.decode_args = list(router_args), list(worker_args), list(decode_args)
+        # GPUs handed out to workers in turn (prefill workers first), one CUDA_VISIBLE_DEVICES each.
+        self.gpus = list(gpus or [])
         self.redis = None
         self.router = None
         self.prefills, self.decodes = [], []
@@ -105,7 +107,11 @@ class Cluster:
             cmd.append(f"--chunk_size={self.chunk_size}")
         if role == "decode":
             cmd += self.decode_args
-        p = Process(f"{role}-{index}", cmd, self.log_dir)
+        env = None
+        if self.gpus:
+            turn = index if role == "prefill" else self.n_prefill + index
+            env = {"CUDA_VISIBLE_DEVICES": str(self.gpus[turn % len(self.gpus)])}
+        p = Process(f"{role}-{index}", cmd, self.log_dir, env)
         p.address, p.metrics_url = f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics}/metrics"
         return p
 
@@ -189,11 +195,12 @@ def main():
     ap.add_argument("--chunk-size", type=int)
     ap.add_argument("--prompt-file", help="answer this prompt (streaming), print the TTFT, and stop")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--gpus", help="comma-separated GPU ids handed to the workers in turn, prefill first")
     ap.add_argument("--worker-arg", action="append", default=[],
                     help="extra flag for every worker, e.g. --worker-arg=--backend=cuda (repeatable)")
     args = ap.parse_args()
     cluster = Cluster(args.model, args.bin_dir, args.prefill, args.decode, args.log_dir, args.chunk_size,
-                      worker_args=args.worker_arg)
+                      worker_args=args.worker_arg, gpus=args.gpus.split(",") if args.gpus else None)
     print(f"starting: redis, router, {args.prefill} prefill, {args.decode} decode (logs in {cluster.log_dir})",
           file=sys.stderr)
     try:

@@ -2,8 +2,16 @@
 #pragma once
 
 #include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <sstream>
 #include <string>
 #include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 
 namespace sala::tools {
 
@@ -17,6 +25,30 @@ inline void AcceptDashedFlags(int argc, char** argv) {
     for (char* p = a + 2; *p && *p != '='; ++p)
       if (*p == '-') *p = '_';
   }
+}
+
+// The whole file ("-": standard input).
+inline absl::StatusOr<std::string> ReadFile(const std::string& path) {
+  std::stringstream ss;
+  if (path == "-") {
+    ss << std::cin.rdbuf();
+    return ss.str();
+  }
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// Token ids separated by commas or whitespace.
+inline absl::StatusOr<std::vector<int>> ParseIds(const std::string& text) {
+  std::vector<int> ids;
+  for (absl::string_view piece : absl::StrSplit(text, absl::ByAnyChar(", \n\t\r"), absl::SkipEmpty())) {
+    int id;
+    if (!absl::SimpleAtoi(piece, &id)) return absl::InvalidArgumentError(absl::StrCat("not a token id: '", piece, "'"));
+    ids.push_back(id);
+  }
+  return ids;
 }
 
 // Writes a float32 vector as a NumPy .npy file of shape (n,).

@@ -36,34 +36,14 @@ ABSL_FLAG(int, chunk_size, 8192, "prefill chunk, tokens");
 ABSL_FLAG(bool, dense_as_sparse, false, "send every length down the sparse attention path");
 ABSL_FLAG(int64_t, max_context, 0, "maximum context in tokens (0: the model's max_position_embeddings)");
 ABSL_FLAG(std::string, backend, "cpu", "compute backend");
+ABSL_FLAG(int64_t, random_weights_seed, -1,
+          "draw the weights on the GPU from this seed instead of reading the checkpoint (cuda backend); "
+          "-1: read the checkpoint");
 ABSL_FLAG(std::string, logits_out, "", "write the last prompt position's logits here (float32 .npy)");
 ABSL_FLAG(std::string, json_out, "", "write the result (token ids, text, timings) here as JSON");
 ABSL_FLAG(bool, quiet, false, "do not stream the generated text");
 
 namespace {
-
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  if (path == "-") {
-    std::stringstream ss;
-    ss << std::cin.rdbuf();
-    return ss.str();
-  }
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-absl::StatusOr<std::vector<int>> ParseIds(const std::string& text) {
-  std::vector<int> ids;
-  for (absl::string_view piece : absl::StrSplit(text, absl::ByAnyChar(", \n\t\r"), absl::SkipEmpty())) {
-    int id;
-    if (!absl::SimpleAtoi(piece, &id)) return absl::InvalidArgumentError(absl::StrCat("not a token id: '", piece, "'"));
-    ids.push_back(id);
-  }
-  return ids;
-}
 
 absl::StatusOr<std::vector<int>> PromptTokens(const sala::Tokenizer& tok) {
   int sources = 0;
@@ -76,7 +56,7 @@ absl::StatusOr<std::vector<int>> PromptTokens(const sala::Tokenizer& tok) {
         "give exactly one of --prompt, --prompt_file, --chat, --messages_file, --token_ids, --token_ids_file");
   if (!absl::GetFlag(FLAGS_prompt).empty()) return tok.EncodePrompt(absl::GetFlag(FLAGS_prompt));
   if (!absl::GetFlag(FLAGS_prompt_file).empty()) {
-    SALA_ASSIGN_OR_RETURN(std::string text, ReadFile(absl::GetFlag(FLAGS_prompt_file)));
+    SALA_ASSIGN_OR_RETURN(std::string text, sala::tools::ReadFile(absl::GetFlag(FLAGS_prompt_file)));
     return tok.EncodePrompt(text);
   }
   if (!absl::GetFlag(FLAGS_chat).empty()) {
@@ -86,7 +66,7 @@ absl::StatusOr<std::vector<int>> PromptTokens(const sala::Tokenizer& tok) {
     return tok.EncodeChat(msgs);
   }
   if (!absl::GetFlag(FLAGS_messages_file).empty()) {
-    SALA_ASSIGN_OR_RETURN(std::string text, ReadFile(absl::GetFlag(FLAGS_messages_file)));
+    SALA_ASSIGN_OR_RETURN(std::string text, sala::tools::ReadFile(absl::GetFlag(FLAGS_messages_file)));
     auto j = nlohmann::json::parse(text, nullptr, false);
     if (j.is_discarded() || !j.is_array()) return absl::InvalidArgumentError("--messages_file must hold a JSON list");
     std::vector<sala::ChatMessage> msgs;
@@ -98,9 +78,9 @@ absl::StatusOr<std::vector<int>> PromptTokens(const sala::Tokenizer& tok) {
     }
     return tok.EncodeChat(msgs);
   }
-  if (!absl::GetFlag(FLAGS_token_ids).empty()) return ParseIds(absl::GetFlag(FLAGS_token_ids));
-  SALA_ASSIGN_OR_RETURN(std::string text, ReadFile(absl::GetFlag(FLAGS_token_ids_file)));
-  return ParseIds(text);
+  if (!absl::GetFlag(FLAGS_token_ids).empty()) return sala::tools::ParseIds(absl::GetFlag(FLAGS_token_ids));
+  SALA_ASSIGN_OR_RETURN(std::string text, sala::tools::ReadFile(absl::GetFlag(FLAGS_token_ids_file)));
+  return sala::tools::ParseIds(text);
 }
 
 absl::Status Run() {
@@ -110,6 +90,8 @@ absl::Status Run() {
   options.chunk_size = absl::GetFlag(FLAGS_chunk_size);
   options.dense_as_sparse = absl::GetFlag(FLAGS_dense_as_sparse);
   options.max_context_tokens = absl::GetFlag(FLAGS_max_context);
+  if (absl::GetFlag(FLAGS_random_weights_seed) >= 0)
+    options.random_weights_seed = uint64_t(absl::GetFlag(FLAGS_random_weights_seed));
   SALA_ASSIGN_OR_RETURN(auto engine, sala::Engine::Load(absl::GetFlag(FLAGS_model), options));
   SALA_ASSIGN_OR_RETURN(std::vector<int> prompt, PromptTokens(engine->tokenizer()));
 

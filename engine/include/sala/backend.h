@@ -15,6 +15,12 @@ namespace sala {
 
 class Checkpoint;
 
+// A piece of device memory of a sequence state, for GPU-to-GPU transfer.
+struct DeviceSpan {
+  void* data = nullptr;
+  size_t bytes = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -34,6 +40,22 @@ class Backend {
   // be serialised: the sparse rows and compressed keys not yet on the host, and the linear
   // states when `linear` is set. A no-op where the state lives on the host.
   virtual absl::Status SyncToHost(SequenceState& /*state*/, bool /*linear*/) { return absl::OkStatus(); }
+
+  // Makes room in `state` for `tokens` tokens, so that a prefill does not move the state while
+  // earlier rows are being sent from it. A no-op where the state lives on the host.
+  virtual absl::Status Reserve(SequenceState& /*state*/, int64_t /*tokens*/) { return absl::OkStatus(); }
+
+  // The device memory that holds what a state gained from `from_tokens` to `to_tokens`: for
+  // every sparse layer in slot order its K rows, V rows, k1 and k2 entries (empty pieces left
+  // out), then every linear state when `linear`. A sender lists what it has computed; a
+  // receiver (`receive`) gets the state made device-resident, grown, and advanced to
+  // `to_tokens`, ready to be written. Both list the same pieces in the same order for the same
+  // arguments, so a transport moves them one to one. Only for device-resident backends.
+  virtual absl::StatusOr<std::vector<DeviceSpan>> StateSpans(SequenceState& /*state*/, int64_t /*from_tokens*/,
+                                                             int64_t /*to_tokens*/, bool /*linear*/,
+                                                             bool /*receive*/) {
+    return absl::FailedPreconditionError("the " + name() + " backend keeps sequence states in host memory");
+  }
 
   // Time by kind of work (GEMM, linear attention, sparse attention, ...) while profiling is on;
   // profiling synchronises the device between sections, so it is for benchmarks only.

@@ -220,6 +220,58 @@ class CudaBackend final : public Backend {
     return absl::OkStatus();
   }
 
+  absl::Status Reserve(SequenceState& state, int64_t tokens) override {
+    SALA_ASSIGN_OR_RETURN(CudaSequence * dev, Device(state));
+    const size_t row = SparseRow();
+    const SparseConfig& sc = config_.sparse;
+    const int64_t n1 = std::max<int64_t>(SequenceState::NumK1(sc, tokens), 1);
+    const int64_t n2 = std::max<int64_t>(SequenceState::NumK2(sc, tokens), 1);
+    auto reserve = [](auto& b, size_t need, size_t keep) { return need <= b.size() ? absl::OkStatus() : b.Reserve(need, keep); };
+    for (SparseCache& c : dev->sparse) {
+      SALA_RETURN_IF_ERROR(reserve(c.k, tokens * row, dev->tokens * row));
+      SALA_RETURN_IF_ERROR(reserve(c.v, tokens * row, dev->tokens * row));
+      SALA_RETURN_IF_ERROR(reserve(c.k1, n1 * row, c.n1 * row));
+      SALA_RETURN_IF_ERROR(reserve(c.k2, n2 * row, c.n2 * row));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<std::vector<DeviceSpan>> StateSpans(SequenceState& state, int64_t from, int64_t to, bool linear,
+                                                     bool receive) override {
+    if (from < 0 || to < from) return absl::InvalidArgumentError(absl::StrCat("bad token range [", from, ", ", to, ")"));
+    SALA_ASSIGN_OR_RETURN(CudaSequence * dev, Device(state));
+    const SparseConfig& sc = config_.sparse;
+    if (receive) {
+      if (from != dev->tokens)
+        return absl::FailedPreconditionError(absl::StrCat("received rows start at ", from, " but the state holds ",
+                                                          dev->tokens, " tokens"));
+      SALA_RETURN_IF_ERROR(Reserve(state, to));
+      for (SparseCache& c : dev->sparse) {
+        c.n1 = SequenceState::NumK1(sc, to);
+        c.n2 = SequenceState::NumK2(sc, to);
+      }
+      dev->tokens = state.tokens = to;
+    } else if (to > dev->tokens) {
+      return absl::OutOfRangeError(absl::StrCat("the state holds ", dev->tokens, " tokens, not ", to));
+    }
+    const size_t row = SparseRow();
+    std::vector<DeviceSpan> spans;
+    auto add = [&](auto* base, int64_t a, int64_t b) {
+      if (b > a) spans.push_back({base + a * row, size_t(b - a) * row * sizeof(*base)});
+    };
+    const int64_t k1a = SequenceState::NumK1(sc, from), k1b = SequenceState::NumK1(sc, to);
+    const int64_t k2a = SequenceState::NumK2(sc, from), k2b = SequenceState::NumK2(sc, to);
+    for (SparseCache& c : dev->sparse) {
+      add(c.k.get(), from, to);
+      add(c.v.get(), from, to);
+      add(c.k1.get(), k1a, k1b);
+      add(c.k2.get(), k2a, k2b);
+    }
+    if (linear)
+      for (DeviceBuffer<float>& l : dev->linear) spans.push_back({l.get(), StateElems() * sizeof(float)});
+    return spans;
+  }
+
   absl::StatusOr<std::vector<std::vector<float>>> DecodeStep(std::span<SequenceState* const> states,
                                                              std::span<const int> tokens,
                                                              std::span<const bool> sparse) override {

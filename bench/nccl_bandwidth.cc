@@ -1,0 +1,154 @@
+// sala-nccl-bandwidth: the floor for state transfers between two GPUs of this host. Measures
+// NCCL's own send/recv (one process, ncclCommInitAll over GPUs 0 and 1) at the sizes a state
+// transfer uses, and the same bytes through sala::NcclLink (the transport's link, two ranks
+// joined through a unique id), so that the transport's overhead shows separately from the
+// cluster's. Prints JSON.
+//
+//   sala-nccl-bandwidth --total_gib=8 --out=nccl.json
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#include <algorithm>
+#include <fstream>
+#include <future>
+#include <iostream>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/time/clock.h"
+#include "nlohmann/json.hpp"
+#include "sala/nccl_link.h"
+
+ABSL_FLAG(double, total_gib, 8, "bytes moved per measurement, GiB (a 1M-token state is 8 GiB)");
+ABSL_FLAG(int, repeats, 3, "measurements per size; the median is reported");
+ABSL_FLAG(std::string, out, "", "write the JSON here as well");
+
+namespace {
+
+#define CHECK_CUDA(x)                                                                  \
+  do {                                                                                 \
+    if (cudaError_t e = (x); e != cudaSuccess) {                                       \
+      std::cerr << #x << ": " << cudaGetErrorString(e) << "\n";                        \
+      std::exit(1);                                                                    \
+    }                                                                                  \
+  } while (0)
+#define CHECK_NCCL(x)                                                                  \
+  do {                                                                                 \
+    if (ncclResult_t r = (x); r != ncclSuccess) {                                      \
+      std::cerr << #x << ": " << ncclGetErrorString(r) << "\n";                        \
+      std::exit(1);                                                                    \
+    }                                                                                  \
+  } while (0)
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("NCCL send/recv bandwidth between GPUs 0 and 1, raw and through sala::NcclLink");
+  absl::ParseCommandLine(argc, argv);
+  int n = 0;
+  CHECK_CUDA(cudaGetDeviceCount(&n));
+  if (n < 2) {
+    std::cerr << "needs two GPUs, found " << n << "\n";
+    return 2;
+  }
+  const size_t total = size_t(absl::GetFlag(FLAGS_total_gib) * double(1ull << 30));
+  // 64 MiB is one 8K-token chunk of the 9B shape's sparse KV; 1 GiB a whole layer's K at 1M.
+  const std::vector<size_t> sizes = {size_t(64) << 20, size_t(256) << 20, size_t(1) << 30};
+  const size_t biggest = sizes.back();
+  void *src = nullptr, *dst = nullptr;
+  CHECK_CUDA(cudaSetDevice(0));
+  CHECK_CUDA(cudaMalloc(&src, biggest));
+  CHECK_CUDA(cudaMemset(src, 1, biggest));
+  CHECK_CUDA(cudaSetDevice(1));
+  CHECK_CUDA(cudaMalloc(&dst, biggest));
+
+  nlohmann::json out;
+  cudaDeviceProp prop;
+  CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
+  out["gpu"] = prop.name;
+  int version = 0;
+  ncclGetVersion(&version);
+  out["nccl_version"] = version;
+  out["total_bytes"] = total;
+
+  // Raw NCCL: both ranks driven from this thread inside one group per message.
+  ncclComm_t comms[2];
+  const int devs[2] = {0, 1};
+  CHECK_NCCL(ncclCommInitAll(comms, 2, devs));
+  cudaStream_t streams[2];
+  for (int d = 0; d < 2; ++d) {
+    CHECK_CUDA(cudaSetDevice(d));
+    CHECK_CUDA(cudaStreamCreateWithFlags(&streams[d], cudaStreamNonBlocking));
+  }
+  auto raw_pass = [&](size_t message) {
+    CHECK_NCCL(ncclGroupStart());
+    for (size_t done = 0; done < total; done += message) {
+      CHECK_NCCL(ncclSend(src, message, ncclInt8, 1, comms[0], streams[0]));
+      CHECK_NCCL(ncclRecv(dst, message, ncclInt8, 0, comms[1], streams[1]));
+    }
+    CHECK_NCCL(ncclGroupEnd());
+    for (int d = 0; d < 2; ++d) {
+      CHECK_CUDA(cudaSetDevice(d));
+      CHECK_CUDA(cudaStreamSynchronize(streams[d]));
+    }
+  };
+  // Through the transport's link: rank 0 on GPU 0, rank 1 on GPU 1, joined like two workers.
+  auto id = sala::NcclLink::NewUniqueId();
+  if (!id.ok()) {
+    std::cerr << id.status() << "\n";
+    return 1;
+  }
+  auto join = [&](int rank) {
+    CHECK_CUDA(cudaSetDevice(rank));
+    auto link = sala::NcclLink::Join(*id, rank);
+    if (!link.ok() || !(*link)->WaitReady(absl::Now() + absl::Seconds(60)).ok()) {
+      std::cerr << "NcclLink join failed\n";
+      std::exit(1);
+    }
+    return std::move(*link);
+  };
+  auto receiver_future = std::async(std::launch::async, join, 1);
+  auto sender = join(0);
+  auto receiver = receiver_future.get();
+  auto link_pass = [&](size_t message) {
+    // Receives first, as a decode worker posts them when the descriptor arrives.
+    for (size_t done = 0; done < total; done += message) {
+      const sala::DeviceSpan in{dst, message}, out_span{src, message};
+      CHECK_CUDA(cudaSetDevice(1));
+      if (!receiver->Recv({&in, 1}).ok()) std::exit(1);
+      CHECK_CUDA(cudaSetDevice(0));
+      if (!sender->Send({&out_span, 1}).ok()) std::exit(1);
+    }
+    const absl::Time deadline = absl::Now() + absl::Seconds(120);
+    if (!sender->Wait(deadline).ok() || !receiver->Wait(deadline).ok()) std::exit(1);
+  };
+
+  for (size_t message : sizes) {
+    raw_pass(message);  // warm-up
+    link_pass(message);
+    std::vector<double> raw, link;
+    for (int r = 0; r < absl::GetFlag(FLAGS_repeats); ++r) {
+      absl::Time t0 = absl::Now();
+      raw_pass(message);
+      raw.push_back(double(total) / absl::ToDoubleSeconds(absl::Now() - t0) / 1e9);
+      t0 = absl::Now();
+      link_pass(message);
+      link.push_back(double(total) / absl::ToDoubleSeconds(absl::Now() - t0) / 1e9);
+    }
+    out["sizes"].push_back({{"message_bytes", message},
+                            {"nccl_send_recv_gb_per_s", Median(raw)},
+                            {"sala_nccl_link_gb_per_s", Median(link)}});
+  }
+  for (int d = 0; d < 2; ++d) ncclCommDestroy(comms[d]);
+  const std::string text = out.dump(2);
+  std::cout << text << "\n";
+  if (const std::string path = absl::GetFlag(FLAGS_out); !path.empty()) std::ofstream(path) << text << "\n";
+  return 0;
+}

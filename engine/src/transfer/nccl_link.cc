@@ -1,0 +1,285 @@
+#include "sala/nccl_link.h"
+
+#ifdef SALA_HAVE_NCCL
+
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+
+namespace sala {
+namespace {
+
+absl::Status CudaError(cudaError_t e, const char* what) {
+  return absl::InternalError(absl::StrCat(what, ": ", cudaGetErrorString(e)));
+}
+
+#define LINK_CUDA(expr)                                   \
+  do {                                                    \
+    if (cudaError_t e_ = (expr); e_ != cudaSuccess) return CudaError(e_, #expr); \
+  } while (0)
+
+// The link's polling interval: short next to a transfer, long next to a CPU's time slice.
+constexpr absl::Duration kPoll = absl::Microseconds(200);
+
+class NcclLinkImpl final : public NcclLink {
+ public:
+  NcclLinkImpl(ncclComm_t comm, int rank, int device, cudaStream_t stream, cudaEvent_t after_compute)
+      : comm_(comm), rank_(rank), device_(device), stream_(stream), after_compute_(after_compute) {}
+
+  ~NcclLinkImpl() override {
+    Abort();  // frees the communicator without needing the peer
+    cudaSetDevice(device_);
+    cudaStreamSynchronize(stream_);
+    for (auto& [a, b] : timed_) {
+      cudaEventDestroy(a);
+      cudaEventDestroy(b);
+    }
+    cudaEventDestroy(after_compute_);
+    cudaStreamDestroy(stream_);
+  }
+
+  absl::Status WaitReady(absl::Time deadline) override {
+    for (;;) {
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (ready_) return absl::OkStatus();
+        if (aborted_) return absl::UnavailableError("NCCL link was aborted");
+        ncclResult_t state = ncclSuccess;
+        const ncclResult_t r = ncclCommGetAsyncError(comm_, &state);
+        if (r == ncclSuccess && state == ncclSuccess) {
+          ready_ = true;
+          return absl::OkStatus();
+        }
+        if (r != ncclSuccess || state != ncclInProgress) {
+          absl::Status s = NcclError(r != ncclSuccess ? r : state, "joining the NCCL communicator");
+          AbortLocked();
+          return s;
+        }
+      }
+      if (absl::Now() > deadline) {
+        Abort();
+        return absl::DeadlineExceededError("the NCCL peer did not join in time");
+      }
+      absl::SleepFor(absl::Milliseconds(1));
+    }
+  }
+
+  absl::StatusOr<int64_t> Send(std::span<const DeviceSpan> spans) override { return Enqueue(spans, true); }
+  absl::StatusOr<int64_t> Recv(std::span<const DeviceSpan> spans) override { return Enqueue(spans, false); }
+
+  absl::Status Wait(absl::Time deadline, const std::function<bool()>& give_up) override {
+    cudaEvent_t done;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (aborted_) return absl::UnavailableError("NCCL link was aborted");
+      cudaSetDevice(device_);
+      LINK_CUDA(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+      if (cudaError_t e = cudaEventRecord(done, stream_); e != cudaSuccess) {
+        cudaEventDestroy(done);
+        return CudaError(e, "cudaEventRecord");
+      }
+    }
+    absl::Status status = absl::OkStatus();
+    for (;;) {
+      const cudaError_t q = cudaEventQuery(done);
+      if (q == cudaSuccess) break;
+      if (q != cudaErrorNotReady) {
+        status = CudaError(q, "waiting for the NCCL transfer");
+        break;
+      }
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (aborted_) {
+          status = absl::UnavailableError("NCCL link was aborted during the transfer");
+          break;
+        }
+        ncclResult_t state = ncclSuccess;
+        if (ncclCommGetAsyncError(comm_, &state) != ncclSuccess || (state != ncclSuccess && state != ncclInProgress)) {
+          status = NcclError(state, "NCCL transfer");
+          break;
+        }
+      }
+      if (give_up && give_up()) {
+        status = absl::CancelledError("the NCCL transfer was given up");
+        break;
+      }
+      if (absl::Now() > deadline) {
+        status = absl::DeadlineExceededError("the NCCL transfer did not finish in time");
+        break;
+      }
+      absl::SleepFor(kPoll);
+    }
+    if (!status.ok()) Abort();  // frees kernels that wait for the peer, so `done` completes
+    cudaEventSynchronize(done);
+    cudaEventDestroy(done);
+    return status;
+  }
+
+  double busy_seconds() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    cudaSetDevice(device_);
+    std::vector<std::pair<cudaEvent_t, cudaEvent_t>> pending;
+    for (auto& [a, b] : timed_) {
+      float ms = 0;
+      if (cudaEventQuery(b) == cudaSuccess && cudaEventElapsedTime(&ms, a, b) == cudaSuccess) {
+        busy_ += ms / 1e3;
+        cudaEventDestroy(a);
+        cudaEventDestroy(b);
+      } else {
+        pending.emplace_back(a, b);
+      }
+    }
+    timed_ = std::move(pending);
+    return busy_;
+  }
+
+  void Abort() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    AbortLocked();
+  }
+
+  bool aborted() const override { return aborted_; }
+
+ private:
+  absl::Status NcclError(ncclResult_t r, const char* what) {
+    const char* last = aborted_ ? "" : ncclGetLastError(comm_);
+    return absl::UnavailableError(absl::StrCat(what, ": ", ncclGetErrorString(r), last && *last ? " (" : "",
+                                               last ? last : "", last && *last ? ")" : ""));
+  }
+
+  void AbortLocked() {
+    if (aborted_.exchange(true)) return;
+    ncclCommAbort(comm_);
+  }
+
+  absl::StatusOr<int64_t> Enqueue(std::span<const DeviceSpan> spans, bool send) {
+    if (send != (rank_ == 0)) return absl::InternalError("rank 0 sends and rank 1 receives");
+    std::lock_guard<std::mutex> lock(mu_);
+    if (aborted_) return absl::UnavailableError("NCCL link was aborted");
+    if (!ready_) return absl::FailedPreconditionError("NCCL link is not ready");
+    LINK_CUDA(cudaSetDevice(device_));
+    if (send) {
+      // The rows must be computed before they leave; the receiver's buffers are ready already.
+      LINK_CUDA(cudaEventRecord(after_compute_, cudaStreamLegacy));
+      LINK_CUDA(cudaStreamWaitEvent(stream_, after_compute_, 0));
+    }
+    cudaEvent_t start, end;
+    LINK_CUDA(cudaEventCreate(&start));
+    if (cudaError_t e = cudaEventCreate(&end); e != cudaSuccess) {
+      cudaEventDestroy(start);
+      return CudaError(e, "cudaEventCreate");
+    }
+    timed_.emplace_back(start, end);
+    LINK_CUDA(cudaEventRecord(start, stream_));
+    int64_t bytes = 0;
+    ncclResult_t r = ncclGroupStart();
+    for (const DeviceSpan& s : spans) {
+      if (r != ncclSuccess && r != ncclInProgress) break;
+      r = send ? ncclSend(s.data, s.bytes, ncclInt8, 1, comm_, stream_) : ncclRecv(s.data, s.bytes, ncclInt8, 0, comm_, stream_);
+      bytes += int64_t(s.bytes);
+    }
+    const ncclResult_t end_r = ncclGroupEnd();
+    if (r == ncclSuccess || r == ncclInProgress) r = end_r;
+    // A non-blocking communicator may still be queueing the group.
+    while (r == ncclInProgress) {
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
+      ncclResult_t state = ncclSuccess;
+      r = ncclCommGetAsyncError(comm_, &state);
+      if (r == ncclSuccess) r = state;
+    }
+    if (r != ncclSuccess) {
+      absl::Status s = NcclError(r, send ? "ncclSend" : "ncclRecv");
+      AbortLocked();
+      return s;
+    }
+    LINK_CUDA(cudaEventRecord(end, stream_));
+    return bytes;
+  }
+
+  ncclComm_t comm_;
+  const int rank_, device_;
+  cudaStream_t stream_;
+  cudaEvent_t after_compute_;
+  std::mutex mu_;
+  std::atomic<bool> aborted_{false};
+  bool ready_ = false;
+  std::vector<std::pair<cudaEvent_t, cudaEvent_t>> timed_;  // start and end of each group
+  double busy_ = 0;
+};
+
+}  // namespace
+
+bool NcclLink::Available() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return n > 0;
+}
+
+absl::StatusOr<std::string> NcclLink::NewUniqueId() {
+  ncclUniqueId id;
+  if (ncclResult_t r = ncclGetUniqueId(&id); r != ncclSuccess)
+    return absl::UnavailableError(absl::StrCat("ncclGetUniqueId: ", ncclGetErrorString(r)));
+  return std::string(reinterpret_cast<const char*>(&id), sizeof(id));
+}
+
+absl::StatusOr<std::unique_ptr<NcclLink>> NcclLink::Join(const std::string& unique_id, int rank) {
+  if (unique_id.size() != sizeof(ncclUniqueId))
+    return absl::InvalidArgumentError(absl::StrCat("an NCCL unique id has ", sizeof(ncclUniqueId), " bytes, not ",
+                                                   unique_id.size()));
+  if (rank != 0 && rank != 1) return absl::InvalidArgumentError("an NCCL link has ranks 0 and 1");
+  ncclUniqueId id;
+  std::memcpy(&id, unique_id.data(), sizeof(id));
+  int device = 0;
+  LINK_CUDA(cudaGetDevice(&device));
+  cudaStream_t stream;
+  LINK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cudaEvent_t after_compute;
+  if (cudaError_t e = cudaEventCreateWithFlags(&after_compute, cudaEventDisableTiming); e != cudaSuccess) {
+    cudaStreamDestroy(stream);
+    return CudaError(e, "cudaEventCreate");
+  }
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 0;  // joins and waits are polled, so that every one has a deadline
+  ncclComm_t comm = nullptr;
+  const ncclResult_t r = ncclCommInitRankConfig(&comm, 2, id, rank, &config);
+  if (r != ncclSuccess && r != ncclInProgress) {
+    if (comm) ncclCommAbort(comm);
+    cudaEventDestroy(after_compute);
+    cudaStreamDestroy(stream);
+    return absl::UnavailableError(absl::StrCat("ncclCommInitRankConfig: ", ncclGetErrorString(r)));
+  }
+  return std::unique_ptr<NcclLink>(new NcclLinkImpl(comm, rank, device, stream, after_compute));
+}
+
+}  // namespace sala
+
+#else  // !SALA_HAVE_NCCL
+
+namespace sala {
+
+bool NcclLink::Available() { return false; }
+
+absl::StatusOr<std::string> NcclLink::NewUniqueId() {
+  return absl::FailedPreconditionError("this build has no NCCL");
+}
+
+absl::StatusOr<std::unique_ptr<NcclLink>> NcclLink::Join(const std::string&, int) {
+  return absl::FailedPreconditionError("this build has no NCCL");
+}
+
+}  // namespace sala
+
+#endif
