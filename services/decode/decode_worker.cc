@@ -4,6 +4,7 @@
 #include <chrono>
 #include <deque>
 #include <numeric>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -334,6 +335,8 @@ grpc::Status DecodeWorker::OpenNcclLink(grpc::ServerContext*, const sala::v1::Nc
   link->nccl = std::move(*nccl);
   const std::string link_id = service::RandomId("link-");
   links_[link_id] = link;
+  // The join completes, and the peers connect, while the prefill worker joins on its side.
+  std::thread([link] { (void)link->nccl->WaitReady(absl::Now() + absl::Seconds(60)); }).detach();
   reply->set_link_id(link_id);
   reply->set_nccl_unique_id(*id);
   LogInfo("NCCL link opened", {{"link", link_id}, {"prefill_worker", request->prefill_worker_id()}});

@@ -59,7 +59,7 @@ class Process:
 
 class Cluster:
     def __init__(self, model, bin_dir=None, prefill=1, decode=1, log_dir=None, chunk_size=None,
-                 router_args=(), worker_args=(), decode_args=(), gpus=None):
+                 router_args=(), worker_args=(), decode_args=(), gpus=None, prefill_args=()):
         self.model = os.path.abspath(model)
         self.bin_dir = bin_dir or os.path.join(ROOT, "build", "services")
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="sala-cluster-")
@@ -67,6 +67,7 @@ class Cluster:
         self.n_prefill, self.n_decode = prefill, decode
         self.chunk_size = chunk_size
         self.router_args, self.worker_args, self.decode_args = list(router_args), list(worker_args), list(decode_args)
+        self.prefill_args = list(prefill_args)
         # GPUs handed out to workers in turn (prefill workers first), one CUDA_VISIBLE_DEVICES each.
         self.gpus = list(gpus or [])
         self.redis = None
@@ -105,11 +106,11 @@ class Cluster:
                f"--redis=127.0.0.1:{self.redis_port}", f"--metrics_listen=127.0.0.1:{metrics}", *self.worker_args]
         if self.chunk_size:
             cmd.append(f"--chunk_size={self.chunk_size}")
-        if role == "decode":
-            cmd += self.decode_args
+        cmd += self.decode_args if role == "decode" else self.prefill_args
         env = None
         if self.gpus:
-            turn = index if role == "prefill" else self.n_prefill + index
+            # A replacement worker (index past the count) takes the GPU of the one it replaces.
+            turn = index % self.n_prefill if role == "prefill" else self.n_prefill + index % self.n_decode
             env = {"CUDA_VISIBLE_DEVICES": str(self.gpus[turn % len(self.gpus)])}
         p = Process(f"{role}-{index}", cmd, self.log_dir, env)
         p.address, p.metrics_url = f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics}/metrics"

@@ -30,6 +30,8 @@ absl::Status CudaError(cudaError_t e, const char* what) {
 
 // The link's polling interval: short next to a transfer, long next to a CPU's time slice.
 constexpr absl::Duration kPoll = absl::Microseconds(200);
+// Queueing a group on a connected link is host work of microseconds; far longer means a stuck peer.
+constexpr absl::Duration kEnqueueTimeout = absl::Seconds(30);
 
 class NcclLinkImpl final : public NcclLink {
  public:
@@ -46,31 +48,50 @@ class NcclLinkImpl final : public NcclLink {
     }
     cudaEventDestroy(after_compute_);
     cudaStreamDestroy(stream_);
+    if (probe_) cudaFree(probe_);
   }
 
+  // Joins, then connects the pair with a one-byte transfer: NCCL sets up a peer connection in
+  // the first send/recv, which blocks until both ranks made it. Both ranks get here on their own
+  // (the receiver right after the handshake), so no later transfer waits on a peer's host code.
   absl::Status WaitReady(absl::Time deadline) override {
+    std::unique_lock<std::mutex> lock(mu_);
     for (;;) {
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        if (ready_) return absl::OkStatus();
-        if (aborted_) return absl::UnavailableError("NCCL link was aborted");
-        ncclResult_t state = ncclSuccess;
-        const ncclResult_t r = ncclCommGetAsyncError(comm_, &state);
-        if (r == ncclSuccess && state == ncclSuccess) {
-          ready_ = true;
-          return absl::OkStatus();
-        }
-        if (r != ncclSuccess || state != ncclInProgress) {
-          absl::Status s = NcclError(r != ncclSuccess ? r : state, "joining the NCCL communicator");
+      if (ready_) return absl::OkStatus();
+      if (aborted_) return absl::UnavailableError("NCCL link was aborted");
+      ncclResult_t state = ncclSuccess;
+      ncclResult_t r = ncclCommGetAsyncError(comm_, &state);
+      if (r == ncclSuccess) r = state;
+      if (r == ncclSuccess && !connecting_) {
+        connecting_ = true;
+        cudaSetDevice(device_);
+        if (cudaMalloc(&probe_, 1) != cudaSuccess) {
+          cudaGetLastError();
           AbortLocked();
-          return s;
+          return absl::ResourceExhaustedError("no device memory for the NCCL link");
         }
+        r = ncclGroupStart();
+        if (r == ncclSuccess)
+          r = rank_ == 0 ? ncclSend(probe_, 1, ncclInt8, 1, comm_, stream_) : ncclRecv(probe_, 1, ncclInt8, 0, comm_, stream_);
+        const ncclResult_t end = ncclGroupEnd();
+        if (r == ncclSuccess) r = end;
+        if (r == ncclSuccess) continue;  // the next round sees whether it completed
+      } else if (r == ncclSuccess) {
+        ready_ = true;
+        return absl::OkStatus();
+      }
+      if (r != ncclInProgress) {
+        absl::Status s = NcclError(r, connecting_ ? "connecting the NCCL peers" : "joining the NCCL communicator");
+        AbortLocked();
+        return s;
       }
       if (absl::Now() > deadline) {
-        Abort();
+        AbortLocked();
         return absl::DeadlineExceededError("the NCCL peer did not join in time");
       }
+      lock.unlock();
       absl::SleepFor(absl::Milliseconds(1));
+      lock.lock();
     }
   }
 
@@ -164,7 +185,7 @@ class NcclLinkImpl final : public NcclLink {
 
   absl::StatusOr<int64_t> Enqueue(std::span<const DeviceSpan> spans, bool send) {
     if (send != (rank_ == 0)) return absl::InternalError("rank 0 sends and rank 1 receives");
-    std::lock_guard<std::mutex> lock(mu_);
+    std::unique_lock<std::mutex> lock(mu_);
     if (aborted_) return absl::UnavailableError("NCCL link was aborted");
     if (!ready_) return absl::FailedPreconditionError("NCCL link is not ready");
     LINK_CUDA(cudaSetDevice(device_));
@@ -190,13 +211,20 @@ class NcclLinkImpl final : public NcclLink {
     }
     const ncclResult_t end_r = ncclGroupEnd();
     if (r == ncclSuccess || r == ncclInProgress) r = end_r;
-    // A non-blocking communicator may still be queueing the group.
-    while (r == ncclInProgress) {
+    // A non-blocking communicator may still be queueing the group; the peers are connected
+    // (WaitReady), so this takes host time only, but it is bounded all the same.
+    const absl::Time give_up = absl::Now() + kEnqueueTimeout;
+    while (r == ncclInProgress && !aborted_) {
+      lock.unlock();
       std::this_thread::sleep_for(std::chrono::microseconds(20));
+      lock.lock();
+      if (aborted_) break;
       ncclResult_t state = ncclSuccess;
       r = ncclCommGetAsyncError(comm_, &state);
       if (r == ncclSuccess) r = state;
+      if (r == ncclInProgress && absl::Now() > give_up) r = ncclRemoteError;
     }
+    if (aborted_) return absl::UnavailableError("NCCL link was aborted");
     if (r != ncclSuccess) {
       absl::Status s = NcclError(r, send ? "ncclSend" : "ncclRecv");
       AbortLocked();
@@ -212,7 +240,8 @@ class NcclLinkImpl final : public NcclLink {
   cudaEvent_t after_compute_;
   std::mutex mu_;
   std::atomic<bool> aborted_{false};
-  bool ready_ = false;
+  bool ready_ = false, connecting_ = false;
+  void* probe_ = nullptr;  // the one byte that connects the peers
   std::vector<std::pair<cudaEvent_t, cudaEvent_t>> timed_;  // start and end of each group
   double busy_ = 0;
 };
@@ -245,7 +274,10 @@ absl::StatusOr<std::unique_ptr<NcclLink>> NcclLink::Join(const std::string& uniq
   int device = 0;
   LINK_CUDA(cudaGetDevice(&device));
   cudaStream_t stream;
-  LINK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  // Highest priority: the transfer kernels of a chunk get SMs ahead of the next chunk's compute.
+  int least = 0, greatest = 0;
+  LINK_CUDA(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+  LINK_CUDA(cudaStreamCreateWithPriority(&stream, cudaStreamNonBlocking, greatest));
   cudaEvent_t after_compute;
   if (cudaError_t e = cudaEventCreateWithFlags(&after_compute, cudaEventDisableTiming); e != cudaSuccess) {
     cudaStreamDestroy(stream);
