@@ -69,6 +69,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--kill-length", type=int, default=262144, help="prompt of the kill-during-transfer run")
     ap.add_argument("--seed", type=int, default=1, help="random weights")
+    ap.add_argument("--skip-kill", action="store_true", help="leave out the kill-during-transfer run")
+    ap.add_argument("--skip-single-gpu", action="store_true", help="leave out the single-GPU comparison")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     bundle = os.path.abspath(args.bundle)
@@ -141,6 +143,43 @@ def main():
         result["cluster"] = runs
         save()
 
+    if args.skip_kill:
+        cluster.stop()
+    else:
+        kill_during_transfer(args, cluster, ask, result)
+        save()
+    if args.skip_single_gpu:
+        return 0
+
+    log("== one GPU, no disaggregation")
+    for run in runs:
+        n = run["prompt_tokens"]
+        out = os.path.join(work, f"ref-{n}.json")
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="0")
+        subprocess.run([os.path.join(binaries, "sala-generate"), f"--model={model}", "--backend=cuda",
+                        f"--random_weights_seed={args.seed}", f"--max_context={max_context}",
+                        f"--token_ids_file={prompts[n]}", "--greedy", f"--max_new_tokens={args.new_tokens}",
+                        "--ignore_eos", "--quiet", f"--json_out={out}"], check=True, env=env,
+                       stdout=subprocess.DEVNULL)
+        with open(out) as f:
+            ref = json.load(f)
+        run["single_gpu_ttft_seconds"] = ref["timings"]["ttft_seconds"] if "timings" in ref else ref["ttft_seconds"]
+        run["tokens_equal_single_gpu"] = ref["tokens"] == run["tokens"]
+        run["ttft_ratio_vs_single_gpu"] = run["ttft_seconds"] / run["single_gpu_ttft_seconds"]
+        run["exposed_fraction_of_ttft"] = run["transfer_exposed_seconds"] / run["ttft_seconds"]
+        floor = max(s["nccl_send_recv_gb_per_s"] for s in result["nccl_floor"]["sizes"])
+        run["receiver_wire_fraction_of_nccl"] = run["receiver_wire_gb_per_s"] / floor
+        log(json.dumps({k: v for k, v in run.items() if k != "tokens"}))
+        save()
+    kill = result.get("kill_during_transfer")
+    ok = all(r["tokens_equal_single_gpu"] for r in runs) and (
+        kill is None or (kill["next_request_ok"] and kill["prefill_freed_state"] and kill["client_exit_code"] != 0))
+    log("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+def kill_during_transfer(args, cluster, ask, result):
+    """Kills the decode worker while a state is on its way; a new one must then serve."""
     log(f"== kill the decode worker during a {args.kill_length}-token transfer")
     prefill_metrics = cluster.prefills[0].metrics_url
     failures_before = sum(v for k, v in metrics(prefill_metrics).items() if k.startswith("sala_state_transfer_failures_total"))
@@ -179,34 +218,7 @@ def main():
         "transfer_failures_counted": failures_after - failures_before,
         "next_request_ok": code_after == 0, "next_request_error": err_after.strip()[-300:] if code_after else ""}
     log(json.dumps(result["kill_during_transfer"]))
-    save()
-    codes = cluster.stop()
-    result["cluster_stop_codes"] = codes
-
-    log("== one GPU, no disaggregation")
-    for run in runs:
-        n = run["prompt_tokens"]
-        out = os.path.join(work, f"ref-{n}.json")
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES="0")
-        subprocess.run([os.path.join(binaries, "sala-generate"), f"--model={model}", "--backend=cuda",
-                        f"--random_weights_seed={args.seed}", f"--max_context={max_context}",
-                        f"--token_ids_file={prompts[n]}", "--greedy", f"--max_new_tokens={args.new_tokens}",
-                        "--ignore_eos", "--quiet", f"--json_out={out}"], check=True, env=env,
-                       stdout=subprocess.DEVNULL)
-        with open(out) as f:
-            ref = json.load(f)
-        run["single_gpu_ttft_seconds"] = ref["timings"]["ttft_seconds"] if "timings" in ref else ref["ttft_seconds"]
-        run["tokens_equal_single_gpu"] = ref["tokens"] == run["tokens"]
-        run["ttft_ratio_vs_single_gpu"] = run["ttft_seconds"] / run["single_gpu_ttft_seconds"]
-        run["exposed_fraction_of_ttft"] = run["transfer_exposed_seconds"] / run["ttft_seconds"]
-        floor = max(s["nccl_send_recv_gb_per_s"] for s in result["nccl_floor"]["sizes"])
-        run["receiver_wire_fraction_of_nccl"] = run["receiver_wire_gb_per_s"] / floor
-        log(json.dumps({k: v for k, v in run.items() if k != "tokens"}))
-        save()
-    ok = all(r["tokens_equal_single_gpu"] for r in runs) and result["kill_during_transfer"]["next_request_ok"] \
-        and result["kill_during_transfer"]["prefill_freed_state"] and result["kill_during_transfer"]["client_exit_code"] != 0
-    log("PASS" if ok else "FAIL")
-    return 0 if ok else 1
+    result["cluster_stop_codes"] = cluster.stop()
 
 
 if __name__ == "__main__":

@@ -23,14 +23,14 @@ int main(int argc, char** argv) {
   const std::string id = sala::service::WorkerIdFromFlags("prefill");
   sala::service::SetLogService("prefill", id);
   sala::service::Metrics::Init("prefill");
-  auto engine = sala::service::LoadEngineFromFlags();
-  if (!engine.ok()) {
-    sala::service::LogError(std::string(engine.status().message()));
-    return 2;
-  }
   const std::string mode = absl::GetFlag(FLAGS_state_transport);
   if (mode != "auto" && mode != "nccl" && mode != "grpc") {
     sala::service::LogError("--state_transport must be auto, nccl or grpc", {{"value", mode}});
+    return 2;
+  }
+  auto engine = sala::service::LoadEngineFromFlags();
+  if (!engine.ok()) {
+    sala::service::LogError(std::string(engine.status().message()));
     return 2;
   }
   sala::Engine& e = **engine;

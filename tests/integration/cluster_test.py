@@ -11,9 +11,9 @@ import threading
 import time
 import unittest
 
-from cluster_util import (client, client_error_code, http_json, http_stream, make_cluster, metrics, redis,
+from cluster_util import (SERVICES, client, client_error_code, http_json, http_stream, make_cluster, metrics, redis,
                           sessions_with_status, wait_for)
-from common import BIN, generate, random_ids, require_environment, write_ids
+from common import BIN, MODEL, generate, random_ids, require_environment, write_ids
 
 
 def reference(ids, max_new_tokens):
@@ -375,6 +375,25 @@ class FailureTest(unittest.TestCase):
             self.assertTrue(wait_for(lambda: metrics(d)["sala_state_memory_usage_ratio"] == 0, 10))
             code, _, err = client(c, "complete", "--token-ids=5,6", f"--session-id={lines[0]['final']['session_id']}")
             self.assertEqual(client_error_code(err), "NOT_FOUND", err)
+
+    def test_state_transport_is_chosen_per_worker_flag(self):
+        ids = csv(random_ids(300, seed=95))
+        # CPU workers have no GPU path: NCCL required is a clean, explained failure...
+        with make_cluster(prefill=1, decode=1, prefill_args=["--state_transport=nccl"]) as c:
+            code, _, err = client(c, "complete", f"--token-ids={ids}", "--max-new-tokens=2")
+            self.assertNotEqual(code, 0)
+            self.assertIn("no GPU path", err)
+            self.assertTrue(wait_for(lambda: metrics(c.prefills[0].metrics_url)["sala_num_requests_running"] == 0))
+            self.assertTrue(wait_for(lambda: metrics(c.decodes[0].metrics_url)["sala_state_memory_usage_ratio"] == 0))
+        # ...and the host path, asked for by name, serves.
+        with make_cluster(prefill=1, decode=1, prefill_args=["--state_transport=grpc"]) as c:
+            code, lines, err = client(c, "complete", f"--token-ids={ids}", "--max-new-tokens=4", "--ignore-eos", "--json")
+            self.assertEqual(code, 0, err)
+            self.assertEqual(len(lines[0]["token_ids"]), 4)
+        bad = subprocess.run([os.path.join(SERVICES, "sala-prefill"), f"--model={MODEL}", "--redis=",
+                              "--state_transport=carrier-pigeon"], capture_output=True, text=True, timeout=60)
+        self.assertEqual(bad.returncode, 2)
+        self.assertIn("--state_transport must be", bad.stderr)
 
     def test_sigterm_drains_in_flight_work(self):
         c = make_cluster(prefill=1, decode=1).start()
