@@ -1,6 +1,7 @@
 #include "decode_worker.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <deque>
 #include <numeric>
@@ -306,7 +307,14 @@ struct DecodeWorker::NcclPeerLink {
   std::string prefill_worker_id;
   std::unique_ptr<NcclLink> nccl;
   std::mutex busy;  // one transfer at a time: receives must match the sender's order
+  std::atomic<int64_t> last_used_ns{absl::GetCurrentTimeNanos()};
 };
+
+namespace {
+// A link unused this long is dropped (its communicator holds GPU buffers); a prefill worker
+// that comes back after it simply sets up a new one.
+constexpr absl::Duration kIdleLinkLifetime = absl::Minutes(10);
+}  // namespace
 
 grpc::Status DecodeWorker::OpenNcclLink(grpc::ServerContext*, const sala::v1::NcclLinkRequest* request,
                                         sala::v1::NcclLinkReply* reply) {
@@ -324,9 +332,14 @@ grpc::Status DecodeWorker::OpenNcclLink(grpc::ServerContext*, const sala::v1::Nc
       return grpc::Status::OK;
     }
   }
-  // A new link replaces the peer's old ones.
-  for (auto it = links_.begin(); it != links_.end();)
-    it = it->second->prefill_worker_id == request->prefill_worker_id() ? links_.erase(it) : std::next(it);
+  // A new link replaces the peer's old ones; links nobody used for long go too.
+  const int64_t idle_before = absl::ToUnixNanos(absl::Now() - kIdleLinkLifetime);
+  for (auto it = links_.begin(); it != links_.end();) {
+    const NcclPeerLink& l = *it->second;
+    const bool drop = l.prefill_worker_id == request->prefill_worker_id() || l.nccl->aborted() ||
+                      l.last_used_ns < idle_before;
+    it = drop ? links_.erase(it) : std::next(it);
+  }
   auto id = NcclLink::NewUniqueId();
   auto nccl = id.ok() ? NcclLink::Join(*id, /*rank=*/1) : absl::StatusOr<std::unique_ptr<NcclLink>>(id.status());
   if (!nccl.ok()) return service::ToGrpcStatus(nccl.status());
@@ -385,6 +398,7 @@ absl::StatusOr<SequenceState> DecodeWorker::ReceiveOverNccl(grpc::ServerContext*
   }
   std::unique_lock<std::mutex> busy(link->busy, std::try_to_lock);
   if (!busy.owns_lock()) return absl::AbortedError("the NCCL link is busy with another transfer");
+  link->last_used_ns = absl::GetCurrentTimeNanos();
   absl::Time deadline;
   {
     std::lock_guard<std::mutex> lock(mu_);

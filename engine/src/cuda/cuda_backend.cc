@@ -435,7 +435,7 @@ class CudaBackend final : public Backend {
     const int slot = config_.slot_of(layer);
     // Decode (every segment one row, any batch size): one fp32 attention launch for the whole
     // batch, so that a sequence decodes the same alone or batched.
-    const bool batched = std::all_of(segs.begin(), segs.end(), [](const Segment& seg) { return seg.rows == 1; });
+    const bool decode_step = std::all_of(segs.begin(), segs.end(), [](const Segment& seg) { return seg.rows == 1; });
     std::vector<cuda::SparseCacheView> views;
     std::vector<int64_t> positions;
     std::unique_ptr<bool[]> flags(new bool[segs.size()]);
@@ -454,7 +454,7 @@ class CudaBackend final : public Backend {
       c.n1 = n1;
       c.n2 = n2;
       const cuda::SparseCacheView view{c.k.get(), c.v.get(), c.k1.get(), c.k2.get()};
-      if (batched) {
+      if (decode_step) {
         flags[views.size()] = seg.sparse;
         views.push_back(view);
         positions.push_back(before);
@@ -463,7 +463,7 @@ class CudaBackend final : public Backend {
       SALA_RETURN_IF_ERROR(SparsePrefill(q_.get() + seg.row0 * H * D, before, seg.rows, view, shape, seg.sparse,
                                          o_.get() + seg.row0 * H * D));
     }
-    if (batched) {
+    if (decode_step) {
       cuda::SparseScratch& sc = sparse_scratch_;
       const size_t per_row = size_t(Hk) * shape.selected_blocks;
       SALA_RETURN_IF_ERROR(sc.blocks.Reserve(views.size() * per_row));
