@@ -111,10 +111,20 @@ class NcclStateSender final : public StateSender {
 }  // namespace
 
 NcclStateTransport::NcclStateTransport(Engine& engine, std::string worker_id, bool fallback)
-    : engine_(engine), worker_id_(std::move(worker_id)), fallback_(fallback), host_path_(engine) {}
+    : engine_(engine),
+      worker_id_(std::move(worker_id)),
+      fallback_(fallback),
+      gpu_path_(engine.backend().name() == "cuda" && NcclLink::Available()),
+      host_path_(engine) {
+  if (!gpu_path_ && fallback_) LogInfo("no GPU path on this worker: states go through host memory");
+}
 
 absl::StatusOr<std::shared_ptr<NcclStateTransport::Link>> NcclStateTransport::LinkTo(const std::string& target,
                                                                                      absl::Time deadline) {
+  if (!gpu_path_) {
+    if (fallback_) return nullptr;
+    return absl::FailedPreconditionError(absl::StrCat("NCCL state transfer to ", target, ": this worker has no GPU path"));
+  }
   std::lock_guard<std::mutex> lock(mu_);
   Peer& peer = peers_[target];
   if (absl::Now() < peer.host_path_until) return nullptr;
@@ -126,8 +136,6 @@ absl::StatusOr<std::shared_ptr<NcclStateTransport::Link>> NcclStateTransport::Li
     peer.link.reset();
     return nullptr;
   };
-  if (engine_.backend().name() != "cuda" || !NcclLink::Available())
-    return no_gpu_path(absl::FailedPreconditionError("this worker has no GPU path"));
 
   sala::v1::NcclLinkRequest request;
   request.set_prefill_worker_id(worker_id_);

@@ -45,6 +45,7 @@ class NcclStateTransport final : public StateTransport {
   Engine& engine_;
   const std::string worker_id_;
   const bool fallback_;
+  const bool gpu_path_;  // a CUDA backend and NCCL with a GPU
   GrpcStateTransport host_path_;
   std::mutex mu_;
   std::map<std::string, Peer> peers_;
