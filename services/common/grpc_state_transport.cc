@@ -98,7 +98,11 @@ class GrpcStateSender final : public StateSender {
  public:
   GrpcStateSender(Engine& engine, const std::string& target, const std::string& session_id,
                   int64_t expected_tokens, absl::Time deadline)
-      : engine_(engine), session_id_(session_id), writer_(engine.config(), expected_tokens), stream_(target, deadline) {}
+      : engine_(engine),
+        session_id_(session_id),
+        // K/V travel in the type the backend keeps them: bf16 from the GPU, fp32 from the CPU.
+        writer_(engine.config(), expected_tokens, engine.backend().name() == "cuda" ? DType::kBF16 : DType::kF32),
+        stream_(target, deadline) {}
 
   absl::Status SendProgress(SequenceState& state) override {
     SALA_RETURN_IF_ERROR(engine_.SyncToHost(state, /*linear=*/false));

@@ -163,6 +163,16 @@ TEST_F(EngineTest, TransferredStateContinuesWithIdenticalTokens) {
   EXPECT_EQ(here->tokens, there->tokens);
 }
 
+TEST_F(EngineTest, HostStatesHaveNoDeviceSpans) {
+  // GPU-to-GPU transfer needs device memory; the CPU backend says so instead of pretending.
+  SequenceState s = engine_->NewSequence();
+  ASSERT_TRUE(engine_->Prefill(s, RandomTokens(40, vocab_, 5)).ok());
+  EXPECT_TRUE(engine_->backend().Reserve(s, 100).ok());
+  auto spans = engine_->backend().StateSpans(s, 0, s.tokens, true, false);
+  EXPECT_EQ(spans.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(s.tokens, 40);
+}
+
 TEST_F(EngineTest, GenerateIsDeterministicAndHonoursLimits) {
   const std::vector<int> prompt = engine_->tokenizer().EncodePrompt("The decode worker joins the new sequence");
   SamplingParams p;

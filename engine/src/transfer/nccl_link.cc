@@ -28,6 +28,22 @@ absl::Status CudaError(cudaError_t e, const char* what) {
     if (cudaError_t e_ = (expr); e_ != cudaSuccess) return CudaError(e_, #expr); \
   } while (0)
 
+// How long the kernels of an aborted link may take to leave.
+constexpr absl::Duration kDrainTimeout = absl::Seconds(10);
+
+// Polls `query` (cudaStreamQuery / cudaEventQuery) until the work is done, for kDrainTimeout
+// at most: an aborted communicator frees its kernels, but a wait must end regardless.
+template <typename Query>
+bool Drained(Query query) {
+  const absl::Time deadline = absl::Now() + kDrainTimeout;
+  for (;;) {
+    const cudaError_t e = query();
+    if (e != cudaErrorNotReady) return true;
+    if (absl::Now() > deadline) return false;
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+}
+
 // The link's polling interval: short next to a transfer, long next to a CPU's time slice.
 constexpr absl::Duration kPoll = absl::Microseconds(200);
 // Queueing a group on a connected link is host work of microseconds; far longer means a stuck peer.
@@ -41,7 +57,7 @@ class NcclLinkImpl final : public NcclLink {
   ~NcclLinkImpl() override {
     Abort();  // frees the communicator without needing the peer
     cudaSetDevice(device_);
-    cudaStreamSynchronize(stream_);
+    if (!Drained([&] { return cudaStreamQuery(stream_); })) return;  // leaks rather than hangs
     for (auto& [a, b] : timed_) {
       cudaEventDestroy(a);
       cudaEventDestroy(b);
@@ -141,8 +157,7 @@ class NcclLinkImpl final : public NcclLink {
       absl::SleepFor(kPoll);
     }
     if (!status.ok()) Abort();  // frees kernels that wait for the peer, so `done` completes
-    cudaEventSynchronize(done);
-    cudaEventDestroy(done);
+    if (Drained([&] { return cudaEventQuery(done); })) cudaEventDestroy(done);
     return status;
   }
 
