@@ -44,6 +44,23 @@ bool Drained(Query query) {
   }
 }
 
+// Makes the link's device current for a scope and then restores the caller's: a link may be
+// used or destroyed from any thread.
+class OnDevice {
+ public:
+  explicit OnDevice(int device) {
+    if (cudaGetDevice(&previous_) != cudaSuccess) previous_ = -1;
+    if (previous_ != device) cudaSetDevice(device);
+  }
+  ~OnDevice() {
+    int now = -1;
+    if (previous_ >= 0 && cudaGetDevice(&now) == cudaSuccess && now != previous_) cudaSetDevice(previous_);
+  }
+
+ private:
+  int previous_ = -1;
+};
+
 // The link's polling interval: short next to a transfer, long next to a CPU's time slice.
 constexpr absl::Duration kPoll = absl::Microseconds(200);
 // Queueing a group on a connected link is host work of microseconds; far longer means a stuck peer.
@@ -56,7 +73,7 @@ class NcclLinkImpl final : public NcclLink {
 
   ~NcclLinkImpl() override {
     Abort();  // frees the communicator without needing the peer
-    cudaSetDevice(device_);
+    OnDevice on(device_);
     if (!Drained([&] { return cudaStreamQuery(stream_); })) return;  // leaks rather than hangs
     for (auto& [a, b] : timed_) {
       cudaEventDestroy(a);
@@ -80,7 +97,7 @@ class NcclLinkImpl final : public NcclLink {
       if (r == ncclSuccess) r = state;
       if (r == ncclSuccess && !connecting_) {
         connecting_ = true;
-        cudaSetDevice(device_);
+        OnDevice on(device_);
         if (cudaMalloc(&probe_, 1) != cudaSuccess) {
           cudaGetLastError();
           AbortLocked();
@@ -119,7 +136,7 @@ class NcclLinkImpl final : public NcclLink {
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (aborted_) return absl::UnavailableError("NCCL link was aborted");
-      cudaSetDevice(device_);
+      OnDevice on(device_);
       LINK_CUDA(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
       if (cudaError_t e = cudaEventRecord(done, stream_); e != cudaSuccess) {
         cudaEventDestroy(done);
@@ -163,7 +180,7 @@ class NcclLinkImpl final : public NcclLink {
 
   double busy_seconds() override {
     std::lock_guard<std::mutex> lock(mu_);
-    cudaSetDevice(device_);
+    OnDevice on(device_);
     std::vector<std::pair<cudaEvent_t, cudaEvent_t>> pending;
     for (auto& [a, b] : timed_) {
       float ms = 0;
@@ -203,7 +220,7 @@ class NcclLinkImpl final : public NcclLink {
     std::unique_lock<std::mutex> lock(mu_);
     if (aborted_) return absl::UnavailableError("NCCL link was aborted");
     if (!ready_) return absl::FailedPreconditionError("NCCL link is not ready");
-    LINK_CUDA(cudaSetDevice(device_));
+    OnDevice on(device_);
     if (send) {
       // The rows must be computed before they leave; the receiver's buffers are ready already.
       LINK_CUDA(cudaEventRecord(after_compute_, cudaStreamLegacy));
