@@ -318,6 +318,8 @@ class CudaBackend final : public Backend {
       else
         SALA_CUDA_RETURN_IF_ERROR(cudaMemset(s.get(), 0, StateElems() * 4));
     }
+    // Initialised before anyone else sees it: a transfer writes into it from a stream of its own.
+    SALA_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(nullptr));
     // The device copy is now the state.
     state.sparse.clear();
     state.linear.clear();
