@@ -3,7 +3,6 @@
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "channels.h"
 #include "log.h"
@@ -32,7 +31,7 @@ class NcclStateSender final : public StateSender {
     first.set_session_id(session_id);
     sala::v1::NcclSegment& seg = *first.mutable_nccl();
     seg.set_link_id(link_->id);
-    seg.set_layout_hash(absl::StrFormat("%016x", engine.config().layout_hash()));
+    seg.set_layout_hash(engine.config().layout_hash_hex());
     seg.set_expected_tokens(expected_tokens);
     opened_ = stream_.Write(std::move(first));
   }
@@ -139,7 +138,7 @@ absl::StatusOr<std::shared_ptr<NcclStateTransport::Link>> NcclStateTransport::Li
 
   sala::v1::NcclLinkRequest request;
   request.set_prefill_worker_id(worker_id_);
-  request.set_layout_hash(absl::StrFormat("%016x", engine_.config().layout_hash()));
+  request.set_layout_hash(engine_.config().layout_hash_hex());
   if (peer.link && !peer.link->nccl->aborted()) request.set_link_id(peer.link->id);
   sala::v1::NcclLinkReply reply;
   grpc::ClientContext context;

@@ -120,7 +120,7 @@ sala::v1::WorkerInfo DecodeWorker::Info() const {
   info.set_role("decode");
   info.set_address(address_);
   info.set_model(model_name_);
-  info.set_layout_hash(absl::StrFormat("%016x", engine_->config().layout_hash()));
+  info.set_layout_hash(engine_->config().layout_hash_hex());
   std::lock_guard<std::mutex> lock(mu_);
   const auto [running, waiting] = RunningAndWaitingLocked();
   info.set_running(running);
@@ -320,7 +320,7 @@ grpc::Status DecodeWorker::OpenNcclLink(grpc::ServerContext*, const sala::v1::Nc
                                         sala::v1::NcclLinkReply* reply) {
   if (engine_->backend().name() != "cuda" || !NcclLink::Available())
     return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "this decode worker has no GPU path (NCCL)");
-  const std::string hash = absl::StrFormat("%016x", engine_->config().layout_hash());
+  const std::string hash = engine_->config().layout_hash_hex();
   if (request->layout_hash() != hash)
     return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
                         absl::StrCat("model layout ", request->layout_hash(), " differs from this worker's ", hash));
@@ -383,7 +383,7 @@ absl::StatusOr<SequenceState> DecodeWorker::ReceiveOverNccl(grpc::ServerContext*
                                                             sala::v1::StateChunk& chunk, Sequence& seq,
                                                             int64_t& bytes) {
   const sala::v1::NcclSegment first = chunk.nccl();
-  const std::string hash = absl::StrFormat("%016x", engine_->config().layout_hash());
+  const std::string hash = engine_->config().layout_hash_hex();
   if (first.layout_hash() != hash)
     return absl::FailedPreconditionError(
         absl::StrCat("state of model layout ", first.layout_hash(), " does not fit this worker's ", hash));

@@ -60,7 +60,7 @@ sala::v1::WorkerInfo PrefillWorker::Info() const {
   info.set_role("prefill");
   info.set_address(address_);
   info.set_model(model_name_);
-  info.set_layout_hash(absl::StrFormat("%016x", engine_->config().layout_hash()));
+  info.set_layout_hash(engine_->config().layout_hash_hex());
   std::lock_guard<std::mutex> lock(mu_);
   info.set_queued_prompt_tokens(queued_tokens_);
   info.set_waiting(int(queue_.size()));

@@ -4,7 +4,6 @@
 #include <thread>
 
 #include "absl/flags/flag.h"
-#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "flags.h"
 #include "grpc_front.h"
@@ -83,7 +82,7 @@ int main(int argc, char** argv) {
   pool_options.refresh_interval_seconds = absl::GetFlag(FLAGS_worker_refresh_interval);
   pool_options.failure_cooldown_seconds = absl::GetFlag(FLAGS_worker_failure_cooldown);
   pool_options.expiry_seconds = absl::GetFlag(FLAGS_worker_expiry);
-  pool_options.layout_hash = absl::StrFormat("%016x", config->layout_hash());
+  pool_options.layout_hash = config->layout_hash_hex();
   router::WorkerPool pool(redis.get(), pool_options);
   router::SessionStore sessions(redis.get(), absl::GetFlag(FLAGS_session_ttl));
   router::RouterOptions options;

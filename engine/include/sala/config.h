@@ -72,6 +72,8 @@ struct ModelConfig {
   // A hash of everything that fixes the shape of a sequence state; transfers between
   // engines with different hashes are refused.
   uint64_t layout_hash() const;
+  // The same, as 16 hex digits: how workers and the router exchange it.
+  std::string layout_hash_hex() const;
   // Total parameter count implied by the config.
   int64_t parameter_count() const;
 };

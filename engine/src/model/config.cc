@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "nlohmann/json.hpp"
 #include "sala/status_macros.h"
@@ -136,6 +137,8 @@ int ModelConfig::slot_of(int layer) const {
   for (int i = 0; i < layer; ++i) n += layers[i] == layers[layer];
   return n;
 }
+
+std::string ModelConfig::layout_hash_hex() const { return absl::StrFormat("%016x", layout_hash()); }
 
 uint64_t ModelConfig::layout_hash() const {
   std::string kinds;
