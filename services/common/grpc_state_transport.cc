@@ -1,5 +1,7 @@
 #include "grpc_state_transport.h"
 
+#include <utility>
+
 #include "absl/strings/str_cat.h"
 #include "channels.h"
 #include "sala/state_serialization.h"
@@ -102,12 +104,13 @@ class GrpcStateSender final : public StateSender {
         session_id_(session_id),
         // K/V travel in the type the backend keeps them: bf16 from the GPU, fp32 from the CPU.
         writer_(engine.config(), expected_tokens, engine.backend().name() == "cuda" ? DType::kBF16 : DType::kF32),
+        header_(writer_.Header()),
         stream_(target, deadline) {}
 
   absl::Status SendProgress(SequenceState& state) override {
     SALA_RETURN_IF_ERROR(engine_.SyncToHost(state, /*linear=*/false));
     // Separate statements: the stream's checksum covers the pieces in the order they are made.
-    std::string bytes = Header();
+    std::string bytes = std::exchange(header_, {});
     bytes += writer_.SparseDelta(state, /*final=*/false);
     return Enqueue(bytes, false, 0);
   }
@@ -117,7 +120,7 @@ class GrpcStateSender final : public StateSender {
       Abort(std::string(s.message()));
       return s;
     }
-    std::string last = Header();
+    std::string last = std::exchange(header_, {});
     last += writer_.SparseDelta(state, /*final=*/true);
     last += writer_.LinearStates(state);
     last += writer_.Commit(state);
@@ -130,8 +133,6 @@ class GrpcStateSender final : public StateSender {
   const char* kind() const override { return "grpc"; }
 
  private:
-  std::string Header() { return header_sent_ ? std::string() : (header_sent_ = true, writer_.Header()); }
-
   absl::Status Enqueue(std::string_view bytes, bool last, int first_token) {
     // Split into messages; the first carries the session id, the last the commit.
     size_t pos = 0;
@@ -154,7 +155,7 @@ class GrpcStateSender final : public StateSender {
   Engine& engine_;
   const std::string session_id_;
   StateWriter writer_;
-  bool header_sent_ = false;
+  std::string header_;  // goes out with the first rows
   int64_t bytes_ = 0;
   StateStream stream_;  // last: its writer thread stops before the rest goes
 };

@@ -13,6 +13,7 @@
 #include "log.h"
 #include "metrics.h"
 #include "process.h"
+#include "sampling_proto.h"
 #include "sala/state_serialization.h"
 #include "sala/status_macros.h"
 #include "status_map.h"
@@ -49,18 +50,6 @@ struct DecodeWorker::Sequence {
 };
 
 namespace {
-
-SamplingParams ToParams(const sala::v1::SamplingParameters& p) {
-  SamplingParams s;
-  s.temperature = p.has_temperature() ? p.temperature() : 0.9;
-  s.top_k = p.top_k();
-  s.top_p = p.has_top_p() ? p.top_p() : 1.0;
-  s.seed = p.seed();
-  s.max_new_tokens = p.has_max_new_tokens() ? p.max_new_tokens() : 256;
-  s.stop_token_ids.assign(p.stop_token_ids().begin(), p.stop_token_ids().end());
-  s.ignore_eos = p.ignore_eos();
-  return s;
-}
 
 constexpr int kFinishStop = sala::v1::FINISH_REASON_STOP;
 constexpr int kFinishLength = sala::v1::FINISH_REASON_LENGTH;
@@ -213,7 +202,7 @@ void DecodeWorker::TakeTokenLocked(Sequence& s, int token) {
 grpc::Status DecodeWorker::Attach(grpc::ServerContext* context, const sala::v1::AttachRequest* request,
                                   grpc::ServerWriter<sala::v1::DecodeEvent>* writer) {
   if (request->session_id().empty()) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "session id is empty");
-  SamplingParams params = ToParams(request->sampling());
+  SamplingParams params = service::SamplingFromProto(request->sampling());
   if (absl::Status s = ValidateSamplingParams(params, engine_->config().vocab_size); !s.ok())
     return service::ToGrpcStatus(s);
   std::shared_ptr<Sequence> seq;
@@ -361,6 +350,14 @@ bool DecodeWorker::Cancelled(const Sequence& seq) const {
   return seq.cancelled || seq.closed;
 }
 
+absl::Status DecodeWorker::NextChunk(grpc::ServerContext* context, grpc::ServerReader<sala::v1::StateChunk>* reader,
+                                     const Sequence& seq, sala::v1::StateChunk& chunk) const {
+  if (Cancelled(seq)) return absl::CancelledError("sequence was cancelled");
+  if (reader->Read(&chunk)) return absl::OkStatus();
+  return absl::UnavailableError(context->IsCancelled() ? "state transfer cancelled by the prefill worker"
+                                                       : "state transfer broken");
+}
+
 absl::StatusOr<SequenceState> DecodeWorker::ReceiveBytes(grpc::ServerContext* context,
                                                          grpc::ServerReader<sala::v1::StateChunk>* reader,
                                                          sala::v1::StateChunk& chunk, Sequence& seq, int64_t& bytes) {
@@ -369,10 +366,7 @@ absl::StatusOr<SequenceState> DecodeWorker::ReceiveBytes(grpc::ServerContext* co
     bytes += int64_t(chunk.data().size());
     SALA_RETURN_IF_ERROR(state_reader.Feed(chunk.data()));
     if (chunk.last()) break;
-    if (Cancelled(seq)) return absl::CancelledError("sequence was cancelled");
-    if (!reader->Read(&chunk))
-      return absl::UnavailableError(context->IsCancelled() ? "state transfer cancelled by the prefill worker"
-                                                           : "state transfer broken");
+    SALA_RETURN_IF_ERROR(NextChunk(context, reader, seq, chunk));
   }
   if (!state_reader.committed()) return absl::DataLossError("state stream ended without a commit");
   return state_reader.Take();
@@ -443,14 +437,8 @@ absl::StatusOr<SequenceState> DecodeWorker::ReceiveOverNccl(grpc::ServerContext*
       bytes += *n;
     }
     if (chunk.last()) break;
-    if (Cancelled(seq)) {
-      status = absl::CancelledError("sequence was cancelled");
-    } else if (!reader->Read(&chunk)) {
-      status = absl::UnavailableError(context->IsCancelled() ? "state transfer cancelled by the prefill worker"
-                                                             : "state transfer broken");
-    } else if (!chunk.has_nccl()) {
-      status = absl::InvalidArgumentError("an NCCL transfer step without its descriptor");
-    }
+    status = NextChunk(context, reader, seq, chunk);
+    if (status.ok() && !chunk.has_nccl()) status = absl::InvalidArgumentError("an NCCL transfer step without its descriptor");
   }
   if (status.ok())
     status = link->nccl->Wait(deadline, [&] { return context->IsCancelled() || Cancelled(seq); });

@@ -55,6 +55,9 @@ class DecodeWorker final : public sala::v1::DecodeWorker::Service {
                                              grpc::ServerReader<sala::v1::StateChunk>* reader,
                                              sala::v1::StateChunk& chunk, Sequence& seq, int64_t& bytes);
   bool Cancelled(const Sequence& seq) const;
+  // The stream's next message, unless the sequence was cancelled or the stream ended.
+  absl::Status NextChunk(grpc::ServerContext* context, grpc::ServerReader<sala::v1::StateChunk>* reader,
+                         const Sequence& seq, sala::v1::StateChunk& chunk) const;
   void Loop();
   void Step(std::vector<std::shared_ptr<Sequence>>& batch);
   void AppendPrefill(const std::shared_ptr<Sequence>& seq);

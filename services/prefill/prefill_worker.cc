@@ -9,6 +9,7 @@
 #include "log.h"
 #include "metrics.h"
 #include "process.h"
+#include "sampling_proto.h"
 #include "sala/status_macros.h"
 #include "status_map.h"
 
@@ -193,13 +194,7 @@ absl::Status PrefillWorker::Run(Job& job) {
     return logits.status();
   }
   const double prefill_seconds = service::SecondsSince(start);
-  SamplingParams params;
-  const auto& sp = t.sampling();
-  params.temperature = sp.has_temperature() ? sp.temperature() : 0.9;
-  params.top_k = sp.top_k();
-  params.top_p = sp.has_top_p() ? sp.top_p() : 1.0;
-  params.seed = sp.seed();
-  Sampler sampler(params);
+  Sampler sampler(service::SamplingFromProto(t.sampling()));
   const int first_token = sampler.Sample(*logits);
   const auto finish_start = Clock::now();
   Progress(job, [](sala::v1::PrefillProgress& p) { p.mutable_transferring(); });

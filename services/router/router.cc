@@ -12,6 +12,7 @@
 #include "metrics.h"
 #include "process.h"
 #include "sala/sampling.h"
+#include "sampling_proto.h"
 #include "sala/status_macros.h"
 #include "sala/v1/worker.grpc.pb.h"
 #include "status_map.h"
@@ -177,12 +178,7 @@ absl::StatusOr<sala::v1::GenerationFinal> Router::Generate(const sala::v1::Gener
   call.sampling = req.sampling();
   if (!call.sampling.has_seed()) call.sampling.set_seed(std::random_device{}() | (uint64_t(std::random_device{}()) << 32));
   {
-    SamplingParams p;
-    p.temperature = call.sampling.has_temperature() ? call.sampling.temperature() : 0.9;
-    p.top_k = call.sampling.top_k();
-    p.top_p = call.sampling.has_top_p() ? call.sampling.top_p() : 1.0;
-    p.max_new_tokens = call.sampling.has_max_new_tokens() ? call.sampling.max_new_tokens() : 256;
-    p.stop_token_ids.assign(call.sampling.stop_token_ids().begin(), call.sampling.stop_token_ids().end());
+    const SamplingParams p = service::SamplingFromProto(call.sampling);
     if (absl::Status s = ValidateSamplingParams(p, config_.vocab_size); !s.ok()) return finish(s);
     if (p.max_new_tokens == 0) return finish(absl::InvalidArgumentError("max_new_tokens must be at least 1"));
   }
