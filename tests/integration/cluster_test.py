@@ -1,6 +1,7 @@
 """The cluster as its users meet it: router, prefill and decode workers and redis-server as
 real processes on loopback, driven through gRPC (sala-client) and the OpenAI HTTP API."""
 import concurrent.futures
+import contextlib
 import json
 import os
 import signal
@@ -23,6 +24,20 @@ def reference(ids, max_new_tokens):
              "--ignore-eos", "--quiet", f"--json-out={out}")
     with open(out) as f:
         return json.load(f)
+
+
+@contextlib.contextmanager
+def streaming_client(address, *args):
+    """sala-client running in the background, its output piped; killed and reaped on the way out so a
+    failed assertion does not leave it streaming."""
+    proc = subprocess.Popen([os.path.join(BIN, "sala-client"), f"--address={address}", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
 
 
 def csv(ids):
@@ -156,21 +171,19 @@ class ClusterTest(unittest.TestCase):
         self.assertEqual(client_error_code(err), "FAILED_PRECONDITION", err)
 
     def test_cancel_frees_every_worker(self):
-        proc = subprocess.Popen([os.path.join(BIN, "sala-client"), f"--address={self.cluster.grpc_address}",
-                                 "generate", f"--token-ids={csv(random_ids(200, seed=31))}", "--request-id=rq-cancel-1",
-                                 "--max-new-tokens=100000", "--ignore-eos", "--json"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(3):
-            proc.stdout.readline()
-        code, lines, err = client(self.cluster, "cancel", "--request-id=rq-cancel-1")
-        self.assertEqual(code, 0, err)
-        self.assertTrue(lines[0]["cancelled"])
-        proc.wait(10)
-        self.assertEqual(client_error_code(proc.stderr.read()), "CANCELLED")
-        self.assert_workers_idle()
-        self.assertTrue(wait_for(lambda: sessions_with_status(self.cluster, "cancelled")))
-        code, lines, _ = client(self.cluster, "cancel", "--request-id=rq-cancel-1")
-        self.assertFalse(lines[0].get("cancelled", False))
+        with streaming_client(self.cluster.grpc_address, "generate", f"--token-ids={csv(random_ids(200, seed=31))}",
+                              "--request-id=rq-cancel-1", "--max-new-tokens=100000", "--ignore-eos", "--json") as proc:
+            for _ in range(3):
+                proc.stdout.readline()
+            code, lines, err = client(self.cluster, "cancel", "--request-id=rq-cancel-1")
+            self.assertEqual(code, 0, err)
+            self.assertTrue(lines[0]["cancelled"])
+            proc.wait(10)
+            self.assertEqual(client_error_code(proc.stderr.read()), "CANCELLED")
+            self.assert_workers_idle()
+            self.assertTrue(wait_for(lambda: sessions_with_status(self.cluster, "cancelled")))
+            code, lines, _ = client(self.cluster, "cancel", "--request-id=rq-cancel-1")
+            self.assertFalse(lines[0].get("cancelled", False))
 
     def test_client_disconnect_frees_every_worker(self):
         before = len(sessions_with_status(self.cluster, "cancelled"))
@@ -286,25 +299,24 @@ class FailureTest(unittest.TestCase):
 
     def test_kill_decode_worker_mid_stream(self):
         with make_cluster(prefill=1, decode=2) as c:
-            proc = subprocess.Popen([os.path.join(BIN, "sala-client"), f"--address={c.grpc_address}", "generate",
-                                     f"--token-ids={csv(random_ids(100, seed=51))}", "--max-new-tokens=100000",
-                                     "--ignore-eos", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for _ in range(3):
-                proc.stdout.readline()
-            victim = next(d for d in c.decodes if metrics(d.metrics_url)["sala_num_requests_running"] >= 1)
-            victim.kill9()
-            start = time.time()
-            proc.wait(15)
-            self.assertLess(time.time() - start, 10, "the client must hear of the failure promptly")
-            self.assertEqual(client_error_code(proc.stderr.read()), "ABORTED")
-            self.assertTrue(wait_for(lambda: sessions_with_status(c, "failed")))
-            for i in range(4):  # the router routes around the dead worker
-                code, _, err = client(c, "complete", f"--token-ids={csv(random_ids(50, seed=60 + i))}",
-                                      "--max-new-tokens=4", "--ignore-eos")
-                self.assertEqual(code, 0, err)
-            survivor = next(d for d in c.decodes if d is not victim)
-            self.assertGreaterEqual(metrics(survivor.metrics_url)["sala_generation_tokens_total"], 16)
-            c.decodes.remove(victim)
+            with streaming_client(c.grpc_address, "generate", f"--token-ids={csv(random_ids(100, seed=51))}",
+                                  "--max-new-tokens=100000", "--ignore-eos", "--json") as proc:
+                for _ in range(3):
+                    proc.stdout.readline()
+                victim = next(d for d in c.decodes if metrics(d.metrics_url)["sala_num_requests_running"] >= 1)
+                victim.kill9()
+                start = time.time()
+                proc.wait(15)
+                self.assertLess(time.time() - start, 10, "the client must hear of the failure promptly")
+                self.assertEqual(client_error_code(proc.stderr.read()), "ABORTED")
+                self.assertTrue(wait_for(lambda: sessions_with_status(c, "failed")))
+                for i in range(4):  # the router routes around the dead worker
+                    code, _, err = client(c, "complete", f"--token-ids={csv(random_ids(50, seed=60 + i))}",
+                                          "--max-new-tokens=4", "--ignore-eos")
+                    self.assertEqual(code, 0, err)
+                survivor = next(d for d in c.decodes if d is not victim)
+                self.assertGreaterEqual(metrics(survivor.metrics_url)["sala_generation_tokens_total"], 16)
+                c.decodes.remove(victim)
 
     def test_kill_prefill_worker_before_first_token_retries(self):
         with make_cluster(prefill=2, decode=1, chunk_size=128) as c:
@@ -353,17 +365,16 @@ class FailureTest(unittest.TestCase):
 
     def test_queue_full_is_429_and_resource_exhausted(self):
         with make_cluster(prefill=1, decode=1, router_args=["--max_queue=1"]) as c:
-            proc = subprocess.Popen([os.path.join(BIN, "sala-client"), f"--address={c.grpc_address}", "generate",
-                                     "--token-ids=1,5,6", "--max-new-tokens=100000", "--ignore-eos", "--json",
-                                     "--request-id=long"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            proc.stdout.readline()
-            status, out = http_json(c, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
-            self.assertEqual(status, 429, out)
-            self.assertEqual(out["error"]["type"], "rate_limit_error")
-            code, _, err = client(c, "complete", "--prompt=hi")
-            self.assertEqual(client_error_code(err), "RESOURCE_EXHAUSTED", err)
-            client(c, "cancel", "--request-id=long")
-            proc.wait(10)
+            with streaming_client(c.grpc_address, "generate", "--token-ids=1,5,6", "--max-new-tokens=100000",
+                                  "--ignore-eos", "--json", "--request-id=long") as proc:
+                proc.stdout.readline()
+                status, out = http_json(c, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+                self.assertEqual(status, 429, out)
+                self.assertEqual(out["error"]["type"], "rate_limit_error")
+                code, _, err = client(c, "complete", "--prompt=hi")
+                self.assertEqual(client_error_code(err), "RESOURCE_EXHAUSTED", err)
+                client(c, "cancel", "--request-id=long")
+                proc.wait(10)
 
     def test_kept_session_is_freed_when_not_continued(self):
         with make_cluster(prefill=1, decode=1, decode_args=["--kept_session_ttl=1"]) as c:

@@ -10,6 +10,7 @@ clusters of the integration tests.
 import argparse
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -23,10 +24,44 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
 
 
+def _ephemeral_range():
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+            return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_taken = set()
+
+
 def free_port():
+    """A port that is free now and outside the kernel's ephemeral range: a port from bind(0) comes
+    from that range, so an outgoing connection elsewhere on the machine can take it before the
+    service that was given it binds."""
+    low, high = _ephemeral_range()
+    candidates = [p for p in range(10000, 65000) if not low <= p <= high and p not in _taken]
+    for _ in range(200 if candidates else 0):
+        port = random.choice(candidates)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _taken.add(port)
+        return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def log_tail(path, lines=20):
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
 
 
 class Process:
@@ -55,6 +90,7 @@ class Process:
     def kill9(self):
         self.proc.kill()
         self.proc.wait()
+        self.log.close()
 
 
 class Cluster:
@@ -133,7 +169,8 @@ class Cluster:
         while time.time() < deadline:
             for p in [self.router, *self.prefills, *self.decodes]:
                 if not p.alive() and p not in getattr(self, "killed", []):
-                    raise RuntimeError(f"{p.name} exited ({p.proc.returncode}); see {p.log_path}")
+                    raise RuntimeError(f"{p.name} exited ({p.proc.returncode}); {p.log_path} ends with:\n"
+                                       + log_tail(p.log_path))
             try:
                 with urllib.request.urlopen(self.http + "/health", timeout=1) as r:
                     if r.status == 200:
