@@ -192,10 +192,16 @@ int main(int argc, char** argv) {
       std::vector<sala::SequenceState*> ptrs;
       for (auto& q : seqs) ptrs.push_back(&q);
       const std::vector<int> next(B, 5);
+      // As served: the default sampling parameters, tokens drawn on the device.
+      sala::SamplingParams sampling;
+      sampling.seed = 1;
+      sala::Sampler sampler(sampling);
       std::vector<double> t;
       for (int step = 0; step < absl::GetFlag(FLAGS_decode_steps) + 2; ++step) {
+        std::vector<sala::TokenDraw> draws;
+        for (int b = 0; b < B; ++b) draws.push_back(sampler.Next());
         const auto st = Clock::now();
-        auto r = e.Decode(ptrs, next);
+        auto r = e.DecodeAndDraw(ptrs, next, draws);
         if (!r.ok()) break;
         if (step >= 2) t.push_back(Since(st));
       }

@@ -100,8 +100,8 @@ absl::StatusOr<std::vector<float>> Engine::Prefill(SequenceState& state, std::sp
   return logits;
 }
 
-absl::StatusOr<std::vector<std::vector<float>>> Engine::Decode(std::span<SequenceState* const> states,
-                                                               std::span<const int> tokens) {
+absl::StatusOr<std::unique_ptr<bool[]>> Engine::DecodeChoices(std::span<SequenceState* const> states,
+                                                              std::span<const int> tokens) const {
   if (states.size() != tokens.size())
     return absl::InvalidArgumentError("decode: one token per sequence is needed");
   SALA_RETURN_IF_ERROR(CheckTokens(tokens));
@@ -112,7 +112,20 @@ absl::StatusOr<std::vector<std::vector<float>>> Engine::Decode(std::span<Sequenc
                                                 max_context_tokens(), " tokens"));
     sparse[i] = UseSparse(states[i]->tokens + 1);
   }
+  return sparse;
+}
+
+absl::StatusOr<std::vector<std::vector<float>>> Engine::Decode(std::span<SequenceState* const> states,
+                                                               std::span<const int> tokens) {
+  SALA_ASSIGN_OR_RETURN(std::unique_ptr<bool[]> sparse, DecodeChoices(states, tokens));
   return backend_->DecodeStep(states, tokens, std::span<const bool>(sparse.get(), states.size()));
+}
+
+absl::StatusOr<std::vector<int>> Engine::DecodeAndDraw(std::span<SequenceState* const> states,
+                                                       std::span<const int> tokens, std::span<const TokenDraw> draws) {
+  if (draws.size() != states.size()) return absl::InvalidArgumentError("decode: one draw per sequence is needed");
+  SALA_ASSIGN_OR_RETURN(std::unique_ptr<bool[]> sparse, DecodeChoices(states, tokens));
+  return backend_->DecodeStepAndDraw(states, tokens, std::span<const bool>(sparse.get(), states.size()), draws);
 }
 
 bool Engine::IsStopToken(int token, const SamplingParams& params) const {
@@ -142,8 +155,8 @@ absl::StatusOr<GenerationResult> Engine::GenerateFrom(SequenceState& state, std:
   result.prompt_logits = logits;
   Sampler sampler(params);
   const auto start = std::chrono::steady_clock::now();
+  int token = sampler.Sample(logits);
   for (int step = 0; step < params.max_new_tokens; ++step) {
-    const int token = sampler.Sample(logits);
     if (step == 0) result.ttft_seconds = Seconds(start);
     if (IsStopToken(token, params)) {
       result.finish_reason = FinishReason::kStop;
@@ -156,8 +169,11 @@ absl::StatusOr<GenerationResult> Engine::GenerateFrom(SequenceState& state, std:
     }
     if (step + 1 == params.max_new_tokens) break;
     SequenceState* s = &state;
-    SALA_ASSIGN_OR_RETURN(auto batch, Decode(std::span<SequenceState* const>(&s, 1), std::span<const int>(&token, 1)));
-    logits = std::move(batch[0]);
+    const TokenDraw draw = sampler.Next();
+    SALA_ASSIGN_OR_RETURN(std::vector<int> next, DecodeAndDraw(std::span<SequenceState* const>(&s, 1),
+                                                               std::span<const int>(&token, 1),
+                                                               std::span<const TokenDraw>(&draw, 1)));
+    token = next[0];
   }
   result.decode_seconds = Seconds(start) - result.ttft_seconds;
   return result;

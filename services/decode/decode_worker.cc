@@ -552,21 +552,26 @@ void DecodeWorker::AppendPrefill(const std::shared_ptr<Sequence>& seq) {
 void DecodeWorker::Step(std::vector<std::shared_ptr<Sequence>>& batch) {
   std::vector<SequenceState*> states;
   std::vector<int> inputs;
-  for (const auto& s : batch) {
-    states.push_back(&s->state);
-    inputs.push_back(s->next_input);
+  std::vector<TokenDraw> draws;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& s : batch) {
+      states.push_back(&s->state);
+      inputs.push_back(s->next_input);
+      draws.push_back(s->sampler->Next());
+    }
   }
-  auto logits = engine_->Decode(states, inputs);
+  auto next = engine_->DecodeAndDraw(states, inputs, draws);
   std::lock_guard<std::mutex> lock(mu_);
   for (size_t i = 0; i < batch.size(); ++i) {
     Sequence& s = *batch[i];
-    if (!logits.ok()) {
-      if (logits.status().code() == absl::StatusCode::kOutOfRange) FinishLocked(s, kFinishLength);
-      else FailLocked(s, logits.status());
+    if (!next.ok()) {
+      if (next.status().code() == absl::StatusCode::kOutOfRange) FinishLocked(s, kFinishLength);
+      else FailLocked(s, next.status());
       continue;
     }
     if (s.cancelled || s.closed) continue;
-    TakeTokenLocked(s, s.sampler->Sample((*logits)[i]));
+    TakeTokenLocked(s, (*next)[i]);
   }
 }
 

@@ -87,6 +87,25 @@ TEST_F(EngineGpuTest, BatchedDecodeMatchesSingleSequences) {
   }
 }
 
+TEST_F(EngineGpuTest, TokensDrawnOnTheDeviceMatchTheCpuDrawFromTheSameLogits) {
+  std::vector<SequenceState> states;
+  for (int n : {50, 700, 1100}) {
+    states.push_back(gpu_->NewSequence());
+    ASSERT_TRUE(gpu_->Prefill(states.back(), Tokens(n, 3 * n)).ok());
+  }
+  std::vector<SequenceState> copies = states;
+  std::vector<SequenceState*> ptrs, copy_ptrs;
+  for (auto& s : states) ptrs.push_back(&s);
+  for (auto& s : copies) copy_ptrs.push_back(&s);
+  const std::vector<int> next{11, 22, 33};
+  const std::vector<TokenDraw> draws{{0.0f, 0, 1.0f, 0.5}, {0.8f, 0, 1.0f, 0.3}, {1.0f, 20, 0.9f, 0.7}};
+  auto drawn = gpu_->DecodeAndDraw(ptrs, next, draws);
+  auto logits = gpu_->Decode(copy_ptrs, next);
+  ASSERT_TRUE(drawn.ok() && logits.ok()) << drawn.status();
+  for (size_t i = 0; i < draws.size(); ++i) EXPECT_EQ((*drawn)[i], DrawToken((*logits)[i], draws[i])) << i;
+  EXPECT_EQ(states[0].tokens, copies[0].tokens);
+}
+
 TEST_F(EngineGpuTest, TransferredStateContinuesIdentically) {
   // Prefill on the GPU, ship the state chunk by chunk as the prefill worker does, and continue
   // it on another GPU engine (identical tokens) and on the CPU engine (same first-step logits).

@@ -11,10 +11,12 @@
 #include "cuda/gemm.h"
 #include "cuda/lightning.h"
 #include "cuda/ops.h"
+#include "cuda/sampling.h"
 #include "cuda/sparse.h"
 #include "gtest/gtest.h"
 #include "test_util.h"
 #include "sala/safetensors.h"
+#include "sala/sampling.h"
 
 namespace sala {
 namespace {
@@ -334,6 +336,37 @@ TEST_F(GpuTest, SparseAttentionRowsMatchesCpu) {
                                         o, scratch, nullptr)
                   .ok());
   EXPECT_LT(testing::RelativeError(FromDevice(o, ref.size()), ref), 1e-3);
+}
+
+TEST_F(GpuTest, DrawTokensMatchesCpu) {
+  // Greedy, plain temperature, top-k (also 1 and beyond the vocabulary), top-p (also tiny),
+  // both together; logits distinct and bf16-rounded (many ties at the cuts).
+  const std::vector<TokenDraw> kinds = {{0.0f, 0, 1.0f}, {0.9f, 0, 1.0f},   {0.7f, 50, 1.0f},  {1.0f, 1, 1.0f},
+                                        {1.2f, 0, 0.9f}, {1.0f, 0, 1e-6f}, {0.8f, 40, 0.8f}, {1.0f, 1 << 20, 0.5f}};
+  std::mt19937_64 rng(5);
+  std::uniform_real_distribution<double> uniform(0.0, 1.0);
+  for (int vocab : {7, 1000, 73448}) {
+    for (bool ties : {false, true}) {
+      std::vector<TokenDraw> draws;
+      for (const TokenDraw& k : kinds)
+        for (int r = 0; r < 4; ++r) {
+          draws.push_back(k);
+          draws.back().u = uniform(rng);
+        }
+      const int rows = int(draws.size());
+      const auto logits = Random(size_t(rows) * vocab, 40 + vocab, 3.0f, ties);
+      int* tokens = Poisoned<int>(rows);
+      ASSERT_TRUE(cuda::DrawTokens(ToDevice(logits), rows, vocab, ToDevice(draws), tokens, nullptr).ok());
+      std::vector<int> got(rows);
+      ASSERT_EQ(cudaMemcpy(got.data(), tokens, rows * sizeof(int), cudaMemcpyDeviceToHost), cudaSuccess);
+      for (int r = 0; r < rows; ++r) {
+        const std::span<const float> row(logits.data() + size_t(r) * vocab, vocab);
+        EXPECT_EQ(got[r], DrawToken(row, draws[r]))
+            << "vocab " << vocab << " ties " << ties << " T " << draws[r].temperature << " top_k " << draws[r].top_k
+            << " top_p " << draws[r].top_p << " u " << draws[r].u;
+      }
+    }
+  }
 }
 
 }  // namespace

@@ -63,6 +63,36 @@ TEST(SamplingTest, FollowsTheTemperedDistribution) {
   EXPECT_NEAR(c2[2] / double(n), 4.0 / 6.0, 0.01);
 }
 
+TEST(SamplingTest, TopKKeepsLogitsEqualToTheCut) {
+  // Weights at T = 1: 1, e^-1, e^-1 (id 3 is cut): the third candidate is reachable.
+  const std::vector<float> logits{3.0f, 2.0f, 2.0f, 1.0f};
+  EXPECT_EQ(DrawToken(logits, {1.0f, 2, 1.0f, 0.9}), 2);
+  EXPECT_EQ(DrawToken(logits, {1.0f, 2, 1.0f, 0.999999}), 2);
+  EXPECT_EQ(DrawToken(logits, {1.0f, 0, 1.0f, 0.999999}), 3);
+}
+
+TEST(SamplingTest, TopPCutsByValueAndTheDrawWalksInIdOrder) {
+  // Weights 1/4, 1/2, 1 relative to the largest; top-p 0.6 keeps ids 1 and 2 (mass 1.5).
+  const std::vector<float> logits{0.0f, std::log(2.0f), std::log(4.0f)};
+  EXPECT_EQ(DrawToken(logits, {1.0f, 0, 0.6f, 0.3}), 1);  // 0.45 of 1.5: inside id 1's 0.5
+  EXPECT_EQ(DrawToken(logits, {1.0f, 0, 0.6f, 0.4}), 2);  // 0.6: past id 1
+  EXPECT_EQ(DrawToken(logits, {1.0f, 0, 1.0f, 0.0}), 0);  // the lowest id first, not the largest logit
+  EXPECT_EQ(DrawToken(logits, {0.0f, 0, 1.0f, 0.0}), 2);  // greedy ignores u
+}
+
+TEST(SamplingTest, SkipAdvancesTheStreamAsDrawsWould) {
+  SamplingParams p;
+  p.seed = 7;
+  Sampler a(p), b(p);
+  a.Next();
+  a.Next();
+  b.Skip(2);
+  EXPECT_EQ(a.Next().u, b.Next().u);
+  p.temperature = 0;
+  Sampler greedy(p);
+  EXPECT_EQ(greedy.Next().temperature, 0.0f);
+}
+
 TEST(SamplingTest, ValidatesParameters) {
   SamplingParams p;
   EXPECT_TRUE(ValidateSamplingParams(p, 10).ok());

@@ -9,6 +9,7 @@
 
 #include "absl/status/statusor.h"
 #include "sala/config.h"
+#include "sala/sampling.h"
 #include "sala/sequence_state.h"
 
 namespace sala {
@@ -35,6 +36,19 @@ class Backend {
   virtual absl::StatusOr<std::vector<std::vector<float>>> DecodeStep(
       std::span<SequenceState* const> states, std::span<const int> tokens,
       std::span<const bool> sparse) = 0;
+
+  // DecodeStep, then each sequence's next token drawn from its logits (draws[i] for sequence i)
+  // where the logits are: a device backend copies back tokens, not vocabulary-sized rows.
+  virtual absl::StatusOr<std::vector<int>> DecodeStepAndDraw(std::span<SequenceState* const> states,
+                                                             std::span<const int> tokens,
+                                                             std::span<const bool> sparse,
+                                                             std::span<const TokenDraw> draws) {
+    auto logits = DecodeStep(states, tokens, sparse);
+    if (!logits.ok()) return logits.status();
+    std::vector<int> out;
+    for (size_t i = 0; i < logits->size(); ++i) out.push_back(DrawToken((*logits)[i], draws[i]));
+    return out;
+  }
 
   // Brings the host fields of `state` up to date with a device-resident state, so that it can
   // be serialised: the sparse rows and compressed keys not yet on the host, and the linear

@@ -65,6 +65,10 @@ class Engine {
   // One token for each sequence; returns their logits.
   absl::StatusOr<std::vector<std::vector<float>>> Decode(std::span<SequenceState* const> states,
                                                          std::span<const int> tokens);
+  // One token for each sequence; returns the next tokens, drawn where the logits are
+  // (draws[i] for sequence i, from its Sampler).
+  absl::StatusOr<std::vector<int>> DecodeAndDraw(std::span<SequenceState* const> states, std::span<const int> tokens,
+                                                 std::span<const TokenDraw> draws);
 
   // Prefill + sampling loop. `on_token` sees every generated token; returning false stops.
   using TokenCallback = std::function<bool(int token)>;
@@ -83,6 +87,9 @@ class Engine {
  private:
   Engine() = default;
   absl::Status CheckTokens(std::span<const int> tokens) const;
+  // A decode step's checks; the dense/sparse choice per sequence.
+  absl::StatusOr<std::unique_ptr<bool[]>> DecodeChoices(std::span<SequenceState* const> states,
+                                                        std::span<const int> tokens) const;
   ModelConfig config_;
   EngineOptions options_;
   std::unique_ptr<Tokenizer> tokenizer_;

@@ -1,13 +1,13 @@
-// Token sampling: greedy, temperature, top-k, top-p, seeded.
+// Token sampling: greedy, temperature, top-k, top-p, seeded; one definition for the CPU and the GPU.
 #pragma once
 
 #include <cstdint>
 #include <optional>
-#include <random>
 #include <span>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "sala/token_draw.h"
 
 namespace sala {
 
@@ -23,18 +23,24 @@ struct SamplingParams {
 
 absl::Status ValidateSamplingParams(const SamplingParams& params, int vocab_size);
 
+// The CPU definition of a draw; the GPU's (engine/src/cuda/sampling.cu) matches it.
+int DrawToken(std::span<const float> logits, const TokenDraw& draw);
+
+// A sequence's sampling: its parameters and a counter-based random stream, so that draw n of a
+// seed is the same on every platform and a sequence can continue on another worker.
 class Sampler {
  public:
   explicit Sampler(const SamplingParams& params);
-  int Sample(std::span<const float> logits);
-  // Advances the generator as `samples` non-greedy samples would (each draws once), so that a
-  // sequence sampled partly elsewhere continues the same random stream.
-  void Skip(int samples);
+  // The next token's draw (advances the stream unless greedy).
+  TokenDraw Next();
+  int Sample(std::span<const float> logits) { return DrawToken(logits, Next()); }
+  // Advances the stream as `samples` non-greedy draws would.
+  void Skip(int samples) { draws_ += uint64_t(samples); }
 
  private:
-  double Uniform();  // [0, 1), the same on every platform for a given seed
   SamplingParams params_;
-  std::mt19937_64 rng_;
+  uint64_t seed_;
+  uint64_t draws_ = 0;
 };
 
 }  // namespace sala

@@ -18,6 +18,7 @@
 #include "sala/safetensors.h"
 #include "sala/status_macros.h"
 #include "sala/weights.h"
+#include "sampling.h"
 #include "sparse.h"
 
 namespace sala {
@@ -175,7 +176,8 @@ class CudaBackend final : public Backend {
   absl::StatusOr<std::vector<float>> Forward(SequenceState& state, std::span<const int> tokens, bool sparse) override {
     SALA_ASSIGN_OR_RETURN(CudaSequence * dev, Device(state));
     std::vector<Segment> segs{{&state, dev, 0, int64_t(tokens.size()), sparse}};
-    SALA_ASSIGN_OR_RETURN(auto logits, Run(segs, tokens));
+    SALA_RETURN_IF_ERROR(Run(segs, tokens));
+    SALA_ASSIGN_OR_RETURN(auto logits, HostLogits(1));
     return std::move(logits[0]);
   }
 
@@ -275,12 +277,23 @@ class CudaBackend final : public Backend {
   absl::StatusOr<std::vector<std::vector<float>>> DecodeStep(std::span<SequenceState* const> states,
                                                              std::span<const int> tokens,
                                                              std::span<const bool> sparse) override {
-    std::vector<Segment> segs;
-    for (size_t i = 0; i < states.size(); ++i) {
-      SALA_ASSIGN_OR_RETURN(CudaSequence * dev, Device(*states[i]));
-      segs.push_back({states[i], dev, int64_t(i), 1, sparse[i]});
-    }
-    return Run(segs, tokens);
+    SALA_RETURN_IF_ERROR(RunDecodeStep(states, tokens, sparse));
+    return HostLogits(int64_t(states.size()));
+  }
+
+  absl::StatusOr<std::vector<int>> DecodeStepAndDraw(std::span<SequenceState* const> states,
+                                                     std::span<const int> tokens, std::span<const bool> sparse,
+                                                     std::span<const TokenDraw> draws) override {
+    if (draws.size() != states.size()) return absl::InvalidArgumentError("one draw per sequence is needed");
+    SALA_RETURN_IF_ERROR(RunDecodeStep(states, tokens, sparse));
+    const int B = int(states.size());
+    SALA_RETURN_IF_ERROR(draws_.Reserve(B));
+    SALA_RETURN_IF_ERROR(drawn_.Reserve(B));
+    SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(draws_.get(), draws.data(), B * sizeof(TokenDraw), cudaMemcpyHostToDevice));
+    SALA_RETURN_IF_ERROR(cuda::DrawTokens(logits_.get(), B, config_.vocab_size, draws_.get(), drawn_.get(), nullptr));
+    std::vector<int> out(B);
+    SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(out.data(), drawn_.get(), B * sizeof(int), cudaMemcpyDeviceToHost));
+    return out;
   }
 
  private:
@@ -339,7 +352,29 @@ class CudaBackend final : public Backend {
     return ids_.Reserve(R);
   }
 
-  absl::StatusOr<std::vector<std::vector<float>>> Run(std::span<Segment> segs, std::span<const int> tokens) {
+  absl::Status RunDecodeStep(std::span<SequenceState* const> states, std::span<const int> tokens,
+                             std::span<const bool> sparse) {
+    std::vector<Segment> segs;
+    for (size_t i = 0; i < states.size(); ++i) {
+      SALA_ASSIGN_OR_RETURN(CudaSequence * dev, Device(*states[i]));
+      segs.push_back({states[i], dev, int64_t(i), 1, sparse[i]});
+    }
+    return Run(segs, tokens);
+  }
+
+  // The logits of the last Run, one row per segment.
+  absl::StatusOr<std::vector<std::vector<float>>> HostLogits(int64_t rows) {
+    const int64_t V = config_.vocab_size;
+    std::vector<float> host(rows * V);
+    SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(host.data(), logits_.get(), host.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    std::vector<std::vector<float>> out;
+    for (int64_t b = 0; b < rows; ++b) out.emplace_back(host.begin() + b * V, host.begin() + (b + 1) * V);
+    return out;
+  }
+
+  // The forward pass of every segment (rows of `tokens` in segment order); leaves the logits of
+  // each segment's last row in logits_.
+  absl::Status Run(std::span<Segment> segs, std::span<const int> tokens) {
     const int64_t R = int64_t(tokens.size()), d = config_.hidden_size, ff = config_.intermediate_size;
     const float r = float(config_.residual_scale()), eps = float(config_.rms_norm_eps);
     cudaStream_t s = nullptr;
@@ -368,15 +403,11 @@ class CudaBackend final : public Backend {
       SALA_RETURN_IF_ERROR(cuda::RmsNormToBf16(h_.get() + (segs[b].row0 + segs[b].rows - 1) * d, 1, int(d),
                                                final_norm_.get(), eps, inv_div, last_.get() + b * d, s));
     SALA_RETURN_IF_ERROR(Mm(last_.get(), B, d, lm_head_.get(), V, logits_.get()));
-    std::vector<float> host(B * V);
-    SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(host.data(), logits_.get(), host.size() * 4, cudaMemcpyDeviceToHost));
     for (Segment& seg : segs) {
       seg.state->tokens += seg.rows;
       seg.dev->tokens = seg.state->tokens;
     }
-    std::vector<std::vector<float>> out;
-    for (int64_t b = 0; b < B; ++b) out.emplace_back(host.begin() + b * V, host.begin() + (b + 1) * V);
-    return out;
+    return absl::OkStatus();
   }
 
   absl::Status LinearMixer(int layer, std::span<Segment> segs, int64_t R) {
@@ -544,6 +575,8 @@ class CudaBackend final : public Backend {
   DeviceBuffer<float> h_, y_, q_, k_, v_, z_, o_, g_, u_, logits_;
   DeviceBuffer<Bf16> xb_, ob_, gb_, last_;
   DeviceBuffer<int> ids_;
+  DeviceBuffer<TokenDraw> draws_;
+  DeviceBuffer<int> drawn_;
   DeviceBuffer<float*> state_ptrs_;
   DeviceBuffer<float> chunk_states_;
   cuda::SparseScratch sparse_scratch_;

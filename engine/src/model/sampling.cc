@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
-#include <numeric>
+#include <functional>
+#include <limits>
+#include <random>
 
 #include "absl/strings/str_cat.h"
 
@@ -22,46 +24,77 @@ absl::Status ValidateSamplingParams(const SamplingParams& p, int vocab_size) {
   return absl::OkStatus();
 }
 
-Sampler::Sampler(const SamplingParams& params)
-    : params_(params), rng_(params.seed ? *params.seed : std::random_device{}()) {}
+namespace {
 
-void Sampler::Skip(int samples) {
-  for (int i = 0; i < samples; ++i) rng_();
+// SplitMix64's output function: draw n of a seed is Mix(seed + (n + 1) * golden), which is the
+// n-th output of a SplitMix64 stream started at `seed`.
+uint64_t Mix(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
 }
 
-double Sampler::Uniform() { return double(rng_() >> 11) * 0x1.0p-53; }
+}  // namespace
 
-int Sampler::Sample(std::span<const float> logits) {
+Sampler::Sampler(const SamplingParams& params)
+    : params_(params), seed_(params.seed ? *params.seed : (uint64_t(std::random_device{}()) << 32) ^ std::random_device{}()) {}
+
+TokenDraw Sampler::Next() {
+  TokenDraw d;
+  if (params_.temperature == 0.0) return d;
+  d.temperature = float(params_.temperature);
+  d.top_k = params_.top_k;
+  d.top_p = float(params_.top_p);
+  d.u = double(Mix(seed_ + (++draws_) * 0x9e3779b97f4a7c15ull) >> 11) * 0x1.0p-53;
+  return d;
+}
+
+int DrawToken(std::span<const float> logits, const TokenDraw& d) {
   const int n = int(logits.size());
-  if (params_.temperature == 0.0) return int(std::max_element(logits.begin(), logits.end()) - logits.begin());
-  // Candidates by descending logit (ties: lower id first), cut by top-k.
-  std::vector<int> ids(n);
-  std::iota(ids.begin(), ids.end(), 0);
-  const int k = params_.top_k > 0 ? std::min(params_.top_k, n) : n;
-  auto by_logit = [&](int a, int b) { return logits[a] != logits[b] ? logits[a] > logits[b] : a < b; };
-  std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), by_logit);
-  ids.resize(k);
-  std::vector<double> p(k);
-  const double m = logits[ids[0]];
-  double sum = 0.0;
-  for (int i = 0; i < k; ++i) sum += p[i] = std::exp((logits[ids[i]] - m) / params_.temperature);
-  // Top-p: the smallest prefix whose mass reaches top_p.
-  int keep = k;
-  if (params_.top_p < 1.0) {
-    double acc = 0.0;
-    for (int i = 0; i < k; ++i) {
-      acc += p[i] / sum;
-      if (acc >= params_.top_p) { keep = i + 1; break; }
+  const int argmax = int(std::max_element(logits.begin(), logits.end()) - logits.begin());
+  if (d.temperature <= 0.0f || n <= 1) return argmax;
+  const double m = logits[argmax];
+  std::vector<double> w(n);
+  for (int i = 0; i < n; ++i) w[i] = std::exp((double(logits[i]) - m) / double(d.temperature));
+  float cut = -std::numeric_limits<float>::infinity();
+  if (d.top_k > 0 && d.top_k < n) {
+    std::vector<float> v(logits.begin(), logits.end());
+    std::nth_element(v.begin(), v.begin() + (d.top_k - 1), v.end(), std::greater<float>());
+    cut = v[d.top_k - 1];
+  }
+  if (d.top_p < 1.0f) {
+    std::vector<int> candidates;
+    double mass = 0.0;
+    for (int i = 0; i < n; ++i)
+      if (logits[i] >= cut) {
+        candidates.push_back(i);
+        mass += w[i];
+      }
+    std::sort(candidates.begin(), candidates.end(), [&](int a, int b) { return logits[a] > logits[b]; });
+    const double target = double(d.top_p) * mass;
+    double above = 0.0;  // weight of the candidates above the value being looked at
+    for (size_t g = 0; g < candidates.size();) {
+      const float value = logits[candidates[g]];
+      for (; g < candidates.size() && logits[candidates[g]] == value; ++g) above += w[candidates[g]];
+      if (above >= target) {
+        cut = value;
+        break;
+      }
     }
   }
   double total = 0.0;
-  for (int i = 0; i < keep; ++i) total += p[i];
-  double u = Uniform() * total;
-  for (int i = 0; i < keep; ++i) {
-    u -= p[i];
-    if (u < 0.0) return ids[i];
+  for (int i = 0; i < n; ++i)
+    if (logits[i] >= cut) total += w[i];
+  const double target = d.u * total;
+  double running = 0.0;
+  int last = argmax;
+  for (int i = 0; i < n; ++i) {
+    if (!(logits[i] >= cut)) continue;
+    running += w[i];
+    last = i;
+    if (running > target) return i;
   }
-  return ids[keep - 1];
+  return last;
 }
 
 }  // namespace sala
