@@ -95,6 +95,16 @@ TEST_F(GpuTest, HeadNormRopeMatchesCpuAtLargePositions) {
     float* d = ToDevice(x);
     ASSERT_TRUE(cuda::HeadNormRope(d, rows, heads, dim, Bf16ToDevice(w), 1e-6f, pos0, 10000.0, true, nullptr).ok());
     EXPECT_LT(testing::RelativeError(FromDevice(d, x.size()), ref), 1e-4) << dim;
+    // A decode step's rows, each at its own position.
+    const std::vector<int64_t> positions{7, 1000000, 3, 524287, 65};
+    std::vector<float> rows_ref(x.size());
+    cpu::RmsNorm(x.data(), rows * heads, dim, w.data(), 1e-6, rows_ref.data());
+    for (int r = 0; r < rows; ++r) cpu::Rope(rows_ref.data() + r * heads * dim, 1, heads, dim, positions[r], 10000.0);
+    float* dr = ToDevice(x);
+    ASSERT_TRUE(cuda::HeadNormRopeRows(dr, rows, heads, dim, Bf16ToDevice(w), 1e-6f, ToDevice(positions), 10000.0,
+                                       true, nullptr)
+                    .ok());
+    EXPECT_LT(testing::RelativeError(FromDevice(dr, x.size()), rows_ref), 1e-4) << dim;
   }
 }
 
@@ -199,6 +209,53 @@ struct SparseFixture {
   }
   cuda::SparseCacheView view() const { return {k, v, k1, k2}; }
 };
+
+// Decode appends: rows of three sequences land at their positions as bf16, and the k1/k2 entries
+// that each new token completes (and only those) equal the CPU's compression.
+TEST_F(GpuTest, AppendRowsMatchesCpuCompression) {
+  const int heads = 4, kv_heads = 2, dim = 64;
+  const size_t row = size_t(kv_heads) * dim;
+  // 128: completes a k1 and the first k2 entry; 144: a k1 entry only; 150: neither.
+  const int64_t lengths[3] = {127, 143, 149};
+  std::vector<std::unique_ptr<SparseFixture>> seqs;
+  std::vector<cuda::SparseCacheView> views;
+  std::vector<int64_t> positions;
+  for (int i = 0; i < 3; ++i) {
+    seqs.push_back(std::make_unique<SparseFixture>(lengths[i] + 1, heads, kv_heads, dim, 90 + i));
+    views.push_back(seqs.back()->view());
+    positions.push_back(lengths[i]);
+  }
+  const auto k = Random(3 * row, 95, 1.0f), v = Random(3 * row, 96, 1.0f);
+  // The fixtures hold one row more than the prefix: poison it and the entries the new token
+  // completes, so that only the kernel can make them right.
+  for (int i = 0; i < 3; ++i) {
+    SparseFixture& f = *seqs[i];
+    cudaMemset(f.k + lengths[i] * row, 0xFF, row * 2);
+    cudaMemset(f.v + lengths[i] * row, 0xFF, row * 2);
+    const int64_t n1 = SequenceState::NumK1(f.c.sparse, lengths[i] + 1), n2 = SequenceState::NumK2(f.c.sparse, lengths[i] + 1);
+    if (n1 > SequenceState::NumK1(f.c.sparse, lengths[i])) cudaMemset(f.k1 + (n1 - 1) * row, 0xFF, row * 4);
+    if (n2 > SequenceState::NumK2(f.c.sparse, lengths[i])) cudaMemset(f.k2 + (n2 - 1) * row, 0xFF, row * 4);
+  }
+  ASSERT_TRUE(cuda::AppendRows(ToDevice(k), ToDevice(v), 3, ToDevice(views), ToDevice(positions), seqs[0]->shape,
+                               nullptr)
+                  .ok());
+  for (int i = 0; i < 3; ++i) {
+    SparseFixture& f = *seqs[i];
+    SparseLayerCache expect = f.cache;  // the prefix and the new row, compressed on the CPU
+    for (size_t e = 0; e < row; ++e) {
+      expect.k[lengths[i] * row + e] = Bf16ToF32(F32ToBf16(k[i * row + e]));
+      expect.v[lengths[i] * row + e] = Bf16ToF32(F32ToBf16(v[i * row + e]));
+    }
+    expect.k1.clear();
+    expect.k2.clear();
+    UpdateCompressedKeys(f.c, lengths[i] + 1, expect);
+    const size_t n = (lengths[i] + 1) * row;
+    EXPECT_EQ(FromDeviceBf16(f.k, n), expect.k) << i;
+    EXPECT_EQ(FromDeviceBf16(f.v, n), expect.v) << i;
+    EXPECT_LT(testing::RelativeError(FromDevice(f.k1, expect.k1.size()), expect.k1), 1e-5) << i;
+    if (!expect.k2.empty()) EXPECT_LT(testing::RelativeError(FromDevice(f.k2, expect.k2.size()), expect.k2), 1e-5) << i;
+  }
+}
 
 // Stage 1: the GPU's block lists equal SelectBlocks', except where a differing block's score is
 // within bf16 rounding of the last chosen score (scores are bf16 products on the GPU).
@@ -332,8 +389,9 @@ TEST_F(GpuTest, SparseAttentionRowsMatchesCpu) {
       cpu::AttendBlocks(seqs[i]->c, seqs[i]->cache, q.data() + at, g, positions[i], list, ref.data() + at);
     }
   float* o = Poisoned<float>(ref.size());
-  ASSERT_TRUE(cuda::SparseAttentionRows(dq, 4, views.data(), positions.data(), flags, blocks, counts, seqs[0]->shape,
-                                        o, scratch, nullptr)
+  const std::vector<unsigned char> sparse_rows(flags, flags + 4);
+  ASSERT_TRUE(cuda::SparseAttentionRows(dq, 4, ToDevice(views), ToDevice(positions), ToDevice(sparse_rows), blocks,
+                                        counts, seqs[0]->shape, o, scratch, nullptr)
                   .ok());
   EXPECT_LT(testing::RelativeError(FromDevice(o, ref.size()), ref), 1e-3);
 }

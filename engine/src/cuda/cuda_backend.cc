@@ -372,6 +372,43 @@ class CudaBackend final : public Backend {
     return out;
   }
 
+  // A decode step's per-sequence device pointers and positions, uploaded once per step: a
+  // host-to-device copy waits for the device to drain, so one per layer would stall every layer.
+  // The sparse caches grow here, before any layer runs, so that their pointers hold all step.
+  absl::Status PrepareDecodeTables(std::span<const Segment> segs) {
+    const size_t B = segs.size(), row = SparseRow();
+    const SparseConfig& sc = config_.sparse;
+    const size_t linear_slots = size_t(config_.num_linear_layers());
+    const size_t sparse_slots = size_t(config_.num_sparse_layers());
+    std::vector<float*> linear(linear_slots * B);
+    std::vector<cuda::SparseCacheView> views(sparse_slots * B);
+    std::vector<int64_t> positions(B);
+    std::vector<unsigned char> sparse(B);
+    decode_tables_.max_position = 0;
+    decode_tables_.any_sparse = false;
+    for (size_t b = 0; b < B; ++b) {
+      CudaSequence* dev = segs[b].dev;
+      const int64_t before = segs[b].state->tokens, after = before + 1;
+      for (size_t slot = 0; slot < linear_slots; ++slot) linear[slot * B + b] = dev->linear[slot].get();
+      for (size_t slot = 0; slot < sparse_slots; ++slot) {
+        SparseCache& c = dev->sparse[slot];
+        SALA_RETURN_IF_ERROR(Grow(c.k, after * row, before * row));
+        SALA_RETURN_IF_ERROR(Grow(c.v, after * row, before * row));
+        SALA_RETURN_IF_ERROR(Grow(c.k1, std::max<int64_t>(SequenceState::NumK1(sc, after), 1) * row, c.n1 * row));
+        SALA_RETURN_IF_ERROR(Grow(c.k2, std::max<int64_t>(SequenceState::NumK2(sc, after), 1) * row, c.n2 * row));
+        views[slot * B + b] = {c.k.get(), c.v.get(), c.k1.get(), c.k2.get()};
+      }
+      positions[b] = before;
+      sparse[b] = segs[b].sparse;
+      decode_tables_.max_position = std::max(decode_tables_.max_position, before);
+      decode_tables_.any_sparse = decode_tables_.any_sparse || segs[b].sparse;
+    }
+    SALA_RETURN_IF_ERROR(Upload(decode_tables_.linear_states, linear.data(), linear.size()));
+    SALA_RETURN_IF_ERROR(Upload(decode_tables_.views, views.data(), views.size()));
+    SALA_RETURN_IF_ERROR(Upload(decode_tables_.positions, positions.data(), positions.size()));
+    return Upload(decode_tables_.sparse_rows, sparse.data(), sparse.size());
+  }
+
   // The forward pass of every segment (rows of `tokens` in segment order); leaves the logits of
   // each segment's last row in logits_.
   absl::Status Run(std::span<Segment> segs, std::span<const int> tokens) {
@@ -379,6 +416,8 @@ class CudaBackend final : public Backend {
     const float r = float(config_.residual_scale()), eps = float(config_.rms_norm_eps);
     cudaStream_t s = nullptr;
     SALA_RETURN_IF_ERROR(Scratch(R));
+    decode_step_ = std::all_of(segs.begin(), segs.end(), [](const Segment& seg) { return seg.rows == 1; });
+    if (decode_step_) SALA_RETURN_IF_ERROR(PrepareDecodeTables(segs));
     SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(ids_.get(), tokens.data(), R * sizeof(int), cudaMemcpyHostToDevice));
     SALA_RETURN_IF_ERROR(cuda::Embed(ids_.get(), int(R), embed_.get(), int(d), float(config_.scale_emb), h_.get(), s));
     for (int i = 0; i < config_.num_layers; ++i) {
@@ -421,30 +460,31 @@ class CudaBackend final : public Backend {
     SALA_RETURN_IF_ERROR(Mm(xb_.get(), R, d, w.v.get(), int64_t(Hk) * D, v_.get()));
     if (config_.use_output_gate) SALA_RETURN_IF_ERROR(Mm(xb_.get(), R, d, w.gate.get(), int64_t(H) * D, z_.get()));
     const int slot = config_.slot_of(layer);
-    std::vector<float*> step_states;
-    for (const Segment& seg : segs) {
-      float* qs = q_.get() + seg.row0 * H * D;
-      float* ks = k_.get() + seg.row0 * Hk * D;
-      SALA_RETURN_IF_ERROR(cuda::HeadNormRope(qs, int(seg.rows), H, D, config_.qk_norm ? w.q_norm.get() : nullptr, eps,
-                                              seg.state->tokens, config_.rope_theta, config_.lightning_use_rope, s));
-      SALA_RETURN_IF_ERROR(cuda::HeadNormRope(ks, int(seg.rows), Hk, D, config_.qk_norm ? w.k_norm.get() : nullptr, eps,
-                                              seg.state->tokens, config_.rope_theta, config_.lightning_use_rope, s));
+    const __nv_bfloat16* q_norm = config_.qk_norm ? w.q_norm.get() : nullptr;
+    const __nv_bfloat16* k_norm = config_.qk_norm ? w.k_norm.get() : nullptr;
+    if (decode_step_) {
+      // Every segment is one row, in order from row 0: one launch per kernel for the batch.
+      const int B = int(segs.size());
+      const int64_t* positions = decode_tables_.positions.get();
+      SALA_RETURN_IF_ERROR(cuda::HeadNormRopeRows(q_.get(), B, H, D, q_norm, eps, positions, config_.rope_theta,
+                                                  config_.lightning_use_rope, s));
+      SALA_RETURN_IF_ERROR(cuda::HeadNormRopeRows(k_.get(), B, Hk, D, k_norm, eps, positions, config_.rope_theta,
+                                                  config_.lightning_use_rope, s));
       Section section(this, "linear_attention");
-      if (seg.rows > 1)
-        SALA_RETURN_IF_ERROR(cuda::LinearAttentionChunked(qs, ks, v_.get() + seg.row0 * Hk * D, seg.rows, H, Hk, D, scale,
-                                                          slopes_.get(), seg.dev->linear[slot].get(),
-                                                          o_.get() + seg.row0 * H * D, chunk_states_, s));
-      else
-        step_states.push_back(seg.dev->linear[slot].get());
-    }
-    if (!step_states.empty()) {
+      SALA_RETURN_IF_ERROR(cuda::LinearAttentionStep(q_.get(), k_.get(), v_.get(), B, H, Hk, D, scale, slopes_.get(),
+                                                     decode_tables_.linear_states.get() + size_t(slot) * B, o_.get(),
+                                                     s));
+    } else {
+      // A prefill chunk: one segment.
+      const Segment& seg = segs[0];
+      SALA_RETURN_IF_ERROR(cuda::HeadNormRope(q_.get(), int(seg.rows), H, D, q_norm, eps, seg.state->tokens,
+                                              config_.rope_theta, config_.lightning_use_rope, s));
+      SALA_RETURN_IF_ERROR(cuda::HeadNormRope(k_.get(), int(seg.rows), Hk, D, k_norm, eps, seg.state->tokens,
+                                              config_.rope_theta, config_.lightning_use_rope, s));
       Section section(this, "linear_attention");
-      // Decode: every segment is one row, in order from row 0.
-      SALA_RETURN_IF_ERROR(state_ptrs_.Reserve(step_states.size()));
-      SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(state_ptrs_.get(), step_states.data(), step_states.size() * sizeof(float*),
-                                           cudaMemcpyHostToDevice));
-      SALA_RETURN_IF_ERROR(cuda::LinearAttentionStep(q_.get(), k_.get(), v_.get(), int(step_states.size()), H, Hk, D,
-                                                     scale, slopes_.get(), state_ptrs_.get(), o_.get(), s));
+      SALA_RETURN_IF_ERROR(cuda::LinearAttentionChunked(q_.get(), k_.get(), v_.get(), seg.rows, H, Hk, D, scale,
+                                                        slopes_.get(), seg.dev->linear[slot].get(), o_.get(),
+                                                        chunk_states_, s));
     }
     SALA_RETURN_IF_ERROR(cuda::NormGateToBf16(o_.get(), config_.use_output_gate ? z_.get() : nullptr, int(R), H * D,
                                               config_.use_output_norm ? w.o_norm.get() : nullptr, eps, ob_.get(), s));
@@ -466,19 +506,40 @@ class CudaBackend final : public Backend {
                                   sc.window_blocks(), sc.selected_blocks()};
     const size_t row = SparseRow();
     const int slot = config_.slot_of(layer);
-    // Decode (every segment one row, any batch size): one fp32 attention launch for the whole
-    // batch, so that a sequence decodes the same alone or batched.
-    const bool decode_step = std::all_of(segs.begin(), segs.end(), [](const Segment& seg) { return seg.rows == 1; });
-    std::vector<cuda::SparseCacheView> views;
-    std::vector<int64_t> positions;
-    std::unique_ptr<bool[]> flags(new bool[segs.size()]);
-    for (const Segment& seg : segs) {
+    if (decode_step_) {
+      // Every segment one row, any batch size: one launch per kernel for the whole batch (an
+      // fp32 attention, so that a sequence decodes the same alone or batched).
+      const int B = int(segs.size());
+      const cuda::SparseCacheView* views = decode_tables_.views.get() + size_t(slot) * B;
+      const int64_t* positions = decode_tables_.positions.get();
+      SALA_RETURN_IF_ERROR(cuda::AppendRows(k_.get(), v_.get(), B, views, positions, shape, s));
+      for (const Segment& seg : segs) {
+        SparseCache& c = seg.dev->sparse[slot];
+        c.n1 = SequenceState::NumK1(sc, seg.state->tokens + 1);
+        c.n2 = SequenceState::NumK2(sc, seg.state->tokens + 1);
+      }
+      cuda::SparseScratch& scratch = sparse_scratch_;
+      SALA_RETURN_IF_ERROR(scratch.blocks.Reserve(size_t(B) * Hk * shape.selected_blocks));
+      SALA_RETURN_IF_ERROR(scratch.counts.Reserve(size_t(B) * Hk));
+      if (decode_tables_.any_sparse) {
+        Section section(this, "sparse_stage1");
+        SALA_RETURN_IF_ERROR(cuda::SelectSparseBlocksRows(q_.get(), B, views, positions, decode_tables_.max_position,
+                                                          shape, scratch.blocks.get(), scratch.counts.get(), scratch,
+                                                          s));
+      }
+      Section section(this, "sparse_decode_attention");
+      SALA_RETURN_IF_ERROR(cuda::SparseAttentionRows(q_.get(), B, views, positions, decode_tables_.sparse_rows.get(),
+                                                     scratch.blocks.get(), scratch.counts.get(), shape, o_.get(),
+                                                     scratch, s));
+    } else {
+      // A prefill chunk: one segment.
+      const Segment& seg = segs[0];
       SparseCache& c = seg.dev->sparse[slot];
       const int64_t before = seg.state->tokens, after = before + seg.rows;
       SALA_RETURN_IF_ERROR(Grow(c.k, after * row, before * row));
       SALA_RETURN_IF_ERROR(Grow(c.v, after * row, before * row));
-      SALA_RETURN_IF_ERROR(cuda::ToBf16(k_.get() + seg.row0 * row, seg.rows * row, c.k.get() + before * row, s));
-      SALA_RETURN_IF_ERROR(cuda::ToBf16(v_.get() + seg.row0 * row, seg.rows * row, c.v.get() + before * row, s));
+      SALA_RETURN_IF_ERROR(cuda::ToBf16(k_.get(), seg.rows * row, c.k.get() + before * row, s));
+      SALA_RETURN_IF_ERROR(cuda::ToBf16(v_.get(), seg.rows * row, c.v.get() + before * row, s));
       const int64_t n1 = SequenceState::NumK1(sc, after), n2 = SequenceState::NumK2(sc, after);
       SALA_RETURN_IF_ERROR(Grow(c.k1, std::max<int64_t>(n1, 1) * row, c.n1 * row));
       SALA_RETURN_IF_ERROR(Grow(c.k2, std::max<int64_t>(n2, 1) * row, c.n2 * row));
@@ -487,36 +548,7 @@ class CudaBackend final : public Backend {
       c.n1 = n1;
       c.n2 = n2;
       const cuda::SparseCacheView view{c.k.get(), c.v.get(), c.k1.get(), c.k2.get()};
-      if (decode_step) {
-        flags[views.size()] = seg.sparse;
-        views.push_back(view);
-        positions.push_back(before);
-        continue;
-      }
-      SALA_RETURN_IF_ERROR(SparsePrefill(q_.get() + seg.row0 * H * D, before, seg.rows, view, shape, seg.sparse,
-                                         o_.get() + seg.row0 * H * D));
-    }
-    if (decode_step) {
-      cuda::SparseScratch& sc = sparse_scratch_;
-      const size_t per_row = size_t(Hk) * shape.selected_blocks;
-      SALA_RETURN_IF_ERROR(sc.blocks.Reserve(views.size() * per_row));
-      SALA_RETURN_IF_ERROR(sc.counts.Reserve(views.size() * Hk));
-      if (std::any_of(flags.get(), flags.get() + views.size(), [](bool f) { return f; })) {
-        Section section(this, "sparse_stage1");
-        SALA_RETURN_IF_ERROR(sc.views.Reserve(views.size()));
-        SALA_RETURN_IF_ERROR(sc.positions.Reserve(views.size()));
-        SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(sc.views.get(), views.data(), views.size() * sizeof(views[0]),
-                                             cudaMemcpyHostToDevice));
-        SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(sc.positions.get(), positions.data(), positions.size() * sizeof(int64_t),
-                                             cudaMemcpyHostToDevice));
-        SALA_RETURN_IF_ERROR(cuda::SelectSparseBlocksRows(
-            q_.get(), int(views.size()), sc.views.get(), sc.positions.get(),
-            *std::max_element(positions.begin(), positions.end()), shape, sc.blocks.get(), sc.counts.get(), sc, s));
-      }
-      Section section(this, "sparse_decode_attention");
-      SALA_RETURN_IF_ERROR(cuda::SparseAttentionRows(q_.get(), int(views.size()), views.data(), positions.data(),
-                                                     flags.get(), sc.blocks.get(), sc.counts.get(), shape, o_.get(),
-                                                     sc, s));
+      SALA_RETURN_IF_ERROR(SparsePrefill(q_.get(), before, seg.rows, view, shape, seg.sparse, o_.get()));
     }
     SALA_RETURN_IF_ERROR(cuda::GateToBf16(o_.get(), config_.attn_use_output_gate ? z_.get() : nullptr, R * H * D,
                                           ob_.get(), s));
@@ -577,7 +609,16 @@ class CudaBackend final : public Backend {
   DeviceBuffer<int> ids_;
   DeviceBuffer<TokenDraw> draws_;
   DeviceBuffer<int> drawn_;
-  DeviceBuffer<float*> state_ptrs_;
+  // Set by Run: every segment is one row (a decode step), and the step's tables.
+  bool decode_step_ = false;
+  struct DecodeTables {
+    DeviceBuffer<float*> linear_states;         // [linear slots, B]
+    DeviceBuffer<cuda::SparseCacheView> views;  // [sparse slots, B]
+    DeviceBuffer<int64_t> positions;            // [B]: the new token's position
+    DeviceBuffer<unsigned char> sparse_rows;    // [B]
+    int64_t max_position = 0;
+    bool any_sparse = false;
+  } decode_tables_;
   DeviceBuffer<float> chunk_states_;
   cuda::SparseScratch sparse_scratch_;
 };

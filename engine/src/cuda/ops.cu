@@ -37,9 +37,10 @@ __global__ void RmsNormKernel(const float* x, int width, const __nv_bfloat16* w,
     y[int64_t(blockIdx.x) * width + i] = __float2bfloat16(xr[i] * inv * __bfloat162float(w[i]) * post_scale);
 }
 
-// One block per (row, head); thread j handles the rotation pair (j, j + dim/2).
+// One block per (row, head); thread j handles the rotation pair (j, j + dim/2). Row r is at
+// positions[r], or at pos0 + r without a positions array.
 __global__ void HeadNormRopeKernel(float* x, int heads, int dim, const __nv_bfloat16* w, float eps, int64_t pos0,
-                                   double theta, bool rope) {
+                                   const int64_t* positions, double theta, bool rope) {
   __shared__ float scratch[32];
   const int half = dim / 2, j = threadIdx.x;
   float* p = x + (int64_t(blockIdx.x) * heads + blockIdx.y) * dim;
@@ -54,7 +55,8 @@ __global__ void HeadNormRopeKernel(float* x, int heads, int dim, const __nv_bflo
   if (j >= half) return;
   if (rope) {
     // Angles in double: at a million positions fp32 angles drift by hundredths of a radian.
-    const double angle = double(pos0 + blockIdx.x) * pow(theta, -2.0 * j / dim);
+    const int64_t pos = positions ? positions[blockIdx.x] : pos0 + blockIdx.x;
+    const double angle = double(pos) * pow(theta, -2.0 * j / dim);
     double s, c;
     sincos(angle, &s, &c);
     const float cf = float(c), sf = float(s);
@@ -143,13 +145,28 @@ absl::Status RmsNormToBf16(const float* x, int rows, int width, const __nv_bfloa
   return absl::OkStatus();
 }
 
-absl::Status HeadNormRope(float* x, int rows, int heads, int dim, const __nv_bfloat16* weight, float eps,
-                          int64_t pos0, double theta, bool rope, cudaStream_t stream) {
+namespace {
+
+absl::Status LaunchHeadNormRope(float* x, int rows, int heads, int dim, const __nv_bfloat16* weight, float eps,
+                                int64_t pos0, const int64_t* positions, double theta, bool rope, cudaStream_t stream) {
   if (rows == 0) return absl::OkStatus();
   if (dim % 64 != 0 || dim > 1024) return absl::InvalidArgumentError("head dim must be a multiple of 64");
-  HeadNormRopeKernel<<<dim3(rows, heads), dim / 2, 0, stream>>>(x, heads, dim, weight, eps, pos0, theta, rope);
+  HeadNormRopeKernel<<<dim3(rows, heads), dim / 2, 0, stream>>>(x, heads, dim, weight, eps, pos0, positions, theta,
+                                                                 rope);
   SALA_CUDA_CHECK_LAUNCH();
   return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status HeadNormRope(float* x, int rows, int heads, int dim, const __nv_bfloat16* weight, float eps,
+                          int64_t pos0, double theta, bool rope, cudaStream_t stream) {
+  return LaunchHeadNormRope(x, rows, heads, dim, weight, eps, pos0, nullptr, theta, rope, stream);
+}
+
+absl::Status HeadNormRopeRows(float* x, int rows, int heads, int dim, const __nv_bfloat16* weight, float eps,
+                              const int64_t* positions, double theta, bool rope, cudaStream_t stream) {
+  return LaunchHeadNormRope(x, rows, heads, dim, weight, eps, 0, positions, theta, rope, stream);
 }
 
 absl::Status NormGateToBf16(const float* o, const float* z, int rows, int width, const __nv_bfloat16* norm_weight,

@@ -12,6 +12,8 @@ constexpr int kThreads = 128;  // four warps
 constexpr int kMaxDim = 128;
 constexpr int kTile = 64;         // keys per shared-memory tile: one attention block
 constexpr int kHeadsPerWarp = 4;  // query heads per KV group up to 4 * warps = 16
+constexpr int kLoadsPerThread = kTile * kMaxDim / 8 / kThreads;  // 16-byte loads of K (and of V) per tile
+constexpr int kMaxSplits = 64;
 
 __global__ void CompressKernel(const __nv_bfloat16* k, int Hk, int D, int64_t from, int kernel, int stride,
                                float* out) {
@@ -21,6 +23,29 @@ __global__ void CompressKernel(const __nv_bfloat16* k, int Hk, int D, int64_t fr
     float acc = 0.0f;
     for (int t = 0; t < kernel; ++t) acc += __bfloat162float(k[((stride * j + t) * Hk + g) * D + d]);
     out[(j * Hk + g) * D + d] = acc / float(kernel);
+  }
+}
+
+// One block per (row, KV head), one thread per dimension: each thread reads back only the
+// column it wrote, so the compression needs no barrier.
+__global__ void AppendRowsKernel(const float* k, const float* v, const SparseCacheView* caches,
+                                 const int64_t* positions, SparseShape sh) {
+  const int r = blockIdx.x, g = blockIdx.y, Hk = sh.kv_heads, D = sh.dim;
+  const int64_t p = positions[r], tokens = p + 1;
+  const SparseCacheView c = caches[r];
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    const int64_t src = (int64_t(r) * Hk + g) * D + d;
+    c.k[(p * Hk + g) * D + d] = __float2bfloat16(k[src]);
+    c.v[(p * Hk + g) * D + d] = __float2bfloat16(v[src]);
+    // Level 1 (kernel, stride) and level 2 (4x both): an entry completes when its window ends here.
+    for (int level = 0; level < 2; ++level) {
+      const int kernel = level ? 4 * sh.kernel : sh.kernel, stride = level ? 4 * sh.stride : sh.stride;
+      if (tokens < kernel || (tokens - kernel) % stride != 0) continue;
+      const int64_t j = (tokens - kernel) / stride;
+      float acc = 0.0f;
+      for (int t = 0; t < kernel; ++t) acc += __bfloat162float(c.k[((stride * j + t) * Hk + g) * D + d]);
+      (level ? c.k2 : c.k1)[(j * Hk + g) * D + d] = acc / float(kernel);
+    }
   }
 }
 
@@ -73,25 +98,60 @@ __global__ void AttentionKernel(const float* q, RowSource src, SparseShape sh, i
   const int split = blockIdx.z;
   const int b_begin = int(int64_t(blocks) * split / splits), b_end = int(int64_t(blocks) * (split + 1) / splits);
   float m[kHeadsPerWarp], l[kHeadsPerWarp], acc[kHeadsPerWarp][kMaxDim / 32];
+#pragma unroll
   for (int hi = 0; hi < kHeadsPerWarp; ++hi) {
     m[hi] = -INFINITY;
     l[hi] = 0.0f;
+#pragma unroll
     for (int r = 0; r < kMaxDim / 32; ++r) acc[hi][r] = 0.0f;
   }
+  // Tiles are read with 16-byte loads into registers one tile ahead: the loads of tile bi + 1
+  // are in flight while tile bi is computed, so a block is not bound by load latency.
+  const int vecs_per_row = D / 8;
+  uint4 k_next[kLoadsPerThread], v_next[kLoadsPerThread];
+  auto tile_start = [&](int bi) { return int64_t(sparse ? chosen[bi] : bi) * sh.block; };
+  auto tile_rows = [&](int64_t key0) { return pos + 1 - key0 < sh.block ? int(pos + 1 - key0) : sh.block; };
+  auto load_tile = [&](int bi) {
+    const int64_t key0 = tile_start(bi);
+    const int total = tile_rows(key0) * vecs_per_row;
+#pragma unroll
+    for (int i = 0; i < kLoadsPerThread; ++i) {
+      const int e = threadIdx.x + i * kThreads;
+      if (e < total) {
+        const int64_t at = ((key0 + e / vecs_per_row) * sh.kv_heads + g) * D + (e % vecs_per_row) * 8;
+        k_next[i] = *reinterpret_cast<const uint4*>(c.k + at);
+        v_next[i] = *reinterpret_cast<const uint4*>(c.v + at);
+      }
+    }
+  };
+  if (b_begin < b_end) load_tile(b_begin);
   for (int bi = b_begin; bi < b_end; ++bi) {
-    const int64_t key0 = int64_t(sparse ? chosen[bi] : bi) * sh.block;
-    const int n = pos + 1 - key0 < sh.block ? int(pos + 1 - key0) : sh.block;
+    const int n = tile_rows(tile_start(bi));
     __syncthreads();  // the previous tile is consumed
-    for (int e = threadIdx.x; e < n * D; e += blockDim.x) {
-      const int j = e / D, d = e % D;
-      const int64_t at = ((key0 + j) * sh.kv_heads + g) * D + d;
-      kt[j * (D + 1) + d] = __bfloat162float(c.k[at]);
-      vt[j * D + d] = __bfloat162float(c.v[at]);
+#pragma unroll
+    for (int i = 0; i < kLoadsPerThread; ++i) {
+      const int e = threadIdx.x + i * kThreads;
+      if (e < n * vecs_per_row) {
+        const int j = e / vecs_per_row, d0 = (e % vecs_per_row) * 8;
+        const __nv_bfloat162* kp = reinterpret_cast<const __nv_bfloat162*>(&k_next[i]);
+        const __nv_bfloat162* vp = reinterpret_cast<const __nv_bfloat162*>(&v_next[i]);
+#pragma unroll
+        for (int x = 0; x < 4; ++x) {
+          const float2 kf = __bfloat1622float2(kp[x]), vf = __bfloat1622float2(vp[x]);
+          kt[j * (D + 1) + d0 + 2 * x] = kf.x;
+          kt[j * (D + 1) + d0 + 2 * x + 1] = kf.y;
+          vt[j * D + d0 + 2 * x] = vf.x;
+          vt[j * D + d0 + 2 * x + 1] = vf.y;
+        }
+      }
     }
     __syncthreads();
+    if (bi + 1 < b_end) load_tile(bi + 1);
+    // Loops run to compile-time bounds with guards, so that acc stays in registers.
+#pragma unroll
     for (int hi = 0; hi < kHeadsPerWarp; ++hi) {
       const int h = warp + hi * warps;
-      if (h >= G) break;
+      if (h >= G) continue;
       const float* qh = qs + h * D;
       float s0 = -INFINITY, s1 = -INFINITY;
       if (lane < n) s0 = Dot(qh, kt + lane * (D + 1), D) * scale;
@@ -100,23 +160,31 @@ __global__ void AttentionKernel(const float* q, RowSource src, SparseShape sh, i
       const float p0 = lane < n ? __expf(s0 - mn) : 0.0f, p1 = lane + 32 < n ? __expf(s1 - mn) : 0.0f;
       const float corr = m[hi] == -INFINITY ? 0.0f : __expf(m[hi] - mn);
       l[hi] = l[hi] * corr + WarpSum(p0 + p1);
-      for (int r = 0; r < D / 32; ++r) acc[hi][r] *= corr;
+#pragma unroll
+      for (int r = 0; r < kMaxDim / 32; ++r) acc[hi][r] *= corr;
       for (int j = 0; j < n; ++j) {
         const float pj = __shfl_sync(0xffffffff, j < 32 ? p0 : p1, j & 31);
-        for (int r = 0; r < D / 32; ++r) acc[hi][r] += pj * vt[j * D + lane + 32 * r];
+#pragma unroll
+        for (int r = 0; r < kMaxDim / 32; ++r)
+          if (r < D / 32) acc[hi][r] += pj * vt[j * D + lane + 32 * r];
       }
       m[hi] = mn;
     }
   }
+#pragma unroll
   for (int hi = 0; hi < kHeadsPerWarp; ++hi) {
     const int h = warp + hi * warps;
-    if (h >= G) break;
+    if (h >= G) continue;
     if (splits == 1) {
       float* out = o + (t * sh.heads + g * G + h) * D;
-      for (int r = 0; r < D / 32; ++r) out[lane + 32 * r] = acc[hi][r] / l[hi];
+#pragma unroll
+      for (int r = 0; r < kMaxDim / 32; ++r)
+        if (r < D / 32) out[lane + 32 * r] = acc[hi][r] / l[hi];
     } else {
       float* p = partial + (((t * sh.kv_heads + g) * splits + split) * G + h) * (D + 2);
-      for (int r = 0; r < D / 32; ++r) p[lane + 32 * r] = acc[hi][r];
+#pragma unroll
+      for (int r = 0; r < kMaxDim / 32; ++r)
+        if (r < D / 32) p[lane + 32 * r] = acc[hi][r];
       if (lane == 0) {
         p[D] = m[hi];
         p[D + 1] = l[hi];
@@ -159,6 +227,14 @@ absl::Status CompressKeys(const __nv_bfloat16* k, int kv_heads, int dim, int64_t
   return absl::OkStatus();
 }
 
+absl::Status AppendRows(const float* k, const float* v, int rows, const SparseCacheView* caches,
+                        const int64_t* positions, const SparseShape& shape, cudaStream_t stream) {
+  if (rows == 0) return absl::OkStatus();
+  AppendRowsKernel<<<dim3(rows, shape.kv_heads), std::min(shape.dim, 1024), 0, stream>>>(k, v, caches, positions, shape);
+  SALA_CUDA_CHECK_LAUNCH();
+  return absl::OkStatus();
+}
+
 namespace {
 
 absl::Status Launch(const float* q, int64_t T, RowSource src, const SparseShape& shape, float* o,
@@ -169,12 +245,13 @@ absl::Status Launch(const float* q, int64_t T, RowSource src, const SparseShape&
   if (shape.block > kTile) return absl::InvalidArgumentError("sparse block size above 64");
   const size_t smem = (size_t(G) * shape.dim + size_t(kTile) * (2 * shape.dim + 1)) * sizeof(float);
   SALA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(AttentionKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  // Few rows (decode): split each row's blocks over several thread blocks to fill the GPU.
+  // Split each row's blocks over enough thread blocks to give every SM several (a decode step
+  // has few rows, each with up to selected_blocks tiles).
   int device = 0, sms = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   const int64_t rows = T * shape.kv_heads;
-  const int splits = rows >= sms ? 1 : int(std::min<int64_t>(16, (2 * sms + rows - 1) / rows));
+  const int splits = int(std::clamp<int64_t>((4 * sms + rows - 1) / rows, 1, kMaxSplits));
   if (splits > 1) SALA_RETURN_IF_ERROR(partial.Reserve(size_t(rows) * splits * G * (shape.dim + 2)));
   AttentionKernel<<<dim3(unsigned(T), shape.kv_heads, splits), kThreads, smem, stream>>>(
       q, src, shape, splits, partial.get(), o);
@@ -189,20 +266,10 @@ absl::Status Launch(const float* q, int64_t T, RowSource src, const SparseShape&
 }  // namespace
 
 absl::Status SparseAttentionRows(const float* q, int rows, const SparseCacheView* caches, const int64_t* positions,
-                                 const bool* sparse_rows, const int* blocks, const int* counts,
+                                 const unsigned char* sparse_rows, const int* blocks, const int* counts,
                                  const SparseShape& shape, float* o, SparseScratch& scratch, cudaStream_t stream) {
   if (rows == 0) return absl::OkStatus();
-  auto& views = scratch.views;
-  auto& pos = scratch.positions;
-  auto& flags = scratch.flags;
-  SALA_RETURN_IF_ERROR(views.Reserve(rows));
-  SALA_RETURN_IF_ERROR(pos.Reserve(rows));
-  SALA_RETURN_IF_ERROR(flags.Reserve(rows));
-  std::vector<unsigned char> f(sparse_rows, sparse_rows + rows);
-  SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(views.get(), caches, rows * sizeof(SparseCacheView), cudaMemcpyHostToDevice));
-  SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(pos.get(), positions, rows * sizeof(int64_t), cudaMemcpyHostToDevice));
-  SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(flags.get(), f.data(), rows, cudaMemcpyHostToDevice));
-  return Launch(q, rows, {views.get(), pos.get(), flags.get(), blocks, counts}, shape, o, scratch.partial, stream);
+  return Launch(q, rows, {caches, positions, sparse_rows, blocks, counts}, shape, o, scratch.partial, stream);
 }
 
 }  // namespace sala::cuda

@@ -20,18 +20,15 @@ struct SparseShape {
 };
 
 struct SparseCacheView {
-  const __nv_bfloat16* k;  // [tokens, kv_heads, dim]
-  const __nv_bfloat16* v;
-  const float* k1;  // [n1, kv_heads, dim]
-  const float* k2;
+  __nv_bfloat16* k;  // [tokens, kv_heads, dim]
+  __nv_bfloat16* v;
+  float* k1;  // [n1, kv_heads, dim]
+  float* k2;
 };
 
 // Device buffers the attention launches reuse (grown as needed; one per caller).
 struct SparseScratch {
   DeviceBuffer<float> partial;  // split-K partial softmax states
-  DeviceBuffer<SparseCacheView> views;
-  DeviceBuffer<int64_t> positions;
-  DeviceBuffer<unsigned char> flags;
   DeviceBuffer<float> scores;  // stage-1 block scores of a batch of prefill rows
   DeviceBuffer<int> blocks, counts;
 };
@@ -39,6 +36,12 @@ struct SparseScratch {
 // Writes compressed entries [from, to) of window `kernel` and stride `stride` from the raw keys.
 absl::Status CompressKeys(const __nv_bfloat16* k, int kv_heads, int dim, int64_t from, int64_t to, int kernel,
                           int stride, float* out, cudaStream_t stream);
+
+// Decode: appends row r's key and value (fp32 k, v [rows, kv_heads, dim]) to caches[r] at
+// position positions[r] as bf16, and writes the k1 and k2 entries the new token completes (as
+// CompressKeys would). `caches` and `positions` are device arrays; every cache has room.
+absl::Status AppendRows(const float* k, const float* v, int rows, const SparseCacheView* caches,
+                        const int64_t* positions, const SparseShape& shape, cudaStream_t stream);
 
 // Prefill (the rows at absolute positions [first, first + T) of one sequence, already in the
 // cache; q, o [T, heads, dim] fp32) on tensor cores, in two stages. Needs block 64, kernel 32,
@@ -62,11 +65,11 @@ absl::Status BlockSparseAttention(const float* q, int64_t first, int64_t T, cons
                                   cudaStream_t stream);
 
 // Decode: one row for each of `rows` sequences in a single launch, fp32: row r reads caches[r]
-// at position positions[r]; sparse rows attend the blocks stage 1 chose (blocks, counts: device,
-// laid out as SelectSparseBlocks writes them for a single row at row r), dense rows every block.
-// Host arrays otherwise.
+// at position positions[r]; sparse rows (sparse_rows[r] != 0) attend the blocks stage 1 chose
+// (blocks, counts as SelectSparseBlocksRows writes them), dense rows every block. All arrays
+// are on the device.
 absl::Status SparseAttentionRows(const float* q, int rows, const SparseCacheView* caches, const int64_t* positions,
-                                 const bool* sparse_rows, const int* blocks, const int* counts,
+                                 const unsigned char* sparse_rows, const int* blocks, const int* counts,
                                  const SparseShape& shape, float* o, SparseScratch& scratch, cudaStream_t stream);
 
 }  // namespace sala::cuda
