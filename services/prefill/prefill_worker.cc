@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <future>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -170,18 +171,25 @@ absl::Status PrefillWorker::Run(Job& job) {
   // Declared before the sender, so destroyed after it: an unfinished sender aborts its
   // transfer before the memory it may still be reading goes.
   SequenceState state = engine_->NewSequence();
-  auto opened = transport_->Open(t.decode_worker_address(), t.session_id(), int64_t(prompt.size()), job.lease_deadline);
-  if (!opened.ok()) {
-    Metrics::Get().TransferFailures(service::CodeLabel(opened.status().code())).Increment();
-    return opened.status();
-  }
-  std::unique_ptr<StateSender> sender = std::move(*opened);
+  // The transfer opens (for NCCL: a link set up on first use, which takes a while) while the
+  // first chunks compute; what they produce goes out once it is open.
+  std::future<absl::StatusOr<std::unique_ptr<StateSender>>> opening = std::async(std::launch::async, [&] {
+    return transport_->Open(t.decode_worker_address(), t.session_id(), int64_t(prompt.size()), job.lease_deadline);
+  });
+  std::unique_ptr<StateSender> sender;
   absl::Status transfer_status = absl::OkStatus();
+  auto take_sender = [&]() -> absl::Status {
+    auto opened = opening.get();
+    if (opened.ok()) sender = std::move(*opened);
+    return opened.status();
+  };
   // After each chunk its rows go out while the next chunk computes.
   auto after_chunk = [&](const SequenceState&) -> absl::Status {
     if (job.cancelled) return absl::CancelledError("prefill cancelled");
     if (absl::Now() > job.lease_deadline) return absl::DeadlineExceededError("prefill lease expired");
-    transfer_status = sender->SendProgress(state);
+    if (!sender && opening.wait_for(std::chrono::seconds(0)) == std::future_status::ready)
+      transfer_status = take_sender();
+    if (sender && transfer_status.ok()) transfer_status = sender->SendProgress(state);
     SALA_RETURN_IF_ERROR(transfer_status);
     Progress(job, [&](sala::v1::PrefillProgress& p) { p.mutable_chunk()->set_tokens_done(state.tokens); });
     return absl::OkStatus();
@@ -190,7 +198,8 @@ absl::Status PrefillWorker::Run(Job& job) {
   if (!logits.ok()) {
     if (!transfer_status.ok())
       Metrics::Get().TransferFailures(service::CodeLabel(transfer_status.code())).Increment();
-    sender->Abort(std::string(logits.status().message()));
+    if (!sender && opening.valid()) (void)take_sender();  // its thread must not outlive this call
+    if (sender) sender->Abort(std::string(logits.status().message()));
     return logits.status();
   }
   const double prefill_seconds = service::SecondsSince(start);
@@ -198,6 +207,12 @@ absl::Status PrefillWorker::Run(Job& job) {
   const int first_token = sampler.Sample(*logits);
   const auto finish_start = Clock::now();
   Progress(job, [](sala::v1::PrefillProgress& p) { p.mutable_transferring(); });
+  if (!sender) {
+    if (absl::Status s = take_sender(); !s.ok()) {
+      Metrics::Get().TransferFailures(service::CodeLabel(s.code())).Increment();
+      return s;
+    }
+  }
   if (absl::Status s = sender->Finish(state, first_token); !s.ok()) {
     Metrics::Get().TransferFailures(service::CodeLabel(s.code())).Increment();
     return s;
