@@ -2,14 +2,19 @@
 // NCCL's own send/recv (one process, ncclCommInitAll over GPUs 0 and 1) at the sizes a state
 // transfer uses, and the same bytes through sala::NcclLink (the transport's link, two ranks
 // joined through a unique id), so that the transport's overhead shows separately from the
-// cluster's. Prints JSON.
+// cluster's. Then, through the link, a prefill chunk's shape (its sparse KV as 4 MiB spans or
+// as one message), alone and while bf16 GEMMs of the prefill's size keep GPU 0 busy: the
+// transfer shares the SMs with prefill in the cluster, and this separates the two costs.
+// Prints JSON.
 //
 //   sala-nccl-bandwidth --total_gib=8 --out=nccl.json
 #include <cuda_runtime.h>
 #include <nccl.h>
 
 #include <algorithm>
+#include <atomic>
 #include <fstream>
+#include <functional>
 #include <future>
 #include <iostream>
 #include <vector>
@@ -18,6 +23,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/time/clock.h"
+#include "cuda/gemm.h"
 #include "nlohmann/json.hpp"
 #include "sala/nccl_link.h"
 
@@ -146,6 +152,77 @@ int main(int argc, char** argv) {
                             {"nccl_send_recv_gb_per_s", Median(raw)},
                             {"sala_nccl_link_gb_per_s", Median(link)}});
   }
+  // A chunk of the 9B shape: 8 sparse layers' K and V rows of 8192 tokens, 4 MiB each.
+  const size_t chunk_bytes = size_t(64) << 20, span_bytes = size_t(4) << 20;
+  auto chunk_pass = [&](size_t pieces) {
+    const size_t piece = chunk_bytes / pieces;
+    for (size_t done = 0; done < total; done += chunk_bytes) {
+      std::vector<sala::DeviceSpan> in, out_spans;
+      for (size_t p = 0; p < pieces; ++p) {
+        in.push_back({static_cast<char*>(dst) + p * piece, piece});
+        out_spans.push_back({static_cast<char*>(src) + p * piece, piece});
+      }
+      CHECK_CUDA(cudaSetDevice(1));
+      if (!receiver->Recv(in).ok()) std::exit(1);
+      CHECK_CUDA(cudaSetDevice(0));
+      if (!sender->Send(out_spans).ok()) std::exit(1);
+    }
+    const absl::Time deadline = absl::Now() + absl::Seconds(300);
+    if (!sender->Wait(deadline).ok() || !receiver->Wait(deadline).ok()) std::exit(1);
+  };
+  auto rate = [&](const std::function<void()>& pass) {
+    std::vector<double> r;
+    for (int i = 0; i < absl::GetFlag(FLAGS_repeats); ++i) {
+      const absl::Time t0 = absl::Now();
+      pass();
+      r.push_back(double(total) / absl::ToDoubleSeconds(absl::Now() - t0) / 1e9);
+    }
+    return Median(r);
+  };
+  // GPU 0 busy with the prefill's largest GEMM (8192 x 4096 -> 16384, bf16) until stopped, on a
+  // stream of its own: the link orders its sends after the default stream's work, as a prefill
+  // worker sends a chunk once it is computed, and must not wait for these.
+  std::atomic<bool> stop_gemms{false};
+  auto gemm_load = [&] {
+    CHECK_CUDA(cudaSetDevice(0));
+    sala::cuda::Gemm gemm;
+    if (!gemm.Init().ok()) std::exit(1);
+    const int64_t rows = 8192, in = 4096, out_cols = 16384;
+    __nv_bfloat16 *x = nullptr, *w = nullptr;
+    float* y = nullptr;
+    CHECK_CUDA(cudaMalloc(&x, rows * in * 2));
+    CHECK_CUDA(cudaMalloc(&w, out_cols * in * 2));
+    CHECK_CUDA(cudaMalloc(&y, rows * out_cols * 4));
+    CHECK_CUDA(cudaMemset(x, 0, rows * in * 2));
+    CHECK_CUDA(cudaMemset(w, 0, out_cols * in * 2));
+    cudaStream_t stream;
+    CHECK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    while (!stop_gemms) {
+      for (int i = 0; i < 8; ++i)
+        if (!gemm.Run(x, rows, in, w, out_cols, y, stream).ok()) std::exit(1);
+      CHECK_CUDA(cudaStreamSynchronize(stream));
+    }
+    cudaStreamDestroy(stream);
+    cudaFree(x);
+    cudaFree(w);
+    cudaFree(y);
+  };
+  nlohmann::json chunk;
+  chunk["chunk_bytes"] = chunk_bytes;
+  chunk["span_bytes"] = span_bytes;
+  chunk_pass(chunk_bytes / span_bytes);  // warm-up
+  chunk["spans_gb_per_s"] = rate([&] { chunk_pass(chunk_bytes / span_bytes); });
+  chunk["one_message_gb_per_s"] = rate([&] { chunk_pass(1); });
+  {
+    auto load = std::async(std::launch::async, gemm_load);
+    absl::SleepFor(absl::Milliseconds(200));
+    chunk["spans_during_gemms_gb_per_s"] = rate([&] { chunk_pass(chunk_bytes / span_bytes); });
+    chunk["one_message_during_gemms_gb_per_s"] = rate([&] { chunk_pass(1); });
+    stop_gemms = true;
+    load.get();
+  }
+  out["prefill_chunk"] = chunk;
+
   for (int d = 0; d < 2; ++d) ncclCommDestroy(comms[d]);
   const std::string text = out.dump(2);
   std::cout << text << "\n";

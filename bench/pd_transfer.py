@@ -98,6 +98,7 @@ def main():
         result["nccl_floor"] = json.load(f)
     result["gpu"] = result["nccl_floor"]["gpu"]
     log(json.dumps(result["nccl_floor"]["sizes"]))
+    log(json.dumps(result["nccl_floor"].get("prefill_chunk")))
 
     prompts = {}
     for n in sorted(set(lengths + [args.kill_length, 32768])):
