@@ -45,6 +45,17 @@ absl::StatusOr<std::unique_ptr<Engine>> LoadEngineFromFlags() {
   return Engine::Load(absl::GetFlag(FLAGS_model), o);
 }
 
+sala::v1::WorkerInfo WorkerIdentity(const std::string& worker_id, const std::string& role, const std::string& address,
+                                    const std::string& model_name, const Engine& engine) {
+  sala::v1::WorkerInfo info;
+  info.set_worker_id(worker_id);
+  info.set_role(role);
+  info.set_address(address);
+  info.set_model(model_name);
+  info.set_layout_hash(engine.config().layout_hash_hex());
+  return info;
+}
+
 std::string WorkerIdFromFlags(const std::string& role) {
   static const std::string id =
       absl::GetFlag(FLAGS_worker_id).empty() ? RandomId(role + "-").substr(0, role.size() + 9) : absl::GetFlag(FLAGS_worker_id);

@@ -19,6 +19,11 @@ struct WorkerHooks {
   std::function<bool()> idle;   // nothing in flight
 };
 
+// The part of a WorkerInfo that every worker fills the same way: who and where it is, and which
+// model (name and layout) it serves.
+sala::v1::WorkerInfo WorkerIdentity(const std::string& worker_id, const std::string& role, const std::string& address,
+                                    const std::string& model_name, const Engine& engine);
+
 // Loads the engine from the common worker flags.
 absl::StatusOr<std::unique_ptr<Engine>> LoadEngineFromFlags();
 std::string WorkerIdFromFlags(const std::string& role);

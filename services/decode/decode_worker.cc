@@ -17,6 +17,7 @@
 #include "sala/state_serialization.h"
 #include "sala/status_macros.h"
 #include "status_map.h"
+#include "worker_main.h"
 
 namespace sala::decode {
 
@@ -104,12 +105,7 @@ void DecodeWorker::UpdateGaugesLocked() const {
 }
 
 sala::v1::WorkerInfo DecodeWorker::Info() const {
-  sala::v1::WorkerInfo info;
-  info.set_worker_id(worker_id_);
-  info.set_role("decode");
-  info.set_address(address_);
-  info.set_model(model_name_);
-  info.set_layout_hash(engine_->config().layout_hash_hex());
+  sala::v1::WorkerInfo info = service::WorkerIdentity(worker_id_, "decode", address_, model_name_, *engine_);
   std::lock_guard<std::mutex> lock(mu_);
   const auto [running, waiting] = RunningAndWaitingLocked();
   info.set_running(running);

@@ -13,6 +13,7 @@
 #include "sampling_proto.h"
 #include "sala/status_macros.h"
 #include "status_map.h"
+#include "worker_main.h"
 
 namespace sala::prefill {
 
@@ -57,12 +58,7 @@ void PrefillWorker::Drain() {
 }
 
 sala::v1::WorkerInfo PrefillWorker::Info() const {
-  sala::v1::WorkerInfo info;
-  info.set_worker_id(worker_id_);
-  info.set_role("prefill");
-  info.set_address(address_);
-  info.set_model(model_name_);
-  info.set_layout_hash(engine_->config().layout_hash_hex());
+  sala::v1::WorkerInfo info = service::WorkerIdentity(worker_id_, "prefill", address_, model_name_, *engine_);
   std::lock_guard<std::mutex> lock(mu_);
   info.set_queued_prompt_tokens(queued_tokens_);
   info.set_waiting(int(queue_.size()));
