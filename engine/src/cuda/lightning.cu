@@ -1,3 +1,5 @@
+#include <algorithm>
+
 #include "cuda_common.h"
 #include "lightning.h"
 #include "mma.cuh"
@@ -187,24 +189,51 @@ __global__ void __launch_bounds__(kThreads) ChunkOutputKernel(const float* q, co
 }
 
 // One block per (sequence, head); thread `col` owns one value column of the state.
+// Decode: one block per (sequence, head). A thread owns four adjacent columns (16-byte loads and
+// stores of the state) of every rows_per_pass-th row, so a block streams its 64 KiB state with
+// many loads in flight; the row groups' partial outputs are summed in shared memory.
+constexpr int kStepThreads = 512;
+
 __global__ void StepKernel(const float* q, const float* k, const float* v, int H, int Hk, int D, float scale,
                            const float* slopes, float* const* states, float* o) {
-  const int b = blockIdx.x, h = blockIdx.y, kh = h / (H / Hk), col = threadIdx.x;
-  if (col >= D) return;
+  __shared__ float4 partial[kStepThreads];
+  const int b = blockIdx.x, h = blockIdx.y, kh = h / (H / Hk);
+  const int quads = D / 4, groups = blockDim.x / quads, t = threadIdx.x, c4 = t % quads, group = t / quads;
   const float decay = __expf(-slopes[h]);
   float* S = states[b] + int64_t(h) * D * D;
   const float* qh = q + (int64_t(b) * H + h) * D;
   const float* kk = k + (int64_t(b) * Hk + kh) * D;
-  const float vc = v[(int64_t(b) * Hk + kh) * D + col];
-  float acc = 0.0f;
-  for (int a = 0; a < D; ++a) {
-    const float s = decay * S[a * D + col] + kk[a] * vc;
-    S[a * D + col] = s;
-    acc += qh[a] * s;
+  const float4 vc = reinterpret_cast<const float4*>(v + (int64_t(b) * Hk + kh) * D)[c4];
+  float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 8
+  for (int a = group; a < D; a += groups) {
+    float4* p = reinterpret_cast<float4*>(S + int64_t(a) * D) + c4;
+    float4 st = *p;
+    const float ka = kk[a], qa = qh[a];
+    st.x = decay * st.x + ka * vc.x;
+    st.y = decay * st.y + ka * vc.y;
+    st.z = decay * st.z + ka * vc.z;
+    st.w = decay * st.w + ka * vc.w;
+    *p = st;
+    acc.x += qa * st.x;
+    acc.y += qa * st.y;
+    acc.z += qa * st.z;
+    acc.w += qa * st.w;
   }
-  o[(int64_t(b) * H + h) * D + col] = scale * acc;
+  partial[t] = acc;
+  __syncthreads();
+  if (t >= quads) return;
+  float4 sum = partial[t];
+  for (int g = 1; g < groups; ++g) {
+    const float4 x = partial[g * quads + t];
+    sum.x += x.x;
+    sum.y += x.y;
+    sum.z += x.z;
+    sum.w += x.w;
+  }
+  reinterpret_cast<float4*>(o + (int64_t(b) * H + h) * D)[t] =
+      make_float4(scale * sum.x, scale * sum.y, scale * sum.z, scale * sum.w);
 }
-
 
 template <int kDim>
 absl::Status LaunchChunked(const float* q, const float* k, const float* v, int64_t T, int heads, int kv_heads,
@@ -247,7 +276,9 @@ absl::Status LinearAttentionStep(const float* q, const float* k, const float* v,
                                  int dim, float scale, const float* slopes, float* const* states, float* o,
                                  cudaStream_t stream) {
   if (batch == 0) return absl::OkStatus();
-  StepKernel<<<dim3(batch, heads), dim, 0, stream>>>(q, k, v, heads, kv_heads, dim, scale, slopes, states, o);
+  if (dim % 4 != 0 || dim / 4 > kStepThreads) return absl::InvalidArgumentError("linear head dim must be 4..2048, a multiple of 4");
+  const int quads = dim / 4, threads = std::min(kStepThreads / quads, dim) * quads;
+  StepKernel<<<dim3(batch, heads), threads, 0, stream>>>(q, k, v, heads, kv_heads, dim, scale, slopes, states, o);
   SALA_CUDA_CHECK_LAUNCH();
   return absl::OkStatus();
 }
