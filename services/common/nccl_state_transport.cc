@@ -22,11 +22,12 @@ class NcclStateSender final : public StateSender {
  public:
   NcclStateSender(Engine& engine, std::shared_ptr<NcclStateTransport::Link> link, const std::string& target,
                   const std::string& session_id, int64_t expected_tokens, absl::Time deadline)
-      : engine_(engine),
-        link_(std::move(link)),
-        busy_(link_->busy),
-        deadline_(deadline),
-        stream_(target, deadline) {
+      : engine_(engine), link_(std::move(link)), deadline_(deadline), stream_(target, deadline) {
+    holds_link_ = link_->busy.try_acquire_until(absl::ToChronoTime(deadline));
+    if (!holds_link_) {
+      opened_ = absl::DeadlineExceededError(absl::StrCat("the NCCL link to ", target, " stayed busy"));
+      return;
+    }
     sala::v1::StateChunk first;
     first.set_session_id(session_id);
     sala::v1::NcclSegment& seg = *first.mutable_nccl();
@@ -38,6 +39,7 @@ class NcclStateSender final : public StateSender {
 
   ~NcclStateSender() override {
     if (!finished_) Abort("transfer abandoned");
+    if (holds_link_) link_->busy.release();
   }
 
   absl::Status SendProgress(SequenceState& state) override { return Step(state, false, 0); }
@@ -57,8 +59,9 @@ class NcclStateSender final : public StateSender {
   }
 
   void Abort(const std::string& reason) override {
-    // Sends may wait for a receiver that is gone: abort the link before anything frees the state.
-    link_->nccl->Abort();
+    // Sends may wait for a receiver that is gone: abort the link before anything frees the state
+    // (not a link that another transfer holds).
+    if (holds_link_) link_->nccl->Abort();
     stream_.Cancel(reason);
     finished_ = true;
   }
@@ -98,7 +101,7 @@ class NcclStateSender final : public StateSender {
 
   Engine& engine_;
   std::shared_ptr<NcclStateTransport::Link> link_;
-  std::unique_lock<std::mutex> busy_;
+  bool holds_link_ = false;
   const absl::Time deadline_;
   StateStream stream_;
   absl::Status opened_;

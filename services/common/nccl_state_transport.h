@@ -12,6 +12,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <semaphore>
 
 #include "grpc_state_transport.h"
 #include "sala/engine.h"
@@ -31,7 +32,9 @@ class NcclStateTransport final : public StateTransport {
   struct Link {
     std::string id;
     std::unique_ptr<NcclLink> nccl;
-    std::mutex busy;  // one transfer at a time: sends must match the receiver's order
+    // One transfer at a time (sends must match the receiver's order). A semaphore, not a mutex:
+    // a transfer may be opened on one thread and finished on another.
+    std::binary_semaphore busy{1};
   };
 
  private:
