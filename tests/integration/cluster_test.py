@@ -135,6 +135,23 @@ class ClusterTest(unittest.TestCase):
             status, out = http_json(self.cluster, "/v1/completions", dict({"prompt": "hi"}, **bad))
             self.assertEqual(status, 400, (bad, out))
 
+    def test_seeded_sampling_continues_its_stream_across_prefill_and_decode(self):
+        # The prefill worker draws the first token, the decode worker the rest: the same tokens as
+        # one process drawing all of them with the same seed.
+        ids = random_ids(400, seed=17)
+        out = tempfile.NamedTemporaryFile(suffix=".json", delete=False).name
+        generate(f"--token-ids-file={write_ids(ids)}", "--temperature=0.8", "--top_k=50", "--top_p=0.9", "--seed=1234",
+                 "--max-new-tokens=16", "--ignore-eos", "--quiet", f"--json-out={out}")
+        with open(out) as f:
+            expected = json.load(f)
+        body = {"prompt": ids, "max_tokens": 16, "temperature": 0.8, "top_k": 50, "top_p": 0.9, "seed": 1234,
+                "ignore_eos": True}
+        status, got = http_json(self.cluster, "/v1/completions", body)
+        self.assertEqual(status, 200, got)
+        self.assertEqual(got["choices"][0]["text"], expected["text"])
+        greedy = reference(ids, 16)
+        self.assertNotEqual(expected["tokens"], greedy["tokens"], "the draw must not be the greedy one")
+
     def test_64_concurrent_requests_with_mixed_lengths(self):
         def one(i):
             ids = random_ids(20 + (i * 37) % 400, seed=100 + i)
