@@ -1,6 +1,9 @@
 #include "sala/sampling.h"
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
+#include <random>
 #include <set>
 
 #include "gtest/gtest.h"
@@ -78,6 +81,44 @@ TEST(SamplingTest, TopPCutsByValueAndTheDrawWalksInIdOrder) {
   EXPECT_EQ(DrawToken(logits, {1.0f, 0, 0.6f, 0.4}), 2);  // 0.6: past id 1
   EXPECT_EQ(DrawToken(logits, {1.0f, 0, 1.0f, 0.0}), 0);  // the lowest id first, not the largest logit
   EXPECT_EQ(DrawToken(logits, {0.0f, 0, 1.0f, 0.0}), 2);  // greedy ignores u
+}
+
+// DrawToken against a literal, quadratic reading of its definition (sala/token_draw.h), on
+// small random logits with many ties and random parameters.
+TEST(SamplingTest, DrawTokenFollowsItsDefinition) {
+  std::mt19937 rng(3);
+  for (int trial = 0; trial < 500; ++trial) {
+    const int n = 1 + int(rng() % 40);
+    std::vector<float> l(n);
+    for (float& x : l) x = float(int(rng() % 9) - 4) * 0.5f;
+    const TokenDraw d{float(0.3 + (rng() % 20) * 0.1), int(rng() % 6), float(0.05 + (rng() % 20) * 0.05),
+                      (rng() % 10000) / 10000.0};
+    std::vector<float> desc = l;
+    std::sort(desc.begin(), desc.end(), std::greater<float>());
+    const double m = desc[0];
+    auto w = [&](int i) { return std::exp((double(l[i]) - m) / double(d.temperature)); };
+    auto mass_at_or_above = [&](float v) {
+      double sum = 0.0;
+      for (int i = 0; i < n; ++i)
+        if (l[i] >= v) sum += w(i);
+      return sum;
+    };
+    float cut = d.top_k > 0 && d.top_k < n ? desc[d.top_k - 1] : -std::numeric_limits<float>::infinity();
+    if (d.top_p < 1.0f) {
+      const double target = double(d.top_p) * mass_at_or_above(cut);
+      for (float v : desc)  // the largest value whose candidates at or above it reach the target
+        if (v >= cut && mass_at_or_above(v) >= target) {
+          cut = v;
+          break;
+        }
+    }
+    const double target = d.u * mass_at_or_above(cut);
+    double running = 0.0;
+    int expected = -1;
+    for (int i = 0; i < n && expected < 0; ++i)
+      if (l[i] >= cut && (running += w(i)) > target) expected = i;
+    EXPECT_EQ(DrawToken(l, d), expected) << "trial " << trial;
+  }
 }
 
 TEST(SamplingTest, SkipAdvancesTheStreamAsDrawsWould) {
