@@ -78,6 +78,25 @@ struct KeyTileLoader {
   }
 };
 
+// Streams key tiles t_begin .. t_end - 1 (tile t holds entries j_base + kKeyTile t ..; entries
+// from j_end on read as 0) through the two shared buffers: the next tile is fetched into
+// registers while body(t, tile) computes on the current one.
+template <int D, typename Body>
+__device__ void ForEachKeyTile(KeyTileLoader<D>& loader, Bf16* tiles, const float* src, int Hk, int g,
+                               int64_t j_base, int64_t j_end, int64_t t_begin, int64_t t_end, Body body) {
+  if (t_begin < t_end) {
+    loader.Fetch(src, Hk, g, j_base + t_begin * kKeyTile, j_end);
+    loader.Store(tiles + (t_begin & 1) * kKeyTile * D);
+  }
+  __syncthreads();
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    if (t + 1 < t_end) loader.Fetch(src, Hk, g, j_base + (t + 1) * kKeyTile, j_end);
+    body(t, tiles + (t & 1) * kKeyTile * D);
+    if (t + 1 < t_end) loader.Store(tiles + ((t + 1) & 1) * kKeyTile * D);
+    __syncthreads();
+  }
+}
+
 // acc[tok][m][n] += K-tile rows 16 (2 mp + m) .. (keys) x Q heads of the warp's two tokens.
 template <int D>
 __device__ void ScoreMma(const Bf16* qs, const Bf16* kt, int tok0, int mp, float (&acc)[2][2][2][4]) {
@@ -150,14 +169,7 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreKernel(ScoreParams p) {
       l[tk][s] = 0.0f;
     }
   const int64_t tiles2 = (n2_all + kKeyTile - 1) / kKeyTile;
-  if (tiles2 > 0) {
-    loader.Fetch(k2, p.Hk, g, 0, n2_all);
-    loader.Store(tiles);
-  }
-  __syncthreads();
-  for (int64_t t = 0; t < tiles2; ++t) {
-    const Bf16* kt = tiles + (t & 1) * kKeyTile * D;
-    if (t + 1 < tiles2) loader.Fetch(k2, p.Hk, g, (t + 1) * kKeyTile, n2_all);
+  ForEachKeyTile<D>(loader, tiles, k2, p.Hk, g, 0, n2_all, 0, tiles2, [&](int64_t t, const Bf16* kt) {
     for (int mp = 0; mp < 2; ++mp) {
       float acc[2][2][2][4];
       ScoreMma<D>(qs, kt, tok0, mp, acc);
@@ -186,9 +198,7 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreKernel(ScoreParams p) {
           l[tk][s] = sum;
         }
     }
-    if (t + 1 < tiles2) loader.Store(tiles + ((t + 1) & 1) * kKeyTile * D);
-    __syncthreads();
-  }
+  });
   // Merge over the key rows held by the eight lanes of each column.
   for (int tk = 0; tk < 2; ++tk)
     for (int s = 0; s < 4; ++s) {
@@ -224,12 +234,7 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreKernel(ScoreParams p) {
       const int h = (s / 2) * 8 + 2 * tq + s % 2;
       lse_row[tk][s] = h < p.G ? lse2[(tok0 + tk) * 16 + h] : INFINITY;  // INFINITY: no such head
     }
-  loader.Fetch(k1, p.Hk, g, j0 + t_first * kKeyTile, j_end);
-  loader.Store(tiles + (t_first & 1) * kKeyTile * D);
-  __syncthreads();
-  for (int64_t t = t_first; t < t_stop; ++t) {
-    const Bf16* kt = tiles + (t & 1) * kKeyTile * D;
-    if (t + 1 < t_stop) loader.Fetch(k1, p.Hk, g, j0 + (t + 1) * kKeyTile, j_end);
+  ForEachKeyTile<D>(loader, tiles, k1, p.Hk, g, j0, j_end, t_first, t_stop, [&](int64_t t, const Bf16* kt) {
     for (int mp = 0; mp < 2; ++mp) {
       float acc[2][2][2][4];
       ScoreMma<D>(qs, kt, tok0, mp, acc);
@@ -269,9 +274,7 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreKernel(ScoreParams p) {
           carry[tk] = k15;
         }
     }
-    if (t + 1 < t_stop) loader.Store(tiles + ((t + 1) & 1) * kKeyTile * D);
-    __syncthreads();
-  }
+  });
 }
 
 struct TopKParams {
