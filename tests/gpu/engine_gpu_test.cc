@@ -37,6 +37,20 @@ class EngineGpuTest : public ::testing::Test {
     gpu_ = Load("cuda");
     ASSERT_TRUE(cpu_ && gpu_);
   }
+  // Three GPU sequences of different lengths (dense and sparse), prefilled from `seed` prompts.
+  std::vector<SequenceState> PrefilledBatch(uint32_t seed) {
+    std::vector<SequenceState> states;
+    for (int n : {50, 700, 1100}) {
+      states.push_back(gpu_->NewSequence());
+      EXPECT_TRUE(gpu_->Prefill(states.back(), Tokens(n, seed * n)).ok());
+    }
+    return states;
+  }
+  static std::vector<SequenceState*> Pointers(std::vector<SequenceState>& states) {
+    std::vector<SequenceState*> ptrs;
+    for (auto& s : states) ptrs.push_back(&s);
+    return ptrs;
+  }
   std::unique_ptr<Engine> cpu_, gpu_;
 };
 
@@ -68,16 +82,11 @@ TEST_F(EngineGpuTest, GreedyDecodingGivesTheSameFirst32Tokens) {
 }
 
 TEST_F(EngineGpuTest, BatchedDecodeMatchesSingleSequences) {
-  std::vector<SequenceState> states;
-  for (int n : {50, 700, 1100}) {
-    states.push_back(gpu_->NewSequence());
-    ASSERT_TRUE(gpu_->Prefill(states.back(), Tokens(n, 7 * n)).ok());
-  }
+  std::vector<SequenceState> states = PrefilledBatch(7);
+  ASSERT_FALSE(HasFailure());
   std::vector<SequenceState> copies = states;
-  std::vector<SequenceState*> ptrs;
-  for (auto& s : states) ptrs.push_back(&s);
   const std::vector<int> next{11, 22, 33};
-  auto batched = gpu_->Decode(ptrs, next);
+  auto batched = gpu_->Decode(Pointers(states), next);
   ASSERT_TRUE(batched.ok()) << batched.status();
   for (size_t i = 0; i < copies.size(); ++i) {
     SequenceState* p = &copies[i];
@@ -88,19 +97,13 @@ TEST_F(EngineGpuTest, BatchedDecodeMatchesSingleSequences) {
 }
 
 TEST_F(EngineGpuTest, TokensDrawnOnTheDeviceMatchTheCpuDrawFromTheSameLogits) {
-  std::vector<SequenceState> states;
-  for (int n : {50, 700, 1100}) {
-    states.push_back(gpu_->NewSequence());
-    ASSERT_TRUE(gpu_->Prefill(states.back(), Tokens(n, 3 * n)).ok());
-  }
+  std::vector<SequenceState> states = PrefilledBatch(3);
+  ASSERT_FALSE(HasFailure());
   std::vector<SequenceState> copies = states;
-  std::vector<SequenceState*> ptrs, copy_ptrs;
-  for (auto& s : states) ptrs.push_back(&s);
-  for (auto& s : copies) copy_ptrs.push_back(&s);
   const std::vector<int> next{11, 22, 33};
   const std::vector<TokenDraw> draws{{0.0f, 0, 1.0f, 0.5}, {0.8f, 0, 1.0f, 0.3}, {1.0f, 20, 0.9f, 0.7}};
-  auto drawn = gpu_->DecodeAndDraw(ptrs, next, draws);
-  auto logits = gpu_->Decode(copy_ptrs, next);
+  auto drawn = gpu_->DecodeAndDraw(Pointers(states), next, draws);
+  auto logits = gpu_->Decode(Pointers(copies), next);
   ASSERT_TRUE(drawn.ok() && logits.ok()) << drawn.status();
   for (size_t i = 0; i < draws.size(); ++i) EXPECT_EQ((*drawn)[i], DrawToken((*logits)[i], draws[i])) << i;
   EXPECT_EQ(states[0].tokens, copies[0].tokens);
