@@ -285,11 +285,11 @@ class CudaBackend final : public Backend {
                                                      std::span<const int> tokens, std::span<const bool> sparse,
                                                      std::span<const TokenDraw> draws) override {
     if (draws.size() != states.size()) return absl::InvalidArgumentError("one draw per sequence is needed");
-    SALA_RETURN_IF_ERROR(RunDecodeStep(states, tokens, sparse));
     const int B = int(states.size());
-    SALA_RETURN_IF_ERROR(draws_.Reserve(B));
+    // Uploaded before the step is queued: a copy after it would wait for the whole step.
+    SALA_RETURN_IF_ERROR(Upload(draws_, draws.data(), draws.size()));
     SALA_RETURN_IF_ERROR(drawn_.Reserve(B));
-    SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(draws_.get(), draws.data(), B * sizeof(TokenDraw), cudaMemcpyHostToDevice));
+    SALA_RETURN_IF_ERROR(RunDecodeStep(states, tokens, sparse));
     SALA_RETURN_IF_ERROR(cuda::DrawTokens(logits_.get(), B, config_.vocab_size, draws_.get(), drawn_.get(), nullptr));
     std::vector<int> out(B);
     SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(out.data(), drawn_.get(), B * sizeof(int), cudaMemcpyDeviceToHost));
