@@ -3,6 +3,7 @@
 // prefill, the device-copy bandwidth bounds decode.
 //   sala-mkmodel --out=models/9b --preset=9b --config_only
 //   sala-bench --model=models/9b --lengths=8192,32768 --out=bench/results/h100.json
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -17,6 +18,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "cuda/gemm.h"
+#include "cuda/ops.h"
 #include "nlohmann/json.hpp"
 #include "sala/engine.h"
 
@@ -27,6 +29,8 @@ ABSL_FLAG(int, chunk_size, 8192, "prefill chunk");
 ABSL_FLAG(std::string, decode_batches, "1,8", "decode batch sizes");
 ABSL_FLAG(bool, profile, true, "repeat each prefill with device-synchronised sections for the time split by kind");
 ABSL_FLAG(int, decode_steps, 16, "timed decode steps per batch size");
+ABSL_FLAG(bool, cuda_graphs, true, "replay decode steps from CUDA graphs (false: launch their kernels one by one)");
+ABSL_FLAG(std::string, projection_rows, "1,2,4,8,16", "rows at which to time a layer's decode projections");
 ABSL_FLAG(std::string, out, "", "write the results here as JSON");
 
 namespace {
@@ -61,8 +65,9 @@ double GemmRate(const sala::ModelConfig& c, int rows) {
   cudaMalloc(&x, rows * max_in * 2);
   cudaMalloc(&w, max_in * max_out * 2);
   cudaMalloc(&y, rows * max_out * 4);
-  cudaMemset(x, 0, rows * max_in * 2);
-  cudaMemset(w, 0, max_in * max_out * 2);
+  // Random operands: a GEMM over zeros runs faster than over real data.
+  (void)sala::cuda::FillRandom(x, rows * max_in, 1, 1.0f, 0.0f, nullptr);
+  (void)sala::cuda::FillRandom(w, max_in * max_out, 2, 0.02f, 0.0f, nullptr);
   cudaEvent_t a, b;
   cudaEventCreate(&a);
   cudaEventCreate(&b);
@@ -86,6 +91,66 @@ double GemmRate(const sala::ModelConfig& c, int rows) {
   cudaFree(w);
   cudaFree(y);
   return flops / seconds / 1e12;
+}
+
+// A decode step's projections of one layer at `rows` rows, grouped as the engine groups them
+// (q/k/v/gate, o, gate/up, down), in bytes of weights read per second: through Gemm::RunMany
+// (the GEMV where it applies) and through cuBLASLt alone. The layer's weights (about 0.5 GB)
+// do not fit in L2.
+std::pair<double, double> DecodeProjectionRates(const sala::ModelConfig& c, int rows) {
+  sala::cuda::Gemm gemm;
+  if (!gemm.Init().ok()) return {0, 0};
+  const int64_t d = c.hidden_size, ff = c.intermediate_size, qd = int64_t(c.num_heads) * c.head_dim;
+  const int64_t kvd = int64_t(c.num_kv_heads) * c.sparse_head_dim();
+  struct Group {
+    int64_t in;
+    std::vector<int64_t> outs;
+  };
+  const std::vector<Group> groups = {{d, {qd, kvd, kvd, qd}}, {qd, {d}}, {d, {ff, ff}}, {ff, {d}}};
+  int64_t weight_elems = 0, max_in = 0, max_out = 0;
+  for (const Group& g : groups)
+    for (int64_t o : g.outs) weight_elems += g.in * o, max_in = std::max(max_in, g.in), max_out = std::max(max_out, o);
+  __nv_bfloat16 *x, *w;
+  float* y;
+  cudaMalloc(&x, rows * max_in * 2);
+  cudaMalloc(&w, weight_elems * 2);
+  cudaMalloc(&y, 4 * rows * max_out * 4);
+  (void)sala::cuda::FillRandom(x, rows * max_in, 3, 1.0f, 0.0f, nullptr);
+  (void)sala::cuda::FillRandom(w, weight_elems, 4, 0.02f, 0.0f, nullptr);
+  auto layer = [&](bool lt) {
+    int64_t at = 0;
+    for (const Group& g : groups) {
+      std::vector<sala::cuda::GemvWeight> ws;
+      for (size_t i = 0; i < g.outs.size(); ++i) {
+        ws.push_back({w + at, g.outs[i], y + i * rows * max_out});
+        at += g.in * g.outs[i];
+      }
+      if (!lt) (void)gemm.RunMany(x, rows, g.in, ws, nullptr);
+      else for (const auto& one : ws) (void)gemm.RunLt(x, rows, g.in, one.w, one.out, one.y, nullptr);
+    }
+  };
+  cudaEvent_t a, b;
+  cudaEventCreate(&a);
+  cudaEventCreate(&b);
+  auto rate = [&](bool lt) {
+    for (int i = 0; i < 2; ++i) layer(lt);  // warm-up
+    std::vector<double> t;
+    for (int i = 0; i < 10; ++i) {
+      cudaEventRecord(a);
+      layer(lt);
+      cudaEventRecord(b);
+      cudaEventSynchronize(b);
+      float ms;
+      cudaEventElapsedTime(&ms, a, b);
+      t.push_back(ms / 1e3);
+    }
+    return 2.0 * weight_elems / Median(t);
+  };
+  const std::pair<double, double> r{rate(false), rate(true)};
+  cudaFree(x);
+  cudaFree(w);
+  cudaFree(y);
+  return r;
 }
 
 // Device-to-device copy, bytes read + written per second.
@@ -118,6 +183,7 @@ int main(int argc, char** argv) {
   o.chunk_size = absl::GetFlag(FLAGS_chunk_size);
   o.random_weights_seed = absl::GetFlag(FLAGS_seed);
   o.max_context_tokens = int64_t(1) << 22;
+  o.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
   auto engine = sala::Engine::Load(absl::GetFlag(FLAGS_model), o);
   if (!engine.ok()) {
     std::cerr << "sala-bench: " << engine.status().message() << "\n";
@@ -128,12 +194,18 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop;
   cudaGetDeviceProperties(&prop, 0);
   nlohmann::json out = {{"gpu", prop.name}, {"model_layers", c.num_layers}, {"hidden_size", c.hidden_size},
-                        {"chunk_size", o.chunk_size}};
+                        {"chunk_size", o.chunk_size}, {"cuda_graphs", o.cuda_graphs}};
   const double gemm_tflops = GemmRate(c, o.chunk_size);
   const double copy_bps = CopyBandwidth();
   out["gemm_bf16_tflops_at_model_shapes"] = gemm_tflops;
   out["device_copy_gbps"] = copy_bps / 1e9;
   std::printf("%s | cuBLASLt bf16 GEMM %.0f TFLOP/s | device copy %.0f GB/s\n", prop.name, gemm_tflops, copy_bps / 1e9);
+  for (int rows : Ints(absl::GetFlag(FLAGS_projection_rows))) {
+    const auto [engine_bps, lt_bps] = DecodeProjectionRates(c, rows);
+    std::printf("  decode projections at %2d rows: engine %.0f GB/s (%.1f%% of copy) | cuBLASLt alone %.0f GB/s\n", rows,
+                engine_bps / 1e9, 100 * engine_bps / copy_bps, lt_bps / 1e9);
+    out["decode_projections"].push_back({{"rows", rows}, {"engine_gbps", engine_bps / 1e9}, {"cublaslt_gbps", lt_bps / 1e9}});
+  }
   // GEMM work per token: every layer weight except embeddings and norms, plus lm_head once.
   const int64_t embed = int64_t(c.vocab_size) * c.hidden_size;
   const double layer_params = double(c.parameter_count() - embed * (c.tie_word_embeddings ? 1 : 2));
@@ -206,6 +278,14 @@ int main(int argc, char** argv) {
         if (step >= 2) t.push_back(Since(st));
       }
       if (t.empty()) continue;
+      // One more step inside a profiler range, for `ncu --profile-from-start off` (a no-op otherwise).
+      {
+        std::vector<sala::TokenDraw> draws;
+        for (int b = 0; b < B; ++b) draws.push_back(sampler.Next());
+        cudaProfilerStart();
+        (void)e.DecodeAndDraw(ptrs, next, draws);
+        cudaProfilerStop();
+      }
       e.backend().SetProfiling(true);
       (void)e.Decode(ptrs, next);
       e.backend().SetProfiling(false);

@@ -41,7 +41,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const std::string& model_di
     if (options.backend != "cuda")
       return absl::InvalidArgumentError("random weights are generated on the GPU: use the cuda backend");
 #ifdef SALA_HAVE_CUDA
-    SALA_ASSIGN_OR_RETURN(e->backend_, MakeCudaBackendWithRandomWeights(e->config_, *options.random_weights_seed));
+    SALA_ASSIGN_OR_RETURN(e->backend_, MakeCudaBackendWithRandomWeights(e->config_, *options.random_weights_seed, options.cuda_graphs));
     return e;
 #else
     return absl::FailedPreconditionError("this build has no CUDA backend (configure with nvcc present)");
@@ -52,7 +52,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const std::string& model_di
     SALA_ASSIGN_OR_RETURN(e->backend_, MakeCpuBackend(e->config_, *checkpoint));
   } else if (options.backend == "cuda") {
 #ifdef SALA_HAVE_CUDA
-    SALA_ASSIGN_OR_RETURN(e->backend_, MakeCudaBackend(e->config_, *checkpoint));
+    SALA_ASSIGN_OR_RETURN(e->backend_, MakeCudaBackend(e->config_, *checkpoint, options.cuda_graphs));
 #else
     return absl::FailedPreconditionError("this build has no CUDA backend (configure with nvcc present)");
 #endif

@@ -12,11 +12,12 @@
 namespace sala {
 namespace {
 
-std::unique_ptr<Engine> Load(const std::string& backend, int chunk = 512) {
+std::unique_ptr<Engine> Load(const std::string& backend, int chunk = 512, bool cuda_graphs = true) {
   const char* dir = std::getenv("SALA_TEST_MODEL");
   EngineOptions o;
   o.backend = backend;
   o.chunk_size = chunk;
+  o.cuda_graphs = cuda_graphs;
   auto e = Engine::Load(dir ? dir : "", o);
   EXPECT_TRUE(e.ok()) << e.status();
   return e.ok() ? std::move(*e) : nullptr;
@@ -38,11 +39,12 @@ class EngineGpuTest : public ::testing::Test {
     ASSERT_TRUE(cpu_ && gpu_);
   }
   // Three GPU sequences of different lengths (dense and sparse), prefilled from `seed` prompts.
-  std::vector<SequenceState> PrefilledBatch(uint32_t seed) {
+  std::vector<SequenceState> PrefilledBatch(uint32_t seed) { return PrefilledBatch(*gpu_, seed); }
+  static std::vector<SequenceState> PrefilledBatch(Engine& e, uint32_t seed) {
     std::vector<SequenceState> states;
     for (int n : {50, 700, 1100}) {
-      states.push_back(gpu_->NewSequence());
-      EXPECT_TRUE(gpu_->Prefill(states.back(), Tokens(n, seed * n)).ok());
+      states.push_back(e.NewSequence());
+      EXPECT_TRUE(e.Prefill(states.back(), Tokens(n, seed * n)).ok());
     }
     return states;
   }
@@ -94,6 +96,26 @@ TEST_F(EngineGpuTest, BatchedDecodeMatchesSingleSequences) {
     ASSERT_TRUE(single.ok());
     EXPECT_LT(testing::RelativeError((*batched)[i], (*single)[0]), 1e-5) << i;
   }
+}
+
+// Decode steps replayed from captured graphs (two batch sizes, each captured once and replayed
+// while the caches grow and move) give the very logits of kernels launched one by one.
+TEST_F(EngineGpuTest, DecodeGraphsGiveTheLogitsOfEagerLaunches) {
+  std::unique_ptr<Engine> eager = Load("cuda", 512, /*cuda_graphs=*/false);
+  ASSERT_TRUE(eager);
+  std::vector<SequenceState> a = PrefilledBatch(*gpu_, 5), b = PrefilledBatch(*eager, 5);
+  ASSERT_FALSE(HasFailure());
+  for (int step = 0; step < 48; ++step) {
+    const size_t B = step < 40 ? 3 : 2;
+    std::vector<SequenceState*> pa, pb;
+    for (size_t i = 0; i < B; ++i) pa.push_back(&a[i]), pb.push_back(&b[i]);
+    const std::vector<int> next(B, 7 + step);
+    auto graphed = gpu_->Decode(pa, next);
+    auto launched = eager->Decode(pb, next);
+    ASSERT_TRUE(graphed.ok() && launched.ok()) << graphed.status() << launched.status();
+    for (size_t i = 0; i < B; ++i) ASSERT_EQ((*graphed)[i], (*launched)[i]) << "step " << step << " row " << i;
+  }
+  EXPECT_EQ(a[0].tokens, b[0].tokens);
 }
 
 TEST_F(EngineGpuTest, TokensDrawnOnTheDeviceMatchTheCpuDrawFromTheSameLogits) {

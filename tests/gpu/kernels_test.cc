@@ -9,6 +9,7 @@
 #include "cpu/cpu_ops.h"
 #include "cuda/cuda_common.h"
 #include "cuda/gemm.h"
+#include "cuda/gemv.h"
 #include "cuda/lightning.h"
 #include "cuda/ops.h"
 #include "cuda/sampling.h"
@@ -73,7 +74,7 @@ std::vector<float> FromDeviceBf16(const __nv_bfloat16* p, size_t n) {
 }
 
 TEST_F(GpuTest, RmsNormMatchesCpu) {
-  for (int width : {256, 4096}) {
+  for (int width : {256, 1000, 4096, 16384}) {
     const int rows = 7;
     auto x = Random(rows * width, 1, 3.0f), w = Random(width, 2, 1.0f, true);
     std::vector<float> ref(x.size());
@@ -119,6 +120,34 @@ TEST_F(GpuTest, GemmMatchesCpu) {
     ASSERT_TRUE(gemm.Run(Bf16ToDevice(x), rows, in, Bf16ToDevice(w), out, y, nullptr).ok());
     EXPECT_LT(testing::RelativeError(FromDevice(y, ref.size()), ref), 1e-4) << rows << "x" << in << "x" << out;
   }
+}
+
+// A decode step's projections: up to 4 rows, several weights in one launch, widths that leave
+// partial unrolled steps and columns that leave partial blocks.
+TEST_F(GpuTest, GemvMatchesCpuForFewRowsAndSeveralWeights) {
+  for (auto [rows, in] : {std::pair{1, 4096}, {2, 264}, {3, 1032}, {4, 16384}}) {
+    const std::vector<int64_t> outs{1032, 37, 256, 4096};
+    auto x = Random(rows * in, 11 + rows, 1.0f, true);
+    std::vector<cuda::GemvWeight> weights;
+    std::vector<std::vector<float>> refs;
+    for (size_t i = 0; i < outs.size(); ++i) {
+      auto w = Random(outs[i] * in, 20 + i, 0.05f, true);
+      refs.emplace_back(rows * outs[i]);
+      cpu::Gemm(x.data(), rows, in, w.data(), outs[i], refs.back().data());
+      weights.push_back({Bf16ToDevice(w), outs[i], Poisoned<float>(rows * outs[i])});
+    }
+    const __nv_bfloat16* dx = Bf16ToDevice(x);
+    ASSERT_TRUE(cuda::GemvApplies(rows, in, dx, weights.data(), int(weights.size())));
+    ASSERT_TRUE(cuda::Gemv(dx, rows, in, weights.data(), int(weights.size()), nullptr).ok());
+    for (size_t i = 0; i < outs.size(); ++i)
+      EXPECT_LT(testing::RelativeError(FromDevice(weights[i].y, refs[i].size()), refs[i]), 1e-4)
+          << rows << " rows of " << in << ", weight " << i;
+  }
+  // Shapes it does not take are refused, not computed wrongly.
+  const cuda::GemvWeight one{nullptr, 8, nullptr};
+  EXPECT_FALSE(cuda::GemvApplies(cuda::kGemvMaxRows + 1, 256, nullptr, &one, 1));
+  EXPECT_FALSE(cuda::GemvApplies(1, 260, nullptr, &one, 1));
+  EXPECT_FALSE(cuda::Gemv(nullptr, 1, 260, &one, 1, nullptr).ok());
 }
 
 // Tensor cores with tf32 inputs: tolerances of the order of tf32 rounding.
@@ -345,7 +374,8 @@ TEST_F(GpuTest, SparseAttentionRowsMatchesCpu) {
   std::vector<cuda::SparseCacheView> views;
   std::vector<int64_t> positions;
   bool flags[4] = {false, true, true, false};
-  const int64_t lengths[4] = {300, 1501, 20000, 2000};  // 20000: stage 1 split over 5 thread blocks
+  // 20000: stage 1 split over 10 thread blocks per row and group, its k2 pass over 5 of them.
+  const int64_t lengths[4] = {300, 1501, 20000, 2000};
   for (int i = 0; i < 4; ++i) {
     seqs.push_back(std::make_unique<SparseFixture>(lengths[i], heads, kv_heads, dim, 60 + i));
     views.push_back(seqs.back()->view());

@@ -80,10 +80,13 @@ class Backend {
 // The fp32 CPU backend; weights are converted from the checkpoint.
 absl::StatusOr<std::unique_ptr<Backend>> MakeCpuBackend(const ModelConfig& config,
                                                         const Checkpoint& checkpoint);
-// The CUDA backend (bf16 weights on the current device). Only in builds with CUDA.
-absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const ModelConfig& config,
-                                                         const Checkpoint& checkpoint);
+// The CUDA backend (bf16 weights on the current device). Only in builds with CUDA. With
+// `decode_graphs`, decode steps replay captured CUDA graphs (one per batch size and context
+// bucket) instead of launching some 450 kernels each.
+absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const ModelConfig& config, const Checkpoint& checkpoint,
+                                                         bool decode_graphs = true);
 // The CUDA backend with weights drawn on the device from `seed` (the scales sala-mkmodel uses).
-absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackendWithRandomWeights(const ModelConfig& config, uint64_t seed);
+absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackendWithRandomWeights(const ModelConfig& config, uint64_t seed,
+                                                                          bool decode_graphs = true);
 
 }  // namespace sala

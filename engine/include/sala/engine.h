@@ -26,6 +26,7 @@ struct EngineOptions {
   // Random weights generated on the device from this seed instead of the checkpoint (CUDA only):
   // the 9B shape can then run from its config.json alone. The tokenizer is optional then.
   std::optional<uint64_t> random_weights_seed;
+  bool cuda_graphs = true;  // CUDA: decode steps replayed from captured graphs (false: launched one by one)
 };
 
 enum class FinishReason { kStop, kLength };

@@ -7,6 +7,7 @@
 #include <utility>
 #include <functional>
 #include <map>
+#include <tuple>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -26,6 +27,8 @@ namespace {
 
 using cuda::DeviceBuffer;
 using Bf16 = __nv_bfloat16;
+
+constexpr int64_t kContextBucket = 16384;  // decode graphs: one per batch size and bucket of context
 
 struct LayerWeights {
   DeviceBuffer<Bf16> input_norm, post_norm, q, k, v, o, gate, q_norm, k_norm, o_norm, mlp_gate, mlp_up, mlp_down;
@@ -98,7 +101,13 @@ absl::Status Grow(DeviceBuffer<T>& b, size_t need, size_t keep) {
 
 class CudaBackend final : public Backend {
  public:
-  explicit CudaBackend(const ModelConfig& c) : config_(c) {}
+  CudaBackend(const ModelConfig& c, bool decode_graphs) : config_(c), decode_graphs_(decode_graphs) {}
+  ~CudaBackend() override {
+    for (auto& [key, g] : graphs_) cudaGraphExecDestroy(g.exec);
+    if (graph_stream_) cudaStreamDestroy(graph_stream_);
+    if (graph_ready_) cudaEventDestroy(graph_ready_);
+    if (graph_done_) cudaEventDestroy(graph_done_);
+  }
 
   // Loads every weight from the checkpoint, converted to bf16.
   absl::Status Init(const Checkpoint& ckpt) {
@@ -138,6 +147,11 @@ class CudaBackend final : public Backend {
   absl::Status InitWith(const Fill& fill) {
     if (cuda::DeviceCount() == 0) return absl::FailedPreconditionError("no CUDA device is available");
     SALA_RETURN_IF_ERROR(gemm_.Init());
+    // Graphs run on a stream of their own that does not synchronise with the legacy stream, so
+    // that a capture is not broken by another thread's copies (a transfer); events order it.
+    SALA_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&graph_stream_, cudaStreamNonBlocking));
+    SALA_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&graph_ready_, cudaEventDisableTiming));
+    SALA_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&graph_done_, cudaEventDisableTiming));
     std::map<std::string, TensorSpec> specs;
     for (const TensorSpec& t : ExpectedTensors(config_)) specs[t.name] = t;
     auto get = [&](const std::string& name, DeviceBuffer<Bf16>& out) { return fill(specs.at(name), out); };
@@ -403,6 +417,9 @@ class CudaBackend final : public Backend {
       decode_tables_.max_position = std::max(decode_tables_.max_position, before);
       decode_tables_.any_sparse = decode_tables_.any_sparse || segs[b].sparse;
     }
+    // Rounded up to a bucket: stage 1's launch shape follows it, and a decode graph is captured
+    // per bucket rather than per step.
+    decode_tables_.max_position = (decode_tables_.max_position / kContextBucket + 1) * kContextBucket - 1;
     SALA_RETURN_IF_ERROR(Upload(decode_tables_.linear_states, linear.data(), linear.size()));
     SALA_RETURN_IF_ERROR(Upload(decode_tables_.views, views.data(), views.size()));
     SALA_RETURN_IF_ERROR(Upload(decode_tables_.positions, positions.data(), positions.size()));
@@ -412,13 +429,31 @@ class CudaBackend final : public Backend {
   // The forward pass of every segment (rows of `tokens` in segment order); leaves the logits of
   // each segment's last row in logits_.
   absl::Status Run(std::span<Segment> segs, std::span<const int> tokens) {
-    const int64_t R = int64_t(tokens.size()), d = config_.hidden_size, ff = config_.intermediate_size;
-    const float r = float(config_.residual_scale()), eps = float(config_.rms_norm_eps);
-    cudaStream_t s = nullptr;
+    const int64_t R = int64_t(tokens.size());
     SALA_RETURN_IF_ERROR(Scratch(R));
     decode_step_ = std::all_of(segs.begin(), segs.end(), [](const Segment& seg) { return seg.rows == 1; });
     if (decode_step_) SALA_RETURN_IF_ERROR(PrepareDecodeTables(segs));
     SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(ids_.get(), tokens.data(), R * sizeof(int), cudaMemcpyHostToDevice));
+    if (decode_step_ && decode_graphs_ && !profiling_) SALA_RETURN_IF_ERROR(ReplayDecodeGraph(segs));
+    else SALA_RETURN_IF_ERROR(Enqueue(segs, R));
+    const SparseConfig& sc = config_.sparse;
+    for (Segment& seg : segs) {
+      seg.state->tokens += seg.rows;
+      seg.dev->tokens = seg.state->tokens;
+      if (decode_step_)
+        for (SparseCache& c : seg.dev->sparse) {
+          c.n1 = SequenceState::NumK1(sc, seg.state->tokens);
+          c.n2 = SequenceState::NumK2(sc, seg.state->tokens);
+        }
+    }
+    return absl::OkStatus();
+  }
+
+  // The kernels of Run, queued on stream_; host state is left to Run.
+  absl::Status Enqueue(std::span<Segment> segs, int64_t R) {
+    const int64_t d = config_.hidden_size, ff = config_.intermediate_size;
+    const float r = float(config_.residual_scale()), eps = float(config_.rms_norm_eps);
+    cudaStream_t s = stream_;
     SALA_RETURN_IF_ERROR(cuda::Embed(ids_.get(), int(R), embed_.get(), int(d), float(config_.scale_emb), h_.get(), s));
     for (int i = 0; i < config_.num_layers; ++i) {
       LayerWeights& w = layers_[i];
@@ -427,8 +462,8 @@ class CudaBackend final : public Backend {
       else SALA_RETURN_IF_ERROR(LinearMixer(i, segs, R));
       SALA_RETURN_IF_ERROR(cuda::AddScaled(h_.get(), y_.get(), r, R * d, s));
       SALA_RETURN_IF_ERROR(cuda::RmsNormToBf16(h_.get(), int(R), int(d), w.post_norm.get(), eps, 1.0f, xb_.get(), s));
-      SALA_RETURN_IF_ERROR(Mm(xb_.get(), R, d, w.mlp_gate.get(), ff, g_.get()));
-      SALA_RETURN_IF_ERROR(Mm(xb_.get(), R, d, w.mlp_up.get(), ff, u_.get()));
+      const cuda::GemvWeight gate_up[] = {{w.mlp_gate.get(), ff, g_.get()}, {w.mlp_up.get(), ff, u_.get()}};
+      SALA_RETURN_IF_ERROR(MmMany(xb_.get(), R, d, gate_up));
       SALA_RETURN_IF_ERROR(cuda::SwiGluToBf16(g_.get(), u_.get(), R * ff, gb_.get(), s));
       SALA_RETURN_IF_ERROR(Mm(gb_.get(), R, ff, w.mlp_down.get(), d, y_.get()));
       SALA_RETURN_IF_ERROR(cuda::AddScaled(h_.get(), y_.get(), r, R * d, s));
@@ -441,11 +476,51 @@ class CudaBackend final : public Backend {
     for (int64_t b = 0; b < B; ++b)
       SALA_RETURN_IF_ERROR(cuda::RmsNormToBf16(h_.get() + (segs[b].row0 + segs[b].rows - 1) * d, 1, int(d),
                                                final_norm_.get(), eps, inv_div, last_.get() + b * d, s));
-    SALA_RETURN_IF_ERROR(Mm(last_.get(), B, d, lm_head_.get(), V, logits_.get()));
-    for (Segment& seg : segs) {
-      seg.state->tokens += seg.rows;
-      seg.dev->tokens = seg.state->tokens;
+    return Mm(last_.get(), B, d, lm_head_.get(), V, logits_.get());
+  }
+
+  // Every device pointer a captured decode step has baked in: a graph is replayed only while
+  // they all still hold (a buffer that grew since has moved).
+  std::vector<const void*> GraphPointers() const {
+    const cuda::SparseScratch& sc = sparse_scratch_;
+    return {h_.get(), y_.get(), q_.get(), k_.get(), v_.get(), z_.get(), o_.get(), g_.get(), u_.get(), logits_.get(),
+            xb_.get(), ob_.get(), gb_.get(), last_.get(), ids_.get(), decode_tables_.linear_states.get(),
+            decode_tables_.views.get(), decode_tables_.positions.get(), decode_tables_.sparse_rows.get(),
+            sc.partial.get(), sc.scores.get(), sc.lse.get(), sc.blocks.get(), sc.counts.get()};
+  }
+
+  // A decode step from the graph of its batch size and context bucket, captured on first use.
+  // The step's inputs are all in device tables (PrepareDecodeTables), so one graph serves
+  // every step of its key.
+  absl::Status ReplayDecodeGraph(std::span<Segment> segs) {
+    const auto key = std::make_tuple(int64_t(segs.size()), decode_tables_.max_position, decode_tables_.any_sparse);
+    auto it = graphs_.find(key);
+    if (it != graphs_.end() && it->second.pointers != GraphPointers()) {
+      cudaGraphExecDestroy(it->second.exec);
+      graphs_.erase(it);
+      it = graphs_.end();
     }
+    SALA_CUDA_RETURN_IF_ERROR(cudaEventRecord(graph_ready_, nullptr));
+    SALA_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(graph_stream_, graph_ready_));
+    if (it == graphs_.end()) {
+      // Relaxed: scratch buffers may be allocated while the step is captured.
+      SALA_CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(graph_stream_, cudaStreamCaptureModeRelaxed));
+      stream_ = graph_stream_;
+      const absl::Status queued = Enqueue(segs, int64_t(segs.size()));
+      stream_ = nullptr;
+      cudaGraph_t graph = nullptr;
+      const cudaError_t ended = cudaStreamEndCapture(graph_stream_, &graph);
+      SALA_RETURN_IF_ERROR(queued);
+      SALA_CUDA_RETURN_IF_ERROR(ended);
+      cudaGraphExec_t exec = nullptr;
+      const cudaError_t made = cudaGraphInstantiate(&exec, graph, 0);
+      cudaGraphDestroy(graph);
+      SALA_CUDA_RETURN_IF_ERROR(made);
+      it = graphs_.emplace(key, DecodeGraph{exec, GraphPointers()}).first;
+    }
+    SALA_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(it->second.exec, graph_stream_));
+    SALA_CUDA_RETURN_IF_ERROR(cudaEventRecord(graph_done_, graph_stream_));
+    SALA_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(nullptr, graph_done_));
     return absl::OkStatus();
   }
 
@@ -454,11 +529,8 @@ class CudaBackend final : public Backend {
     const int64_t d = config_.hidden_size;
     const int H = config_.num_heads, Hk = config_.lightning_nkv, D = config_.head_dim;
     const float eps = float(config_.rms_norm_eps), scale = float(config_.linear_query_scale());
-    cudaStream_t s = nullptr;
-    SALA_RETURN_IF_ERROR(Mm(xb_.get(), R, d, w.q.get(), int64_t(H) * D, q_.get()));
-    SALA_RETURN_IF_ERROR(Mm(xb_.get(), R, d, w.k.get(), int64_t(Hk) * D, k_.get()));
-    SALA_RETURN_IF_ERROR(Mm(xb_.get(), R, d, w.v.get(), int64_t(Hk) * D, v_.get()));
-    if (config_.use_output_gate) SALA_RETURN_IF_ERROR(Mm(xb_.get(), R, d, w.gate.get(), int64_t(H) * D, z_.get()));
+    cudaStream_t s = stream_;
+    SALA_RETURN_IF_ERROR(ProjectQkvGate(R, w, H, Hk, D, config_.use_output_gate));
     const int slot = config_.slot_of(layer);
     const __nv_bfloat16* q_norm = config_.qk_norm ? w.q_norm.get() : nullptr;
     const __nv_bfloat16* k_norm = config_.qk_norm ? w.k_norm.get() : nullptr;
@@ -496,12 +568,8 @@ class CudaBackend final : public Backend {
     const int64_t d = config_.hidden_size;
     const int H = config_.num_heads, Hk = config_.num_kv_heads, D = config_.sparse_head_dim();
     const SparseConfig& sc = config_.sparse;
-    cudaStream_t s = nullptr;
-    SALA_RETURN_IF_ERROR(Mm(xb_.get(), R, d, w.q.get(), int64_t(H) * D, q_.get()));
-    SALA_RETURN_IF_ERROR(Mm(xb_.get(), R, d, w.k.get(), int64_t(Hk) * D, k_.get()));
-    SALA_RETURN_IF_ERROR(Mm(xb_.get(), R, d, w.v.get(), int64_t(Hk) * D, v_.get()));
-    if (config_.attn_use_output_gate)
-      SALA_RETURN_IF_ERROR(Mm(xb_.get(), R, d, w.gate.get(), int64_t(H) * D, z_.get()));
+    cudaStream_t s = stream_;
+    SALA_RETURN_IF_ERROR(ProjectQkvGate(R, w, H, Hk, D, config_.attn_use_output_gate));
     const cuda::SparseShape shape{H, Hk, D, sc.block_size, sc.kernel_size, sc.kernel_stride, sc.init_blocks,
                                   sc.window_blocks(), sc.selected_blocks()};
     const size_t row = SparseRow();
@@ -513,11 +581,6 @@ class CudaBackend final : public Backend {
       const cuda::SparseCacheView* views = decode_tables_.views.get() + size_t(slot) * B;
       const int64_t* positions = decode_tables_.positions.get();
       SALA_RETURN_IF_ERROR(cuda::AppendRows(k_.get(), v_.get(), B, views, positions, shape, s));
-      for (const Segment& seg : segs) {
-        SparseCache& c = seg.dev->sparse[slot];
-        c.n1 = SequenceState::NumK1(sc, seg.state->tokens + 1);
-        c.n2 = SequenceState::NumK2(sc, seg.state->tokens + 1);
-      }
       cuda::SparseScratch& scratch = sparse_scratch_;
       SALA_RETURN_IF_ERROR(scratch.blocks.Reserve(size_t(B) * Hk * shape.selected_blocks));
       SALA_RETURN_IF_ERROR(scratch.counts.Reserve(size_t(B) * Hk));
@@ -565,11 +628,11 @@ class CudaBackend final : public Backend {
       SALA_RETURN_IF_ERROR(sc.blocks.Reserve(size_t(T) * shape.kv_heads * shape.selected_blocks));
       SALA_RETURN_IF_ERROR(sc.counts.Reserve(size_t(T) * shape.kv_heads));
       SALA_RETURN_IF_ERROR(
-          cuda::SelectSparseBlocks(q, first, T, view, shape, sc.blocks.get(), sc.counts.get(), sc, nullptr));
+          cuda::SelectSparseBlocks(q, first, T, view, shape, sc.blocks.get(), sc.counts.get(), sc, stream_));
     }
     Section section(this, "sparse_stage2");
     return cuda::BlockSparseAttention(q, first, T, view, shape, sparse ? sc.blocks.get() : nullptr,
-                                      sparse ? sc.counts.get() : nullptr, o, nullptr);
+                                      sparse ? sc.counts.get() : nullptr, o, stream_);
   }
 
   // Adds the device time of the enclosing scope to profile_[kind] when profiling.
@@ -594,12 +657,35 @@ class CudaBackend final : public Backend {
   };
   absl::Status Mm(const Bf16* x, int64_t rows, int64_t in, const Bf16* w, int64_t out, float* y) {
     Section section(this, "gemm");
-    return gemm_.Run(x, rows, in, w, out, y, nullptr);
+    return gemm_.Run(x, rows, in, w, out, y, stream_);
+  }
+  absl::Status MmMany(const Bf16* x, int64_t rows, int64_t in, std::span<const cuda::GemvWeight> weights) {
+    Section section(this, "gemm");
+    return gemm_.RunMany(x, rows, in, weights, stream_);
+  }
+  // The attention input projections of a layer from xb_ into q_, k_, v_ (and z_ with a gate).
+  absl::Status ProjectQkvGate(int64_t R, const LayerWeights& w, int H, int Hk, int D, bool gate) {
+    const int64_t d = config_.hidden_size;
+    const cuda::GemvWeight all[] = {{w.q.get(), int64_t(H) * D, q_.get()},
+                                    {w.k.get(), int64_t(Hk) * D, k_.get()},
+                                    {w.v.get(), int64_t(Hk) * D, v_.get()},
+                                    {w.gate.get(), int64_t(H) * D, z_.get()}};
+    return MmMany(xb_.get(), R, d, std::span(all, gate ? 4 : 3));
   }
 
   bool profiling_ = false;
   std::map<std::string, double> profile_;
   ModelConfig config_;
+  const bool decode_graphs_;
+  // Where kernels go: the legacy stream, or graph_stream_ while a decode step is captured.
+  cudaStream_t stream_ = nullptr;
+  cudaStream_t graph_stream_ = nullptr;
+  cudaEvent_t graph_ready_ = nullptr, graph_done_ = nullptr;
+  struct DecodeGraph {
+    cudaGraphExec_t exec;
+    std::vector<const void*> pointers;
+  };
+  std::map<std::tuple<int64_t, int64_t, bool>, DecodeGraph> graphs_;  // by (batch, context bucket, any sparse row)
   cuda::Gemm gemm_;
   DeviceBuffer<Bf16> embed_, final_norm_, lm_head_;
   std::vector<LayerWeights> layers_;
@@ -625,15 +711,17 @@ class CudaBackend final : public Backend {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackendWithRandomWeights(const ModelConfig& config, uint64_t seed) {
-  auto backend = std::make_unique<CudaBackend>(config);
+absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackendWithRandomWeights(const ModelConfig& config, uint64_t seed,
+                                                                          bool decode_graphs) {
+  auto backend = std::make_unique<CudaBackend>(config, decode_graphs);
   SALA_RETURN_IF_ERROR(backend->InitRandom(seed));
   return backend;
 }
 
-absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const ModelConfig& config, const Checkpoint& checkpoint) {
+absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const ModelConfig& config, const Checkpoint& checkpoint,
+                                                         bool decode_graphs) {
   SALA_RETURN_IF_ERROR(ValidateCheckpoint(config, checkpoint));
-  auto backend = std::make_unique<CudaBackend>(config);
+  auto backend = std::make_unique<CudaBackend>(config, decode_graphs);
   SALA_RETURN_IF_ERROR(backend->Init(checkpoint));
   return backend;
 }

@@ -1,5 +1,7 @@
 #include "gemm.h"
 
+#include "sala/status_macros.h"
+
 namespace sala::cuda {
 namespace {
 
@@ -61,6 +63,21 @@ absl::StatusOr<Gemm::Plan*> Gemm::PlanFor(int64_t rows, int64_t in, int64_t out)
 
 absl::Status Gemm::Run(const __nv_bfloat16* x, int64_t rows, int64_t in, const __nv_bfloat16* w, int64_t out,
                        float* y, cudaStream_t stream) {
+  const GemvWeight one{w, out, y};
+  return RunMany(x, rows, in, {&one, 1}, stream);
+}
+
+absl::Status Gemm::RunMany(const __nv_bfloat16* x, int64_t rows, int64_t in, std::span<const GemvWeight> weights,
+                           cudaStream_t stream) {
+  if (rows == 0) return absl::OkStatus();
+  if (GemvApplies(rows, in, x, weights.data(), int(weights.size())))
+    return Gemv(x, int(rows), in, weights.data(), int(weights.size()), stream);
+  for (const GemvWeight& w : weights) SALA_RETURN_IF_ERROR(RunLt(x, rows, in, w.w, w.out, w.y, stream));
+  return absl::OkStatus();
+}
+
+absl::Status Gemm::RunLt(const __nv_bfloat16* x, int64_t rows, int64_t in, const __nv_bfloat16* w, int64_t out,
+                         float* y, cudaStream_t stream) {
   if (rows == 0) return absl::OkStatus();
   auto plan = PlanFor(rows, in, out);
   if (!plan.ok()) return plan.status();

@@ -1,15 +1,18 @@
-// bf16 GEMMs through cuBLASLt with fp32 accumulation and fp32 output:
+// bf16 GEMMs with fp32 accumulation and fp32 output:
 // y[rows, out] = x[rows, in] · w[out, in]ᵀ (weights stored [out, in], as in the checkpoint).
+// cuBLASLt, except for a decode step's few rows, which go to the GEMV kernel (gemv.h).
 #pragma once
 
 #include <cublasLt.h>
 #include <cuda_bf16.h>
 
 #include <map>
+#include <span>
 #include <tuple>
 
 #include "absl/status/statusor.h"
 #include "cuda_common.h"
+#include "gemv.h"
 
 namespace sala::cuda {
 
@@ -20,6 +23,12 @@ class Gemm {
   absl::Status Init();
   absl::Status Run(const __nv_bfloat16* x, int64_t rows, int64_t in, const __nv_bfloat16* w, int64_t out, float* y,
                    cudaStream_t stream);
+  // Several weights over the same x: one launch when the GEMV takes them, else one GEMM each.
+  absl::Status RunMany(const __nv_bfloat16* x, int64_t rows, int64_t in, std::span<const GemvWeight> weights,
+                       cudaStream_t stream);
+  // Always cuBLASLt (benchmarks compare it with the GEMV).
+  absl::Status RunLt(const __nv_bfloat16* x, int64_t rows, int64_t in, const __nv_bfloat16* w, int64_t out, float* y,
+                     cudaStream_t stream);
 
  private:
   struct Plan {

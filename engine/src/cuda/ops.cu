@@ -1,3 +1,5 @@
+#include <algorithm>
+
 #include "cuda_common.h"
 #include "ops.h"
 
@@ -26,15 +28,30 @@ __global__ void EmbedKernel(const int* ids, const __nv_bfloat16* embed, int widt
   for (int i = threadIdx.x; i < width; i += blockDim.x) h[row * width + i] = __bfloat162float(e[i]) * scale;
 }
 
+// Row kernels hold their row in registers, up to kRowPerThread values per thread: the loads
+// are all issued before the reduction waits on them, and the second pass reads no memory.
+constexpr int kRowPerThread = 16;
+constexpr int kMaxRowWidth = kRowPerThread * 1024;
+int RowThreads(int width) { return std::clamp((width / 8 + 31) / 32 * 32, 32, 1024); }
+
 __global__ void RmsNormKernel(const float* x, int width, const __nv_bfloat16* w, float eps, float post_scale,
                               __nv_bfloat16* y) {
   __shared__ float scratch[32];
   const float* xr = x + int64_t(blockIdx.x) * width;
+  float v[kRowPerThread];
   float ss = 0.0f;
-  for (int i = threadIdx.x; i < width; i += blockDim.x) ss += xr[i] * xr[i];
-  const float inv = rsqrtf(BlockSum(ss, scratch) / width + eps);
-  for (int i = threadIdx.x; i < width; i += blockDim.x)
-    y[int64_t(blockIdx.x) * width + i] = __float2bfloat16(xr[i] * inv * __bfloat162float(w[i]) * post_scale);
+#pragma unroll
+  for (int k = 0; k < kRowPerThread; ++k) {
+    const int i = threadIdx.x + k * blockDim.x;
+    v[k] = i < width ? xr[i] : 0.0f;
+    ss += v[k] * v[k];
+  }
+  const float inv = rsqrtf(BlockSum(ss, scratch) / width + eps) * post_scale;
+#pragma unroll
+  for (int k = 0; k < kRowPerThread; ++k) {
+    const int i = threadIdx.x + k * blockDim.x;
+    if (i < width) y[int64_t(blockIdx.x) * width + i] = __float2bfloat16(v[k] * inv * __bfloat162float(w[i]));
+  }
 }
 
 // One block per (row, head); thread j handles the rotation pair (j, j + dim/2). Row r is at
@@ -72,16 +89,22 @@ __global__ void NormGateKernel(const float* o, const float* z, int width, const 
                                __nv_bfloat16* y) {
   __shared__ float scratch[32];
   const int64_t base = int64_t(blockIdx.x) * width;
-  float inv = 1.0f;
-  if (w) {
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < width; i += blockDim.x) ss += o[base + i] * o[base + i];
-    inv = rsqrtf(BlockSum(ss, scratch) / width + eps);
+  float v[kRowPerThread];
+  float ss = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kRowPerThread; ++k) {
+    const int i = threadIdx.x + k * blockDim.x;
+    v[k] = i < width ? o[base + i] : 0.0f;
+    ss += v[k] * v[k];
   }
-  for (int i = threadIdx.x; i < width; i += blockDim.x) {
-    float v = o[base + i] * inv * (w ? __bfloat162float(w[i]) : 1.0f);
-    if (z) v *= SigmoidF(z[base + i]);
-    y[base + i] = __float2bfloat16(v);
+  const float inv = w ? rsqrtf(BlockSum(ss, scratch) / width + eps) : 1.0f;
+#pragma unroll
+  for (int k = 0; k < kRowPerThread; ++k) {
+    const int i = threadIdx.x + k * blockDim.x;
+    if (i >= width) continue;
+    float r = v[k] * inv * (w ? __bfloat162float(w[i]) : 1.0f);
+    if (z) r *= SigmoidF(z[base + i]);
+    y[base + i] = __float2bfloat16(r);
   }
 }
 
@@ -140,7 +163,8 @@ absl::Status Embed(const int* ids, int rows, const __nv_bfloat16* embed, int wid
 absl::Status RmsNormToBf16(const float* x, int rows, int width, const __nv_bfloat16* weight, float eps,
                            float post_scale, __nv_bfloat16* y, cudaStream_t stream) {
   if (rows == 0) return absl::OkStatus();
-  RmsNormKernel<<<rows, kThreads, 0, stream>>>(x, width, weight, eps, post_scale, y);
+  if (width > kMaxRowWidth) return absl::InvalidArgumentError(absl::StrCat("RMSNorm width ", width, " above ", kMaxRowWidth));
+  RmsNormKernel<<<rows, RowThreads(width), 0, stream>>>(x, width, weight, eps, post_scale, y);
   SALA_CUDA_CHECK_LAUNCH();
   return absl::OkStatus();
 }
@@ -172,7 +196,8 @@ absl::Status HeadNormRopeRows(float* x, int rows, int heads, int dim, const __nv
 absl::Status NormGateToBf16(const float* o, const float* z, int rows, int width, const __nv_bfloat16* norm_weight,
                             float eps, __nv_bfloat16* y, cudaStream_t stream) {
   if (rows == 0) return absl::OkStatus();
-  NormGateKernel<<<rows, kThreads, 0, stream>>>(o, z, width, norm_weight, eps, y);
+  if (width > kMaxRowWidth) return absl::InvalidArgumentError(absl::StrCat("output norm width ", width, " above ", kMaxRowWidth));
+  NormGateKernel<<<rows, RowThreads(width), 0, stream>>>(o, z, width, norm_weight, eps, y);
   SALA_CUDA_CHECK_LAUNCH();
   return absl::OkStatus();
 }

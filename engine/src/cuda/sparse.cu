@@ -194,26 +194,34 @@ __global__ void AttentionKernel(const float* q, RowSource src, SparseShape sh, i
 }
 
 // Merges the splits' partial softmax states: o = Σ acc_s e^(m_s − m) / Σ l_s e^(m_s − m).
+// One block per (row, KV group, head): warp 0 turns the splits' (m, l) into weights in shared
+// memory, then every thread sums its dimensions over the splits (independent loads, not a chain).
 __global__ void CombineKernel(const float* partial, int splits, SparseShape sh, float* o) {
-  const int G = sh.heads / sh.kv_heads, D = sh.dim, g = blockIdx.y;
-  const int64_t t = blockIdx.x;
-  for (int h = 0; h < G; ++h) {
-    const float* base = partial + ((t * sh.kv_heads + g) * splits) * G * (D + 2) + h * (D + 2);
+  __shared__ float weight[kMaxSplits];
+  __shared__ float denom;
+  const int G = sh.heads / sh.kv_heads, D = sh.dim, g = blockIdx.y, h = blockIdx.z;
+  const int64_t t = blockIdx.x, stride = int64_t(G) * (D + 2);
+  const float* base = partial + ((t * sh.kv_heads + g) * splits) * stride + h * (D + 2);
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
     float mx = -INFINITY;
-    for (int s = 0; s < splits; ++s) mx = fmaxf(mx, base[s * G * (D + 2) + D]);
-    float denom = 0.0f;
-    for (int s = 0; s < splits; ++s) {
-      const float* p = base + s * G * (D + 2);
-      if (p[D] != -INFINITY) denom += p[D + 1] * __expf(p[D] - mx);
+    for (int s = lane; s < splits; s += 32) mx = fmaxf(mx, base[s * stride + D]);
+    mx = WarpMax(mx);
+    float den = 0.0f;
+    for (int s = lane; s < splits; s += 32) {
+      const float ms = base[s * stride + D];
+      const float w = ms == -INFINITY ? 0.0f : __expf(ms - mx);
+      weight[s] = w;
+      den += w * base[s * stride + D + 1];
     }
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-      float num = 0.0f;
-      for (int s = 0; s < splits; ++s) {
-        const float* p = base + s * G * (D + 2);
-        if (p[D] != -INFINITY) num += p[d] * __expf(p[D] - mx);
-      }
-      o[(t * sh.heads + g * G + h) * D + d] = num / denom;
-    }
+    den = WarpSum(den);
+    if (lane == 0) denom = den;
+  }
+  __syncthreads();
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float num = 0.0f;
+    for (int s = 0; s < splits; ++s) num += weight[s] * base[s * stride + d];
+    o[(t * sh.heads + g * G + h) * D + d] = num / denom;
   }
 }
 
@@ -257,7 +265,7 @@ absl::Status Launch(const float* q, int64_t T, RowSource src, const SparseShape&
       q, src, shape, splits, partial.get(), o);
   SALA_CUDA_CHECK_LAUNCH();
   if (splits > 1) {
-    CombineKernel<<<dim3(unsigned(T), shape.kv_heads), shape.dim, 0, stream>>>(partial.get(), splits, shape, o);
+    CombineKernel<<<dim3(unsigned(T), shape.kv_heads, G), shape.dim, 0, stream>>>(partial.get(), splits, shape, o);
     SALA_CUDA_CHECK_LAUNCH();
   }
   return absl::OkStatus();

@@ -30,6 +30,7 @@ struct SparseCacheView {
 struct SparseScratch {
   DeviceBuffer<float> partial;  // split-K partial softmax states
   DeviceBuffer<float> scores;  // stage-1 block scores of a batch of prefill rows
+  DeviceBuffer<float> lse;     // decode stage 1: the k2 splits' partial log-sum-exps
   DeviceBuffer<int> blocks, counts;
 };
 

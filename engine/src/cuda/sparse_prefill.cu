@@ -27,6 +27,7 @@ constexpr int kBlock = 64;          // tokens per attention block
 constexpr int kScoreTokens = 16;    // query tokens per stage-1 thread block
 constexpr int kScoreThreads = 256;  // eight warps, two tokens each
 constexpr int kKeyTile = 64;        // compressed keys per stage-1 tile: 16 blocks of k1
+constexpr int kMaxScoreSplits = 64;  // decode: thread blocks per row and KV group
 constexpr int kTopKThreads = 256;
 constexpr int kAttnWarps = 2;
 constexpr int kHalf = 32;  // keys per stage-2 pipeline step
@@ -51,6 +52,11 @@ struct ScoreParams {
   float* scores;  // [T, Hk, ncap]: block init + c at c
   int64_t ncap;
   int splits;  // thread blocks per row and KV group, each scoring a share of the k1 tiles
+  // Decode (views set): the k2 pass is split as well, in a launch of its own (phase 0) that
+  // leaves each split's per-head (max, sum) in lse_partial [T, Hk, splits, 16, 2]; the k1 launch
+  // (phase 1) merges them, instead of every split repeating the whole k2 pass.
+  float* lse_partial;
+  int phase;
 };
 
 __device__ __forceinline__ float Exp2(float x) { return exp2f(x); }
@@ -169,51 +175,81 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreKernel(ScoreParams p) {
       l[tk][s] = 0.0f;
     }
   const int64_t tiles2 = (n2_all + kKeyTile - 1) / kKeyTile;
-  ForEachKeyTile<D>(loader, tiles, k2, p.Hk, g, 0, n2_all, 0, tiles2, [&](int64_t t, const Bf16* kt) {
-    for (int mp = 0; mp < 2; ++mp) {
-      float acc[2][2][2][4];
-      ScoreMma<D>(qs, kt, tok0, mp, acc);
-#pragma unroll
-      for (int tk = 0; tk < 2; ++tk)
-#pragma unroll
-        for (int s = 0; s < 4; ++s) {
-          const int n = s / 2, par = s % 2;
-          float x[4];  // keys (m, half): 16 (2 mp + m) + gq + 8 half
-          float tmax = -INFINITY;
-#pragma unroll
-          for (int mm = 0; mm < 2; ++mm)
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-              const int64_t j = t * kKeyTile + (2 * mp + mm) * 16 + gq + 8 * half;
-              const float v = j < n2[tk] ? acc[tk][mm][n][2 * half + par] * p.scale_log2 : -INFINITY;
-              x[2 * mm + half] = v;
-              tmax = fmaxf(tmax, v);
-            }
-          const float mn = fmaxf(m[tk][s], tmax);
-          if (mn == -INFINITY) continue;
-          float sum = l[tk][s] * Exp2(m[tk][s] - mn);
-#pragma unroll
-          for (int e = 0; e < 4; ++e) sum += Exp2(x[e] - mn);
-          m[tk][s] = mn;
-          l[tk][s] = sum;
-        }
-    }
-  });
-  // Merge over the key rows held by the eight lanes of each column.
-  for (int tk = 0; tk < 2; ++tk)
-    for (int s = 0; s < 4; ++s) {
-      float mm = m[tk][s], ll = l[tk][s];
-      for (int off = 4; off < 32; off <<= 1) {
-        const float m2 = __shfl_xor_sync(0xffffffff, mm, off), l2 = __shfl_xor_sync(0xffffffff, ll, off);
-        const float mx = fmaxf(mm, m2);
-        if (mx != -INFINITY) {
+  const int64_t per_split2 = per_row ? (tiles2 + gridDim.z - 1) / gridDim.z : tiles2;
+  const int64_t t2_begin = per_row ? min(tiles2, per_split2 * blockIdx.z) : 0;
+  const int64_t t2_end = per_row ? min(tiles2, t2_begin + per_split2) : tiles2;
+  float* partial = per_row ? p.lse_partial + ((int64_t(blockIdx.x) * p.Hk + g) * gridDim.z) * 32 : nullptr;
+  if (per_row && p.phase == 1) {
+    // Merge the k2 splits' (max, sum) of the row's token; the other token slots hold no row.
+    for (int e = threadIdx.x; e < kScoreTokens * 16; e += kScoreThreads) {
+      const int tk = e / 16, h = e % 16;
+      float mm = -INFINITY, ll = 0.0f;
+      if (base + tk == first && h < p.G)
+        for (int z = 0; z < int(gridDim.z); ++z) {
+          const float m2 = partial[z * 32 + 2 * h], l2 = partial[z * 32 + 2 * h + 1];
+          const float mx = fmaxf(mm, m2);
+          if (mx == -INFINITY) continue;
           ll = ll * Exp2(mm - mx) + l2 * Exp2(m2 - mx);
           mm = mx;
         }
-      }
-      if (gq == 0) lse2[(tok0 + tk) * 16 + (s / 2) * 8 + 2 * tq + s % 2] = ll > 0.0f ? mm + log2f(ll) : INFINITY;
+      lse2[e] = ll > 0.0f ? mm + log2f(ll) : INFINITY;
     }
-  __syncwarp();
+    __syncthreads();
+  } else {
+    ForEachKeyTile<D>(loader, tiles, k2, p.Hk, g, 0, n2_all, t2_begin, t2_end, [&](int64_t t, const Bf16* kt) {
+      for (int mp = 0; mp < 2; ++mp) {
+        float acc[2][2][2][4];
+        ScoreMma<D>(qs, kt, tok0, mp, acc);
+#pragma unroll
+        for (int tk = 0; tk < 2; ++tk)
+#pragma unroll
+          for (int s = 0; s < 4; ++s) {
+            const int n = s / 2, par = s % 2;
+            float x[4];  // keys (m, half): 16 (2 mp + m) + gq + 8 half
+            float tmax = -INFINITY;
+#pragma unroll
+            for (int mm = 0; mm < 2; ++mm)
+#pragma unroll
+              for (int half = 0; half < 2; ++half) {
+                const int64_t j = t * kKeyTile + (2 * mp + mm) * 16 + gq + 8 * half;
+                const float v = j < n2[tk] ? acc[tk][mm][n][2 * half + par] * p.scale_log2 : -INFINITY;
+                x[2 * mm + half] = v;
+                tmax = fmaxf(tmax, v);
+              }
+            const float mn = fmaxf(m[tk][s], tmax);
+            if (mn == -INFINITY) continue;
+            float sum = l[tk][s] * Exp2(m[tk][s] - mn);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) sum += Exp2(x[e] - mn);
+            m[tk][s] = mn;
+            l[tk][s] = sum;
+          }
+      }
+    });
+    // Merge over the key rows held by the eight lanes of each column.
+    for (int tk = 0; tk < 2; ++tk)
+      for (int s = 0; s < 4; ++s) {
+        float mm = m[tk][s], ll = l[tk][s];
+        for (int off = 4; off < 32; off <<= 1) {
+          const float m2 = __shfl_xor_sync(0xffffffff, mm, off), l2 = __shfl_xor_sync(0xffffffff, ll, off);
+          const float mx = fmaxf(mm, m2);
+          if (mx != -INFINITY) {
+            ll = ll * Exp2(mm - mx) + l2 * Exp2(m2 - mx);
+            mm = mx;
+          }
+        }
+        const int h = (s / 2) * 8 + 2 * tq + s % 2;
+        if (gq != 0) continue;
+        if (!per_row) {
+          lse2[(tok0 + tk) * 16 + h] = ll > 0.0f ? mm + log2f(ll) : INFINITY;
+        } else if (base + tok0 + tk == first) {
+          partial[blockIdx.z * 32 + 2 * h] = mm;
+          partial[blockIdx.z * 32 + 2 * h + 1] = ll;
+        }
+      }
+    __syncwarp();
+    if (per_row) return;  // phase 0 ends with the partial sums
+  }
 
   // Pass 2: k1 scores of the candidate blocks, pooled over entries 4b-1 .. 4b+3. Tiles start at
   // a block boundary one block early, so that entry 4 init - 1 is scanned too.
@@ -634,18 +670,20 @@ absl::Status SelectSparseBlocksRows(const float* q, int rows, const SparseCacheV
   const Candidates cand = MakeCandidates(shape);
   const int64_t ncap = std::max<int64_t>(4, (max_position / kBlock - cand.window - cand.init + 3) / 4 * 4);
   SALA_RETURN_IF_ERROR(scratch.scores.Reserve(size_t(rows) * shape.kv_heads * ncap));
-  // Few rows: split each row's k1 tiles over several thread blocks to fill the GPU, at least
-  // four tiles each (every split also repeats the k2 pass, a quarter of the keys).
+  // Few rows: split each row's k1 tiles (and, in a launch before, its k2 tiles) over several
+  // thread blocks to fill the GPU, at least two k1 tiles each.
   int device = 0, sms = 0;
   SALA_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
   SALA_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int64_t max_tiles = 4 * ncap / kKeyTile + 1;
-  const int splits = int(std::clamp<int64_t>(std::min<int64_t>(2 * sms / (int64_t(rows) * shape.kv_heads), max_tiles / 4),
-                                             1, 16));
-  const ScoreParams sp{q, 0, rows, nullptr, nullptr, views, positions, shape.heads, shape.kv_heads,
-                       shape.heads / shape.kv_heads, cand, kLog2e / std::sqrt(float(shape.dim)), scratch.scores.get(),
-                       ncap, splits};
-  SALA_RETURN_IF_ERROR(shape.dim == 128 ? LaunchScores<128>(sp, stream) : LaunchScores<64>(sp, stream));
+  const int splits = int(std::clamp<int64_t>(std::min<int64_t>(2 * sms / (int64_t(rows) * shape.kv_heads), max_tiles / 2),
+                                             1, kMaxScoreSplits));
+  SALA_RETURN_IF_ERROR(scratch.lse.Reserve(size_t(rows) * shape.kv_heads * splits * 32));
+  ScoreParams sp{q, 0, rows, nullptr, nullptr, views, positions, shape.heads, shape.kv_heads,
+                 shape.heads / shape.kv_heads, cand, kLog2e / std::sqrt(float(shape.dim)), scratch.scores.get(),
+                 ncap, splits, scratch.lse.get(), 0};
+  for (sp.phase = 0; sp.phase < 2; ++sp.phase)
+    SALA_RETURN_IF_ERROR(shape.dim == 128 ? LaunchScores<128>(sp, stream) : LaunchScores<64>(sp, stream));
   return LaunchTopK({scratch.scores.get(), 0, rows, ncap, positions, shape.kv_heads, shape.selected_blocks, cand,
                      blocks, counts},
                     stream);
