@@ -48,7 +48,9 @@ class NcclStateSender final : public StateSender {
     SALA_RETURN_IF_ERROR(Step(state, true, first_token));
     // The receiver acknowledges once its receives completed; the sends end no later.
     absl::Status s = link_->nccl->Wait(deadline_, [this] { return stream_.failed(); });
-    if (s.ok()) s = stream_.Finish();
+    // Given up because the receiver's stream broke: its error (UNAVAILABLE, a lost decode
+    // worker, which the router then takes out of routing) says more than the cancelled wait.
+    if (s.ok() || stream_.failed()) s = stream_.Finish();
     if (!s.ok()) {
       Abort(std::string(s.message()));
       return s;
