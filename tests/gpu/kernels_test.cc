@@ -73,7 +73,7 @@ std::vector<float> FromDeviceBf16(const __nv_bfloat16* p, size_t n) {
   return v;
 }
 
-TEST_F(GpuTest, RmsNormMatchesCpu) {
+TEST_F(GpuTest, RmsNormAndResidualRmsNormMatchCpu) {
   for (int width : {256, 1000, 4096, 16384}) {
     const int rows = 7;
     auto x = Random(rows * width, 1, 3.0f), w = Random(width, 2, 1.0f, true);
@@ -82,30 +82,60 @@ TEST_F(GpuTest, RmsNormMatchesCpu) {
     auto* out = Poisoned<__nv_bfloat16>(x.size());
     ASSERT_TRUE(cuda::RmsNormToBf16(ToDevice(x), rows, width, Bf16ToDevice(w), 1e-6f, 1.0f, out, nullptr).ok());
     EXPECT_LT(testing::RelativeError(FromDeviceBf16(out, x.size()), ref), 1e-2) << width;
+    // With the residual add before it: h += r y, written back, then the norm of the sum.
+    const float r = 0.37f;
+    auto y = Random(x.size(), 3, 2.0f);
+    std::vector<float> sum(x.size()), sum_ref(x.size());
+    for (size_t i = 0; i < x.size(); ++i) sum[i] = x[i] + r * y[i];
+    cpu::RmsNorm(sum.data(), rows, width, w.data(), 1e-6, sum_ref.data());
+    float* h = ToDevice(x);
+    auto* fused = Poisoned<__nv_bfloat16>(x.size());
+    ASSERT_TRUE(cuda::AddScaledRmsNormToBf16(h, ToDevice(y), r, rows, width, Bf16ToDevice(w), 1e-6f, fused, nullptr).ok());
+    EXPECT_LT(testing::RelativeError(FromDevice(h, x.size()), sum), 1e-6) << width;
+    EXPECT_LT(testing::RelativeError(FromDeviceBf16(fused, x.size()), sum_ref), 1e-2) << width;
   }
 }
 
+// q and k in one launch: different head counts, k without a norm weight in one case.
 TEST_F(GpuTest, HeadNormRopeMatchesCpuAtLargePositions) {
   for (int dim : {64, 128}) {
-    const int rows = 5, heads = 3;
+    const int rows = 5, hq = 3, hk = 2;
+    const bool k_norm = dim == 64;
     const int64_t pos0 = 1000000;
-    auto x = Random(rows * heads * dim, 3, 2.0f), w = Random(dim, 4, 1.0f, true);
-    std::vector<float> ref(x.size());
-    cpu::RmsNorm(x.data(), rows * heads, dim, w.data(), 1e-6, ref.data());
-    cpu::Rope(ref.data(), rows, heads, dim, pos0, 10000.0);
-    float* d = ToDevice(x);
-    ASSERT_TRUE(cuda::HeadNormRope(d, rows, heads, dim, Bf16ToDevice(w), 1e-6f, pos0, 10000.0, true, nullptr).ok());
-    EXPECT_LT(testing::RelativeError(FromDevice(d, x.size()), ref), 1e-4) << dim;
+    auto q = Random(rows * hq * dim, 3, 2.0f), k = Random(rows * hk * dim, 5, 2.0f);
+    auto wq = Random(dim, 4, 1.0f, true), wk = Random(dim, 6, 1.0f, true);
+    // CPU: norm, then RoPE with row r at position_of(r).
+    auto reference = [&](const std::vector<float>& x, int heads, const float* w, auto position_of) {
+      std::vector<float> ref = x;
+      if (w) cpu::RmsNorm(x.data(), rows * heads, dim, w, 1e-6, ref.data());
+      for (int r = 0; r < rows; ++r) cpu::Rope(ref.data() + r * heads * dim, 1, heads, dim, position_of(r), 10000.0);
+      return ref;
+    };
+    auto check = [&](auto position_of, auto run, const char* what) {
+      float* dq = ToDevice(q);
+      float* dk = ToDevice(k);
+      ASSERT_TRUE(run(cuda::NormedHeads{dq, hq, Bf16ToDevice(wq)},
+                      cuda::NormedHeads{dk, hk, k_norm ? Bf16ToDevice(wk) : nullptr})
+                      .ok());
+      EXPECT_LT(testing::RelativeError(FromDevice(dq, q.size()), reference(q, hq, wq.data(), position_of)), 1e-4)
+          << what << " q, dim " << dim;
+      EXPECT_LT(testing::RelativeError(FromDevice(dk, k.size()), reference(k, hk, k_norm ? wk.data() : nullptr, position_of)),
+                1e-4)
+          << what << " k, dim " << dim;
+    };
+    check([&](int r) { return pos0 + r; },
+          [&](cuda::NormedHeads a, cuda::NormedHeads b) {
+            return cuda::HeadNormRope(a, b, rows, dim, 1e-6f, pos0, 10000.0, true, nullptr);
+          },
+          "consecutive");
     // A decode step's rows, each at its own position.
     const std::vector<int64_t> positions{7, 1000000, 3, 524287, 65};
-    std::vector<float> rows_ref(x.size());
-    cpu::RmsNorm(x.data(), rows * heads, dim, w.data(), 1e-6, rows_ref.data());
-    for (int r = 0; r < rows; ++r) cpu::Rope(rows_ref.data() + r * heads * dim, 1, heads, dim, positions[r], 10000.0);
-    float* dr = ToDevice(x);
-    ASSERT_TRUE(cuda::HeadNormRopeRows(dr, rows, heads, dim, Bf16ToDevice(w), 1e-6f, ToDevice(positions), 10000.0,
-                                       true, nullptr)
-                    .ok());
-    EXPECT_LT(testing::RelativeError(FromDevice(dr, x.size()), rows_ref), 1e-4) << dim;
+    const int64_t* dpos = ToDevice(positions);
+    check([&](int r) { return positions[r]; },
+          [&](cuda::NormedHeads a, cuda::NormedHeads b) {
+            return cuda::HeadNormRopeRows(a, b, rows, dim, 1e-6f, dpos, 10000.0, true, nullptr);
+          },
+          "per-row");
   }
 }
 

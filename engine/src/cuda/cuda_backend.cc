@@ -455,18 +455,23 @@ class CudaBackend final : public Backend {
     const float r = float(config_.residual_scale()), eps = float(config_.rms_norm_eps);
     cudaStream_t s = stream_;
     SALA_RETURN_IF_ERROR(cuda::Embed(ids_.get(), int(R), embed_.get(), int(d), float(config_.scale_emb), h_.get(), s));
+    SALA_RETURN_IF_ERROR(cuda::RmsNormToBf16(h_.get(), int(R), int(d), layers_[0].input_norm.get(), eps, 1.0f, xb_.get(), s));
+    // Each residual add is fused into the RMSNorm that follows it (the last one into nothing).
     for (int i = 0; i < config_.num_layers; ++i) {
       LayerWeights& w = layers_[i];
-      SALA_RETURN_IF_ERROR(cuda::RmsNormToBf16(h_.get(), int(R), int(d), w.input_norm.get(), eps, 1.0f, xb_.get(), s));
       if (config_.layers[i] == LayerKind::kSparse) SALA_RETURN_IF_ERROR(SparseMixer(i, segs, R));
       else SALA_RETURN_IF_ERROR(LinearMixer(i, segs, R));
-      SALA_RETURN_IF_ERROR(cuda::AddScaled(h_.get(), y_.get(), r, R * d, s));
-      SALA_RETURN_IF_ERROR(cuda::RmsNormToBf16(h_.get(), int(R), int(d), w.post_norm.get(), eps, 1.0f, xb_.get(), s));
+      SALA_RETURN_IF_ERROR(cuda::AddScaledRmsNormToBf16(h_.get(), y_.get(), r, int(R), int(d), w.post_norm.get(), eps,
+                                                        xb_.get(), s));
       const cuda::GemvWeight gate_up[] = {{w.mlp_gate.get(), ff, g_.get()}, {w.mlp_up.get(), ff, u_.get()}};
       SALA_RETURN_IF_ERROR(MmMany(xb_.get(), R, d, gate_up));
       SALA_RETURN_IF_ERROR(cuda::SwiGluToBf16(g_.get(), u_.get(), R * ff, gb_.get(), s));
       SALA_RETURN_IF_ERROR(Mm(gb_.get(), R, ff, w.mlp_down.get(), d, y_.get()));
-      SALA_RETURN_IF_ERROR(cuda::AddScaled(h_.get(), y_.get(), r, R * d, s));
+      if (i + 1 < config_.num_layers)
+        SALA_RETURN_IF_ERROR(cuda::AddScaledRmsNormToBf16(h_.get(), y_.get(), r, int(R), int(d),
+                                                          layers_[i + 1].input_norm.get(), eps, xb_.get(), s));
+      else
+        SALA_RETURN_IF_ERROR(cuda::AddScaled(h_.get(), y_.get(), r, R * d, s));
     }
     // Logits of each segment's last row, in one GEMM.
     const int64_t B = int64_t(segs.size()), V = config_.vocab_size;
@@ -538,10 +543,8 @@ class CudaBackend final : public Backend {
       // Every segment is one row, in order from row 0: one launch per kernel for the batch.
       const int B = int(segs.size());
       const int64_t* positions = decode_tables_.positions.get();
-      SALA_RETURN_IF_ERROR(cuda::HeadNormRopeRows(q_.get(), B, H, D, q_norm, eps, positions, config_.rope_theta,
-                                                  config_.lightning_use_rope, s));
-      SALA_RETURN_IF_ERROR(cuda::HeadNormRopeRows(k_.get(), B, Hk, D, k_norm, eps, positions, config_.rope_theta,
-                                                  config_.lightning_use_rope, s));
+      SALA_RETURN_IF_ERROR(cuda::HeadNormRopeRows({q_.get(), H, q_norm}, {k_.get(), Hk, k_norm}, B, D, eps, positions,
+                                                  config_.rope_theta, config_.lightning_use_rope, s));
       Section section(this, "linear_attention");
       SALA_RETURN_IF_ERROR(cuda::LinearAttentionStep(q_.get(), k_.get(), v_.get(), B, H, Hk, D, scale, slopes_.get(),
                                                      decode_tables_.linear_states.get() + size_t(slot) * B, o_.get(),
@@ -549,10 +552,8 @@ class CudaBackend final : public Backend {
     } else {
       // A prefill chunk: one segment.
       const Segment& seg = segs[0];
-      SALA_RETURN_IF_ERROR(cuda::HeadNormRope(q_.get(), int(seg.rows), H, D, q_norm, eps, seg.state->tokens,
-                                              config_.rope_theta, config_.lightning_use_rope, s));
-      SALA_RETURN_IF_ERROR(cuda::HeadNormRope(k_.get(), int(seg.rows), Hk, D, k_norm, eps, seg.state->tokens,
-                                              config_.rope_theta, config_.lightning_use_rope, s));
+      SALA_RETURN_IF_ERROR(cuda::HeadNormRope({q_.get(), H, q_norm}, {k_.get(), Hk, k_norm}, int(seg.rows), D, eps,
+                                              seg.state->tokens, config_.rope_theta, config_.lightning_use_rope, s));
       Section section(this, "linear_attention");
       SALA_RETURN_IF_ERROR(cuda::LinearAttentionChunked(q_.get(), k_.get(), v_.get(), seg.rows, H, Hk, D, scale,
                                                         slopes_.get(), seg.dev->linear[slot].get(), o_.get(),

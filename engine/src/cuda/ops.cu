@@ -34,33 +34,43 @@ constexpr int kRowPerThread = 16;
 constexpr int kMaxRowWidth = kRowPerThread * 1024;
 int RowThreads(int width) { return std::clamp((width / 8 + 31) / 32 * 32, 32, 1024); }
 
-__global__ void RmsNormKernel(const float* x, int width, const __nv_bfloat16* w, float eps, float post_scale,
-                              __nv_bfloat16* y) {
+// With `add` set, the row first takes the residual: x += r * add (written back).
+__global__ void RmsNormKernel(float* x, const float* add, float r, int width, const __nv_bfloat16* w, float eps,
+                              float post_scale, __nv_bfloat16* y) {
   __shared__ float scratch[32];
-  const float* xr = x + int64_t(blockIdx.x) * width;
-  float v[kRowPerThread];
+  float* xr = x + int64_t(blockIdx.x) * width;
+  const float* ar = add ? add + int64_t(blockIdx.x) * width : nullptr;
+  float v[kRowPerThread], wv[kRowPerThread];  // the weights too: their loads overlap the reduction
   float ss = 0.0f;
 #pragma unroll
   for (int k = 0; k < kRowPerThread; ++k) {
     const int i = threadIdx.x + k * blockDim.x;
     v[k] = i < width ? xr[i] : 0.0f;
+    wv[k] = i < width ? __bfloat162float(w[i]) : 0.0f;
+    if (ar && i < width) {
+      v[k] += r * ar[i];
+      xr[i] = v[k];
+    }
     ss += v[k] * v[k];
   }
   const float inv = rsqrtf(BlockSum(ss, scratch) / width + eps) * post_scale;
 #pragma unroll
   for (int k = 0; k < kRowPerThread; ++k) {
     const int i = threadIdx.x + k * blockDim.x;
-    if (i < width) y[int64_t(blockIdx.x) * width + i] = __float2bfloat16(v[k] * inv * __bfloat162float(w[i]));
+    if (i < width) y[int64_t(blockIdx.x) * width + i] = __float2bfloat16(v[k] * inv * wv[k]);
   }
 }
 
-// One block per (row, head); thread j handles the rotation pair (j, j + dim/2). Row r is at
-// positions[r], or at pos0 + r without a positions array.
-__global__ void HeadNormRopeKernel(float* x, int heads, int dim, const __nv_bfloat16* w, float eps, int64_t pos0,
+// One block per (row, head of q or of k); thread j handles the rotation pair (j, j + dim/2).
+// Row r is at positions[r], or at pos0 + r without a positions array.
+__global__ void HeadNormRopeKernel(NormedHeads q, NormedHeads k, int dim, float eps, int64_t pos0,
                                    const int64_t* positions, double theta, bool rope) {
   __shared__ float scratch[32];
   const int half = dim / 2, j = threadIdx.x;
-  float* p = x + (int64_t(blockIdx.x) * heads + blockIdx.y) * dim;
+  const bool is_k = int(blockIdx.y) >= q.heads;
+  const NormedHeads t = is_k ? k : q;
+  const __nv_bfloat16* w = t.weight;
+  float* p = t.x + (int64_t(blockIdx.x) * t.heads + (is_k ? blockIdx.y - q.heads : blockIdx.y)) * dim;
   float a = j < half ? p[j] : 0.0f, b = j < half ? p[j + half] : 0.0f;
   if (w) {
     const float inv = rsqrtf(BlockSum(a * a + b * b, scratch) / dim + eps);
@@ -89,12 +99,14 @@ __global__ void NormGateKernel(const float* o, const float* z, int width, const 
                                __nv_bfloat16* y) {
   __shared__ float scratch[32];
   const int64_t base = int64_t(blockIdx.x) * width;
-  float v[kRowPerThread];
+  float v[kRowPerThread], wv[kRowPerThread], zv[kRowPerThread];  // all loads before the reduction
   float ss = 0.0f;
 #pragma unroll
   for (int k = 0; k < kRowPerThread; ++k) {
     const int i = threadIdx.x + k * blockDim.x;
     v[k] = i < width ? o[base + i] : 0.0f;
+    wv[k] = i < width && w ? __bfloat162float(w[i]) : 1.0f;
+    zv[k] = i < width && z ? z[base + i] : 0.0f;
     ss += v[k] * v[k];
   }
   const float inv = w ? rsqrtf(BlockSum(ss, scratch) / width + eps) : 1.0f;
@@ -102,8 +114,8 @@ __global__ void NormGateKernel(const float* o, const float* z, int width, const 
   for (int k = 0; k < kRowPerThread; ++k) {
     const int i = threadIdx.x + k * blockDim.x;
     if (i >= width) continue;
-    float r = v[k] * inv * (w ? __bfloat162float(w[i]) : 1.0f);
-    if (z) r *= SigmoidF(z[base + i]);
+    float r = v[k] * inv * wv[k];
+    if (z) r *= SigmoidF(zv[k]);
     y[base + i] = __float2bfloat16(r);
   }
 }
@@ -164,33 +176,43 @@ absl::Status RmsNormToBf16(const float* x, int rows, int width, const __nv_bfloa
                            float post_scale, __nv_bfloat16* y, cudaStream_t stream) {
   if (rows == 0) return absl::OkStatus();
   if (width > kMaxRowWidth) return absl::InvalidArgumentError(absl::StrCat("RMSNorm width ", width, " above ", kMaxRowWidth));
-  RmsNormKernel<<<rows, RowThreads(width), 0, stream>>>(x, width, weight, eps, post_scale, y);
+  RmsNormKernel<<<rows, RowThreads(width), 0, stream>>>(const_cast<float*>(x), nullptr, 0.0f, width, weight, eps,
+                                                       post_scale, y);
+  SALA_CUDA_CHECK_LAUNCH();
+  return absl::OkStatus();
+}
+
+absl::Status AddScaledRmsNormToBf16(float* h, const float* y, float r, int rows, int width,
+                                    const __nv_bfloat16* weight, float eps, __nv_bfloat16* out, cudaStream_t stream) {
+  if (rows == 0) return absl::OkStatus();
+  if (width > kMaxRowWidth) return absl::InvalidArgumentError(absl::StrCat("RMSNorm width ", width, " above ", kMaxRowWidth));
+  RmsNormKernel<<<rows, RowThreads(width), 0, stream>>>(h, y, r, width, weight, eps, 1.0f, out);
   SALA_CUDA_CHECK_LAUNCH();
   return absl::OkStatus();
 }
 
 namespace {
 
-absl::Status LaunchHeadNormRope(float* x, int rows, int heads, int dim, const __nv_bfloat16* weight, float eps,
-                                int64_t pos0, const int64_t* positions, double theta, bool rope, cudaStream_t stream) {
-  if (rows == 0) return absl::OkStatus();
+absl::Status LaunchHeadNormRope(NormedHeads q, NormedHeads k, int rows, int dim, float eps, int64_t pos0,
+                                const int64_t* positions, double theta, bool rope, cudaStream_t stream) {
+  if (rows == 0 || q.heads + k.heads == 0) return absl::OkStatus();
   if (dim % 64 != 0 || dim > 1024) return absl::InvalidArgumentError("head dim must be a multiple of 64");
-  HeadNormRopeKernel<<<dim3(rows, heads), dim / 2, 0, stream>>>(x, heads, dim, weight, eps, pos0, positions, theta,
-                                                                 rope);
+  HeadNormRopeKernel<<<dim3(rows, q.heads + k.heads), dim / 2, 0, stream>>>(q, k, dim, eps, pos0, positions, theta,
+                                                                            rope);
   SALA_CUDA_CHECK_LAUNCH();
   return absl::OkStatus();
 }
 
 }  // namespace
 
-absl::Status HeadNormRope(float* x, int rows, int heads, int dim, const __nv_bfloat16* weight, float eps,
-                          int64_t pos0, double theta, bool rope, cudaStream_t stream) {
-  return LaunchHeadNormRope(x, rows, heads, dim, weight, eps, pos0, nullptr, theta, rope, stream);
+absl::Status HeadNormRope(NormedHeads q, NormedHeads k, int rows, int dim, float eps, int64_t pos0, double theta,
+                          bool rope, cudaStream_t stream) {
+  return LaunchHeadNormRope(q, k, rows, dim, eps, pos0, nullptr, theta, rope, stream);
 }
 
-absl::Status HeadNormRopeRows(float* x, int rows, int heads, int dim, const __nv_bfloat16* weight, float eps,
-                              const int64_t* positions, double theta, bool rope, cudaStream_t stream) {
-  return LaunchHeadNormRope(x, rows, heads, dim, weight, eps, 0, positions, theta, rope, stream);
+absl::Status HeadNormRopeRows(NormedHeads q, NormedHeads k, int rows, int dim, float eps, const int64_t* positions,
+                              double theta, bool rope, cudaStream_t stream) {
+  return LaunchHeadNormRope(q, k, rows, dim, eps, 0, positions, theta, rope, stream);
 }
 
 absl::Status NormGateToBf16(const float* o, const float* z, int rows, int width, const __nv_bfloat16* norm_weight,

@@ -17,12 +17,19 @@ absl::Status Embed(const int* ids, int rows, const __nv_bfloat16* embed, int wid
 // y = bf16(x * rsqrt(mean(x²) + eps) * weight) (weight in bf16), per row; `post_scale` multiplies the result.
 absl::Status RmsNormToBf16(const float* x, int rows, int width, const __nv_bfloat16* weight, float eps,
                            float post_scale, __nv_bfloat16* y, cudaStream_t stream);
-// In place on [rows, heads, dim]: per-head RMSNorm (if weight) then NeoX RoPE at pos0 + row (if rope).
-absl::Status HeadNormRope(float* x, int rows, int heads, int dim, const __nv_bfloat16* weight, float eps,
-                          int64_t pos0, double theta, bool rope, cudaStream_t stream);
+// Query or key heads [rows, heads, dim] for HeadNormRope, with their norm weight (or null: no norm).
+struct NormedHeads {
+  float* x;
+  int heads;
+  const __nv_bfloat16* weight;
+};
+// In place on q and k in one launch: per-head RMSNorm (where a weight is given) then NeoX RoPE
+// at pos0 + row (if rope).
+absl::Status HeadNormRope(NormedHeads q, NormedHeads k, int rows, int dim, float eps, int64_t pos0, double theta,
+                          bool rope, cudaStream_t stream);
 // The same with row r at positions[r] (a device array): a decode step's rows, one per sequence.
-absl::Status HeadNormRopeRows(float* x, int rows, int heads, int dim, const __nv_bfloat16* weight, float eps,
-                              const int64_t* positions, double theta, bool rope, cudaStream_t stream);
+absl::Status HeadNormRopeRows(NormedHeads q, NormedHeads k, int rows, int dim, float eps, const int64_t* positions,
+                              double theta, bool rope, cudaStream_t stream);
 // Linear layers' output: y = bf16(RMSNorm(o) * sigmoid(z)) over rows of `width` (norm optional).
 absl::Status NormGateToBf16(const float* o, const float* z, int rows, int width, const __nv_bfloat16* norm_weight,
                             float eps, __nv_bfloat16* y, cudaStream_t stream);
@@ -32,6 +39,9 @@ absl::Status GateToBf16(const float* o, const float* z, int64_t n, __nv_bfloat16
 absl::Status SwiGluToBf16(const float* gate, const float* up, int64_t n, __nv_bfloat16* y, cudaStream_t stream);
 // h += r * y
 absl::Status AddScaled(float* h, const float* y, float r, int64_t n, cudaStream_t stream);
+// The residual add and the RMSNorm after it in one pass: h += r * y, then out = RmsNormToBf16(h).
+absl::Status AddScaledRmsNormToBf16(float* h, const float* y, float r, int rows, int width,
+                                    const __nv_bfloat16* weight, float eps, __nv_bfloat16* out, cudaStream_t stream);
 // Converts and appends: dst[i] = bf16(src[i]).
 absl::Status ToBf16(const float* src, int64_t n, __nv_bfloat16* dst, cudaStream_t stream);
 

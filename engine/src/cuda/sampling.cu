@@ -11,7 +11,7 @@
 namespace sala::cuda {
 namespace {
 
-constexpr int kThreads = 512;
+constexpr int kThreads = 1024;
 
 struct MaxOp {
   __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
@@ -41,7 +41,7 @@ struct Shared {
   double total;
 };
 
-__global__ void DrawTokensKernel(const float* all_logits, int vocab, const TokenDraw* draws, int* tokens) {
+__global__ void __launch_bounds__(kThreads) DrawTokensKernel(const float* all_logits, int vocab, const TokenDraw* draws, int* tokens) {
   __shared__ Shared sh;
   const float* logits = all_logits + int64_t(blockIdx.x) * vocab;
   const TokenDraw d = draws[blockIdx.x];

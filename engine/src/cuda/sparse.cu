@@ -8,10 +8,10 @@
 namespace sala::cuda {
 namespace {
 
-constexpr int kThreads = 128;  // four warps
+constexpr int kThreads = 256;  // eight warps
 constexpr int kMaxDim = 128;
 constexpr int kTile = 64;         // keys per shared-memory tile: one attention block
-constexpr int kHeadsPerWarp = 4;  // query heads per KV group up to 4 * warps = 16
+constexpr int kHeadsPerWarp = 2;  // query heads per KV group up to 2 * warps = 16
 constexpr int kLoadsPerThread = kTile * kMaxDim / 8 / kThreads;  // 16-byte loads of K (and of V) per tile
 constexpr int kMaxSplits = 64;
 
@@ -92,7 +92,7 @@ __global__ void AttentionKernel(const float* q, RowSource src, SparseShape sh, i
   const float scale = rsqrtf(float(D));
 
   // Softmax attention over this split's blocks: K/V tiles in shared memory, each warp owns
-  // heads warp, warp + 4, ... with an online softmax in registers.
+  // heads warp, warp + 8 (with 16 heads) with an online softmax in registers.
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   const int blocks = sparse ? src.counts[t * sh.kv_heads + g] : int(bq + 1);
   const int split = blockIdx.z;
