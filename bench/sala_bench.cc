@@ -18,6 +18,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "cuda/gemm.h"
+#include "cuda/lightning.h"
 #include "cuda/ops.h"
 #include "nlohmann/json.hpp"
 #include "sala/engine.h"
@@ -153,6 +154,61 @@ std::pair<double, double> DecodeProjectionRates(const sala::ModelConfig& c, int 
   return r;
 }
 
+// The lightning layers' chunked prefill kernel alone at the model's shapes: seconds for one
+// prefill chunk of `tokens` (random fp32 q/k/v, the state carried in and out), median of 10.
+// bench/fla_compare.py times flash-linear-attention's chunk_simple_gla at the same shape.
+double LightningChunkSeconds(const sala::ModelConfig& c, int64_t tokens) {
+  const int H = c.num_heads, Hk = c.lightning_nkv, D = c.head_dim;
+  const int64_t nq = tokens * H * D, nkv = tokens * Hk * D, ns = int64_t(H) * D * D;
+  std::vector<float> host(std::max(nq, ns));
+  uint64_t x = 88172645463325252ull;
+  auto upload = [&](float* dst, int64_t n, float scale) {
+    for (int64_t i = 0; i < n; ++i) {  // xorshift: fast enough for 10^8 values
+      x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+      host[i] = scale * (float(x >> 40) * 0x1.0p-24f - 0.5f);
+    }
+    cudaMemcpy(dst, host.data(), n * 4, cudaMemcpyHostToDevice);
+  };
+  float *q, *k, *v, *state, *o, *slopes;
+  cudaMalloc(&q, nq * 4);
+  cudaMalloc(&k, nkv * 4);
+  cudaMalloc(&v, nkv * 4);
+  cudaMalloc(&o, nq * 4);
+  cudaMalloc(&state, ns * 4);
+  cudaMalloc(&slopes, H * 4);
+  upload(q, nq, 2.0f);
+  upload(k, nkv, 2.0f);
+  upload(v, nkv, 2.0f);
+  upload(state, ns, 0.1f);
+  std::vector<float> sl;
+  for (double d : sala::LinearDecaySlopes(H)) sl.push_back(float(d));
+  cudaMemcpy(slopes, sl.data(), H * 4, cudaMemcpyHostToDevice);
+  sala::cuda::DeviceBuffer<float> scratch;
+  const float scale = float(c.linear_query_scale());
+  auto run = [&] {
+    return sala::cuda::LinearAttentionChunked(q, k, v, tokens, H, Hk, D, scale, slopes, state, o, scratch, nullptr);
+  };
+  double seconds = 0;
+  if (run().ok() && run().ok()) {
+    cudaEvent_t a, b;
+    cudaEventCreate(&a);
+    cudaEventCreate(&b);
+    std::vector<double> t;
+    for (int i = 0; i < 10; ++i) {
+      cudaEventRecord(a);
+      (void)run();
+      cudaEventRecord(b);
+      cudaEventSynchronize(b);
+      float ms;
+      cudaEventElapsedTime(&ms, a, b);
+      t.push_back(ms / 1e3);
+    }
+    seconds = Median(t);
+  }
+  for (float* p : {q, k, v, o, state, slopes}) cudaFree(p);
+  return seconds;
+}
+
 // Device-to-device copy, bytes read + written per second.
 double CopyBandwidth() {
   const size_t n = size_t(1) << 30;
@@ -200,6 +256,13 @@ int main(int argc, char** argv) {
   out["gemm_bf16_tflops_at_model_shapes"] = gemm_tflops;
   out["device_copy_gbps"] = copy_bps / 1e9;
   std::printf("%s | cuBLASLt bf16 GEMM %.0f TFLOP/s | device copy %.0f GB/s\n", prop.name, gemm_tflops, copy_bps / 1e9);
+  if (const int64_t T = o.chunk_size; c.num_linear_layers() > 0) {
+    const double sec = LightningChunkSeconds(c, T);
+    std::printf("  lightning prefill chunk (%lld tokens, %d heads, dim %d): %.3f ms | %.2f M tokens/s\n", (long long)T,
+                c.num_heads, c.head_dim, 1e3 * sec, sec > 0 ? T / sec / 1e6 : 0.0);
+    out["lightning_chunk"] = {{"tokens", T}, {"heads", c.num_heads}, {"kv_heads", c.lightning_nkv},
+                              {"dim", c.head_dim}, {"scale", c.linear_query_scale()}, {"seconds", sec}};
+  }
   for (int rows : Ints(absl::GetFlag(FLAGS_projection_rows))) {
     const auto [engine_bps, lt_bps] = DecodeProjectionRates(c, rows);
     std::printf("  decode projections at %2d rows: engine %.0f GB/s (%.1f%% of copy) | cuBLASLt alone %.0f GB/s\n", rows,

@@ -76,6 +76,8 @@ __global__ void __launch_bounds__(kThreads) ChunkStateKernel(const float* k, con
   }
 }
 
+constexpr int kScanAhead = 16;
+
 __global__ void ScanKernel(int64_t T, int64_t chunks, int H, int D, const float* slopes, float* state,
                            float* chunk_states) {
   const int h = blockIdx.y;
@@ -83,11 +85,22 @@ __global__ void ScanKernel(int64_t T, int64_t chunks, int H, int D, const float*
   if (e >= int64_t(D) * D) return;
   const float g = -slopes[h];
   float S = state[int64_t(h) * D * D + e];
-  for (int64_t c = 0; c < chunks; ++c) {
-    float* slot = chunk_states + (c * H + h) * int64_t(D) * D + e;
-    const float contribution = *slot;
-    *slot = S;  // S_in of chunk c
-    S = __expf(g * float(ChunkLen(T, c))) * S + contribution;
+  // The chunks' contributions do not depend on the running state: kScanAhead of them are loaded
+  // before the recurrence uses them, so the scan waits for memory once per batch, not per chunk.
+  const int64_t stride = int64_t(H) * D * D;
+  float* slots = chunk_states + int64_t(h) * D * D + e;
+  for (int64_t c0 = 0; c0 < chunks; c0 += kScanAhead) {
+    float contribution[kScanAhead];
+#pragma unroll
+    for (int j = 0; j < kScanAhead; ++j)
+      if (c0 + j < chunks) contribution[j] = slots[(c0 + j) * stride];
+#pragma unroll
+    for (int j = 0; j < kScanAhead; ++j) {
+      const int64_t c = c0 + j;
+      if (c >= chunks) break;
+      slots[c * stride] = S;  // S_in of chunk c
+      S = __expf(g * float(ChunkLen(T, c))) * S + contribution[j];
+    }
   }
   state[int64_t(h) * D * D + e] = S;
 }

@@ -167,7 +167,7 @@ int DeviceCount() {
 absl::Status Embed(const int* ids, int rows, const __nv_bfloat16* embed, int width, float scale, float* h,
                    cudaStream_t stream) {
   if (rows == 0) return absl::OkStatus();
-  EmbedKernel<<<rows, kThreads, 0, stream>>>(ids, embed, width, scale, h);
+  EmbedKernel<<<rows, RowThreads(width), 0, stream>>>(ids, embed, width, scale, h);
   SALA_CUDA_CHECK_LAUNCH();
   return absl::OkStatus();
 }
