@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <cmath>
 
 #include "cuda_common.h"
 #include "ops.h"
@@ -64,7 +65,7 @@ __global__ void RmsNormKernel(float* x, const float* add, float r, int width, co
 // One block per (row, head of q or of k); thread j handles the rotation pair (j, j + dim/2).
 // Row r is at positions[r], or at pos0 + r without a positions array.
 __global__ void HeadNormRopeKernel(NormedHeads q, NormedHeads k, int dim, float eps, int64_t pos0,
-                                   const int64_t* positions, double theta, bool rope) {
+                                   const int64_t* positions, double log2_theta, bool rope) {
   __shared__ float scratch[32];
   const int half = dim / 2, j = threadIdx.x;
   const bool is_k = int(blockIdx.y) >= q.heads;
@@ -82,11 +83,14 @@ __global__ void HeadNormRopeKernel(NormedHeads q, NormedHeads k, int dim, float 
   if (j >= half) return;
   if (rope) {
     // Angles in double: at a million positions fp32 angles drift by hundredths of a radian.
+    // Reduced to [-pi, pi] in double, the sine and cosine are then exact enough in fp32 (and far
+    // cheaper than double sincos and pow, which cost a prefill chunk milliseconds).
     const int64_t pos = positions ? positions[blockIdx.x] : pos0 + blockIdx.x;
-    const double angle = double(pos) * pow(theta, -2.0 * j / dim);
-    double s, c;
-    sincos(angle, &s, &c);
-    const float cf = float(c), sf = float(s);
+    constexpr double kTwoPi = 6.283185307179586476925286766559;
+    const double angle = double(pos) * exp2(-2.0 * j / dim * log2_theta);
+    const float reduced = float(angle - kTwoPi * rint(angle / kTwoPi));
+    float sf, cf;
+    sincosf(reduced, &sf, &cf);
     const float ra = a * cf - b * sf, rb = b * cf + a * sf;
     a = ra;
     b = rb;
@@ -197,8 +201,8 @@ absl::Status LaunchHeadNormRope(NormedHeads q, NormedHeads k, int rows, int dim,
                                 const int64_t* positions, double theta, bool rope, cudaStream_t stream) {
   if (rows == 0 || q.heads + k.heads == 0) return absl::OkStatus();
   if (dim % 64 != 0 || dim > 1024) return absl::InvalidArgumentError("head dim must be a multiple of 64");
-  HeadNormRopeKernel<<<dim3(rows, q.heads + k.heads), dim / 2, 0, stream>>>(q, k, dim, eps, pos0, positions, theta,
-                                                                            rope);
+  HeadNormRopeKernel<<<dim3(rows, q.heads + k.heads), dim / 2, 0, stream>>>(q, k, dim, eps, pos0, positions,
+                                                                            std::log2(theta), rope);
   SALA_CUDA_CHECK_LAUNCH();
   return absl::OkStatus();
 }
