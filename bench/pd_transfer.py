@@ -30,7 +30,7 @@ import urllib.request
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(ROOT, "tools", "cluster"))
-from sala_cluster import Cluster  # noqa: E402
+from sala_cluster import Cluster, log_tail  # noqa: E402
 
 
 def log(*a):
@@ -218,6 +218,8 @@ def kill_during_transfer(args, cluster, ask, result):
         "client_heard_after_seconds": heard_after, "prefill_freed_state": freed,
         "transfer_failures_counted": failures_after - failures_before,
         "next_request_ok": code_after == 0, "next_request_error": err_after.strip()[-300:] if code_after else ""}
+    if code_after:  # the router's view of the failure, kept with the numbers
+        result["kill_during_transfer"]["router_log_tail"] = log_tail(cluster.router.log_path)
     log(json.dumps(result["kill_during_transfer"]))
     result["cluster_stop_codes"] = cluster.stop()
 

@@ -28,6 +28,8 @@ ABSL_FLAG(int64_t, random_weights_seed, -1,
           "for benchmarks of the 9B shape from its config.json alone); -1: read the checkpoint");
 ABSL_FLAG(bool, dense_as_sparse, false, "send every length down the sparse attention path");
 ABSL_FLAG(int64_t, max_context, 0, "maximum context in tokens (0: the model's max_position_embeddings)");
+ABSL_FLAG(bool, cuda_graphs, true,
+          "CUDA backend: replay decode steps from captured CUDA graphs (false: launch their kernels one by one)");
 ABSL_FLAG(double, heartbeat_interval, 0.5, "seconds between registry heartbeats");
 ABSL_FLAG(double, heartbeat_ttl, 2.0, "seconds after which a silent worker leaves the registry");
 ABSL_FLAG(double, drain_timeout, 30.0, "seconds to finish in-flight work after SIGTERM");
@@ -41,6 +43,7 @@ absl::StatusOr<std::unique_ptr<Engine>> LoadEngineFromFlags() {
   o.chunk_size = absl::GetFlag(FLAGS_chunk_size);
   o.dense_as_sparse = absl::GetFlag(FLAGS_dense_as_sparse);
   o.max_context_tokens = absl::GetFlag(FLAGS_max_context);
+  o.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
   if (absl::GetFlag(FLAGS_random_weights_seed) >= 0) o.random_weights_seed = uint64_t(absl::GetFlag(FLAGS_random_weights_seed));
   return Engine::Load(absl::GetFlag(FLAGS_model), o);
 }

@@ -36,6 +36,8 @@ ABSL_FLAG(int, chunk_size, 8192, "prefill chunk, tokens");
 ABSL_FLAG(bool, dense_as_sparse, false, "send every length down the sparse attention path");
 ABSL_FLAG(int64_t, max_context, 0, "maximum context in tokens (0: the model's max_position_embeddings)");
 ABSL_FLAG(std::string, backend, "cpu", "compute backend");
+ABSL_FLAG(bool, cuda_graphs, true,
+          "CUDA backend: replay decode steps from captured CUDA graphs (false: launch their kernels one by one)");
 ABSL_FLAG(int64_t, random_weights_seed, -1,
           "draw the weights on the GPU from this seed instead of reading the checkpoint (cuda backend); "
           "-1: read the checkpoint");
@@ -90,6 +92,7 @@ absl::Status Run() {
   options.chunk_size = absl::GetFlag(FLAGS_chunk_size);
   options.dense_as_sparse = absl::GetFlag(FLAGS_dense_as_sparse);
   options.max_context_tokens = absl::GetFlag(FLAGS_max_context);
+  options.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
   if (absl::GetFlag(FLAGS_random_weights_seed) >= 0)
     options.random_weights_seed = uint64_t(absl::GetFlag(FLAGS_random_weights_seed));
   SALA_ASSIGN_OR_RETURN(auto engine, sala::Engine::Load(absl::GetFlag(FLAGS_model), options));
