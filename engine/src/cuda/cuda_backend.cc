@@ -29,6 +29,7 @@ using cuda::DeviceBuffer;
 using Bf16 = __nv_bfloat16;
 
 constexpr int64_t kContextBucket = 16384;  // decode graphs: one per batch size and bucket of context
+constexpr size_t kMaxDecodeGraphs = 256;    // captured decode steps kept (each holds its ~450 nodes)
 
 struct LayerWeights {
   DeviceBuffer<Bf16> input_norm, post_norm, q, k, v, o, gate, q_norm, k_norm, o_norm, mlp_gate, mlp_up, mlp_down;
@@ -514,15 +515,27 @@ class CudaBackend final : public Backend {
       const absl::Status queued = Enqueue(segs, int64_t(segs.size()));
       stream_ = nullptr;
       cudaGraph_t graph = nullptr;
-      const cudaError_t ended = cudaStreamEndCapture(graph_stream_, &graph);
-      SALA_RETURN_IF_ERROR(queued);
-      SALA_CUDA_RETURN_IF_ERROR(ended);
+      cudaError_t made = cudaStreamEndCapture(graph_stream_, &graph);
       cudaGraphExec_t exec = nullptr;
-      const cudaError_t made = cudaGraphInstantiate(&exec, graph, 0);
-      cudaGraphDestroy(graph);
-      SALA_CUDA_RETURN_IF_ERROR(made);
+      if (made == cudaSuccess && queued.ok()) made = cudaGraphInstantiate(&exec, graph, 0);
+      if (graph) cudaGraphDestroy(graph);
+      SALA_RETURN_IF_ERROR(queued);
+      if (made != cudaSuccess) {
+        // A step that cannot be captured still runs (nothing ran while capturing): launched one
+        // by one, from now on.
+        cudaGetLastError();
+        decode_graphs_ = false;
+        return Enqueue(segs, int64_t(segs.size()));
+      }
+      if (graphs_.size() >= kMaxDecodeGraphs) {  // the least recently used one goes
+        auto lru = std::min_element(graphs_.begin(), graphs_.end(),
+                                    [](const auto& a, const auto& b) { return a.second.used < b.second.used; });
+        cudaGraphExecDestroy(lru->second.exec);
+        graphs_.erase(lru);
+      }
       it = graphs_.emplace(key, DecodeGraph{exec, GraphPointers()}).first;
     }
+    it->second.used = ++graph_clock_;
     SALA_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(it->second.exec, graph_stream_));
     SALA_CUDA_RETURN_IF_ERROR(cudaEventRecord(graph_done_, graph_stream_));
     SALA_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(nullptr, graph_done_));
@@ -677,7 +690,7 @@ class CudaBackend final : public Backend {
   bool profiling_ = false;
   std::map<std::string, double> profile_;
   ModelConfig config_;
-  const bool decode_graphs_;
+  bool decode_graphs_;  // cleared if a step cannot be captured
   // Where kernels go: the legacy stream, or graph_stream_ while a decode step is captured.
   cudaStream_t stream_ = nullptr;
   cudaStream_t graph_stream_ = nullptr;
@@ -685,8 +698,10 @@ class CudaBackend final : public Backend {
   struct DecodeGraph {
     cudaGraphExec_t exec;
     std::vector<const void*> pointers;
+    uint64_t used = 0;  // graph_clock_ at its last replay
   };
   std::map<std::tuple<int64_t, int64_t, bool>, DecodeGraph> graphs_;  // by (batch, context bucket, any sparse row)
+  uint64_t graph_clock_ = 0;
   cuda::Gemm gemm_;
   DeviceBuffer<Bf16> embed_, final_norm_, lm_head_;
   std::vector<LayerWeights> layers_;
