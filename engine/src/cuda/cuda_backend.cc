@@ -243,12 +243,11 @@ class CudaBackend final : public Backend {
     const SparseConfig& sc = config_.sparse;
     const int64_t n1 = std::max<int64_t>(SequenceState::NumK1(sc, tokens), 1);
     const int64_t n2 = std::max<int64_t>(SequenceState::NumK2(sc, tokens), 1);
-    auto reserve = [](auto& b, size_t need, size_t keep) { return need <= b.size() ? absl::OkStatus() : b.Reserve(need, keep); };
     for (SparseCache& c : dev->sparse) {
-      SALA_RETURN_IF_ERROR(reserve(c.k, tokens * row, dev->tokens * row));
-      SALA_RETURN_IF_ERROR(reserve(c.v, tokens * row, dev->tokens * row));
-      SALA_RETURN_IF_ERROR(reserve(c.k1, n1 * row, c.n1 * row));
-      SALA_RETURN_IF_ERROR(reserve(c.k2, n2 * row, c.n2 * row));
+      SALA_RETURN_IF_ERROR(c.k.Reserve(tokens * row, dev->tokens * row));
+      SALA_RETURN_IF_ERROR(c.v.Reserve(tokens * row, dev->tokens * row));
+      SALA_RETURN_IF_ERROR(c.k1.Reserve(n1 * row, c.n1 * row));
+      SALA_RETURN_IF_ERROR(c.k2.Reserve(n2 * row, c.n2 * row));
     }
     return absl::OkStatus();
   }
@@ -479,9 +478,12 @@ class CudaBackend final : public Backend {
     SALA_RETURN_IF_ERROR(last_.Reserve(B * d));
     SALA_RETURN_IF_ERROR(logits_.Reserve(B * V));
     const float inv_div = float(1.0 / config_.logit_divisor());
-    for (int64_t b = 0; b < B; ++b)
-      SALA_RETURN_IF_ERROR(cuda::RmsNormToBf16(h_.get() + (segs[b].row0 + segs[b].rows - 1) * d, 1, int(d),
-                                               final_norm_.get(), eps, inv_div, last_.get() + b * d, s));
+    if (decode_step_)  // the last rows are rows 0 .. B - 1: one launch
+      SALA_RETURN_IF_ERROR(cuda::RmsNormToBf16(h_.get(), int(B), int(d), final_norm_.get(), eps, inv_div, last_.get(), s));
+    else
+      for (int64_t b = 0; b < B; ++b)
+        SALA_RETURN_IF_ERROR(cuda::RmsNormToBf16(h_.get() + (segs[b].row0 + segs[b].rows - 1) * d, 1, int(d),
+                                                 final_norm_.get(), eps, inv_div, last_.get() + b * d, s));
     return Mm(last_.get(), B, d, lm_head_.get(), V, logits_.get());
   }
 

@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 
 namespace sala::cuda {
@@ -68,5 +69,13 @@ class DeviceBuffer {
 
 // Number of CUDA devices; 0 when there is no GPU or driver.
 int DeviceCount();
+
+// The current device's multiprocessors: launch shapes that must fill the GPU follow it.
+inline absl::StatusOr<int> MultiprocessorCount() {
+  int device = 0, sms = 0;
+  SALA_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  SALA_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
 
 }  // namespace sala::cuda

@@ -2,6 +2,7 @@
 
 #include "cuda_common.h"
 #include "gemv.h"
+#include "warp.cuh"
 
 namespace sala::cuda {
 namespace {
@@ -14,11 +15,6 @@ struct GemvBatch {
   int64_t first_block[kGemvMaxWeights + 1];  // weight i owns blocks [first_block[i], first_block[i + 1])
   int count;
 };
-
-__device__ float WarpSum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-  return v;
-}
 
 __device__ void Accumulate8(float& acc, uint4 w, uint4 x) {
   const __nv_bfloat162* wp = reinterpret_cast<const __nv_bfloat162*>(&w);

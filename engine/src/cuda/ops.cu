@@ -3,6 +3,8 @@
 
 #include "cuda_common.h"
 #include "ops.h"
+#include "sala/status_macros.h"
+#include "warp.cuh"
 
 namespace sala::cuda {
 namespace {
@@ -10,13 +12,12 @@ namespace {
 constexpr int kThreads = 256;
 
 __device__ float BlockSum(float v, float* scratch) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  v = WarpSum(v);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
   const int warps = (blockDim.x + 31) / 32;
-  v = lane < warps ? scratch[lane] : 0.0f;
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  v = WarpSum(lane < warps ? scratch[lane] : 0.0f);
   __syncthreads();
   return v;
 }
@@ -34,6 +35,10 @@ __global__ void EmbedKernel(const int* ids, const __nv_bfloat16* embed, int widt
 constexpr int kRowPerThread = 16;
 constexpr int kMaxRowWidth = kRowPerThread * 1024;
 int RowThreads(int width) { return std::clamp((width / 8 + 31) / 32 * 32, 32, 1024); }
+absl::Status CheckRowWidth(int width, const char* what) {
+  if (width <= kMaxRowWidth) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(what, " width ", width, " above ", kMaxRowWidth));
+}
 
 // With `add` set, the row first takes the residual: x += r * add (written back).
 __global__ void RmsNormKernel(float* x, const float* add, float r, int width, const __nv_bfloat16* w, float eps,
@@ -179,7 +184,7 @@ absl::Status Embed(const int* ids, int rows, const __nv_bfloat16* embed, int wid
 absl::Status RmsNormToBf16(const float* x, int rows, int width, const __nv_bfloat16* weight, float eps,
                            float post_scale, __nv_bfloat16* y, cudaStream_t stream) {
   if (rows == 0) return absl::OkStatus();
-  if (width > kMaxRowWidth) return absl::InvalidArgumentError(absl::StrCat("RMSNorm width ", width, " above ", kMaxRowWidth));
+  SALA_RETURN_IF_ERROR(CheckRowWidth(width, "RMSNorm"));
   RmsNormKernel<<<rows, RowThreads(width), 0, stream>>>(const_cast<float*>(x), nullptr, 0.0f, width, weight, eps,
                                                        post_scale, y);
   SALA_CUDA_CHECK_LAUNCH();
@@ -189,7 +194,7 @@ absl::Status RmsNormToBf16(const float* x, int rows, int width, const __nv_bfloa
 absl::Status AddScaledRmsNormToBf16(float* h, const float* y, float r, int rows, int width,
                                     const __nv_bfloat16* weight, float eps, __nv_bfloat16* out, cudaStream_t stream) {
   if (rows == 0) return absl::OkStatus();
-  if (width > kMaxRowWidth) return absl::InvalidArgumentError(absl::StrCat("RMSNorm width ", width, " above ", kMaxRowWidth));
+  SALA_RETURN_IF_ERROR(CheckRowWidth(width, "RMSNorm"));
   RmsNormKernel<<<rows, RowThreads(width), 0, stream>>>(h, y, r, width, weight, eps, 1.0f, out);
   SALA_CUDA_CHECK_LAUNCH();
   return absl::OkStatus();
@@ -222,7 +227,7 @@ absl::Status HeadNormRopeRows(NormedHeads q, NormedHeads k, int rows, int dim, f
 absl::Status NormGateToBf16(const float* o, const float* z, int rows, int width, const __nv_bfloat16* norm_weight,
                             float eps, __nv_bfloat16* y, cudaStream_t stream) {
   if (rows == 0) return absl::OkStatus();
-  if (width > kMaxRowWidth) return absl::InvalidArgumentError(absl::StrCat("output norm width ", width, " above ", kMaxRowWidth));
+  SALA_RETURN_IF_ERROR(CheckRowWidth(width, "output norm"));
   NormGateKernel<<<rows, RowThreads(width), 0, stream>>>(o, z, width, norm_weight, eps, y);
   SALA_CUDA_CHECK_LAUNCH();
   return absl::OkStatus();

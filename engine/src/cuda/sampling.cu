@@ -41,7 +41,8 @@ struct Shared {
   double total;
 };
 
-__global__ void __launch_bounds__(kThreads) DrawTokensKernel(const float* all_logits, int vocab, const TokenDraw* draws, int* tokens) {
+__global__ void __launch_bounds__(kThreads)
+    DrawTokensKernel(const float* all_logits, int vocab, const TokenDraw* draws, int* tokens) {
   __shared__ Shared sh;
   const float* logits = all_logits + int64_t(blockIdx.x) * vocab;
   const TokenDraw d = draws[blockIdx.x];

@@ -4,6 +4,7 @@
 #include "cuda_common.h"
 #include "sala/status_macros.h"
 #include "sparse.h"
+#include "warp.cuh"
 
 namespace sala::cuda {
 namespace {
@@ -15,15 +16,20 @@ constexpr int kHeadsPerWarp = 2;  // query heads per KV group up to 2 * warps = 
 constexpr int kLoadsPerThread = kTile * kMaxDim / 8 / kThreads;  // 16-byte loads of K (and of V) per tile
 constexpr int kMaxSplits = 64;
 
+// Compressed entry j of one (KV head g, dimension d): the mean of keys stride j .. + kernel - 1.
+__device__ float CompressedEntry(const __nv_bfloat16* k, int Hk, int D, int g, int d, int64_t j, int kernel,
+                                 int stride) {
+  float acc = 0.0f;
+  for (int t = 0; t < kernel; ++t) acc += __bfloat162float(k[((stride * j + t) * Hk + g) * D + d]);
+  return acc / float(kernel);
+}
+
 __global__ void CompressKernel(const __nv_bfloat16* k, int Hk, int D, int64_t from, int kernel, int stride,
                                float* out) {
   const int64_t j = from + blockIdx.x;
   const int g = blockIdx.y;
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float acc = 0.0f;
-    for (int t = 0; t < kernel; ++t) acc += __bfloat162float(k[((stride * j + t) * Hk + g) * D + d]);
-    out[(j * Hk + g) * D + d] = acc / float(kernel);
-  }
+  for (int d = threadIdx.x; d < D; d += blockDim.x)
+    out[(j * Hk + g) * D + d] = CompressedEntry(k, Hk, D, g, d, j, kernel, stride);
 }
 
 // One block per (row, KV head), one thread per dimension: each thread reads back only the
@@ -42,9 +48,7 @@ __global__ void AppendRowsKernel(const float* k, const float* v, const SparseCac
       const int kernel = level ? 4 * sh.kernel : sh.kernel, stride = level ? 4 * sh.stride : sh.stride;
       if (tokens < kernel || (tokens - kernel) % stride != 0) continue;
       const int64_t j = (tokens - kernel) / stride;
-      float acc = 0.0f;
-      for (int t = 0; t < kernel; ++t) acc += __bfloat162float(c.k[((stride * j + t) * Hk + g) * D + d]);
-      (level ? c.k2 : c.k1)[(j * Hk + g) * D + d] = acc / float(kernel);
+      (level ? c.k2 : c.k1)[(j * Hk + g) * D + d] = CompressedEntry(c.k, Hk, D, g, d, j, kernel, stride);
     }
   }
 }
@@ -53,15 +57,6 @@ __device__ float Dot(const float* q, const float* k, int D) {
   float acc = 0.0f;
   for (int d = 0; d < D; ++d) acc += q[d] * k[d];
   return acc;
-}
-
-__device__ float WarpMax(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
-  return v;
-}
-__device__ float WarpSum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-  return v;
 }
 
 // Decode: one row per sequence. One block per (row, KV group, split); with several splits each
@@ -255,9 +250,7 @@ absl::Status Launch(const float* q, int64_t T, RowSource src, const SparseShape&
   SALA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(AttentionKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   // Split each row's blocks over enough thread blocks to give every SM several (a decode step
   // has few rows, each with up to selected_blocks tiles).
-  int device = 0, sms = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  SALA_ASSIGN_OR_RETURN(const int sms, MultiprocessorCount());
   const int64_t rows = T * shape.kv_heads;
   const int splits = int(std::clamp<int64_t>((4 * sms + rows - 1) / rows, 1, kMaxSplits));
   if (splits > 1) SALA_RETURN_IF_ERROR(partial.Reserve(size_t(rows) * splits * G * (shape.dim + 2)));

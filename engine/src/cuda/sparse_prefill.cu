@@ -672,9 +672,7 @@ absl::Status SelectSparseBlocksRows(const float* q, int rows, const SparseCacheV
   SALA_RETURN_IF_ERROR(scratch.scores.Reserve(size_t(rows) * shape.kv_heads * ncap));
   // Few rows: split each row's k1 tiles (and, in a launch before, its k2 tiles) over several
   // thread blocks to fill the GPU, at least two k1 tiles each.
-  int device = 0, sms = 0;
-  SALA_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
-  SALA_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  SALA_ASSIGN_OR_RETURN(const int sms, MultiprocessorCount());
   const int64_t max_tiles = 4 * ncap / kKeyTile + 1;
   const int splits = int(std::clamp<int64_t>(std::min<int64_t>(2 * sms / (int64_t(rows) * shape.kv_heads), max_tiles / 2),
                                              1, kMaxScoreSplits));
