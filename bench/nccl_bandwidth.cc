@@ -23,6 +23,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/time/clock.h"
+#include "bench_timing.h"
 #include "cuda/gemm.h"
 #include "nlohmann/json.hpp"
 #include "sala/nccl_link.h"
@@ -48,10 +49,7 @@ namespace {
     }                                                                                  \
   } while (0)
 
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
+using sala::bench::Median;
 
 }  // namespace
 

@@ -17,6 +17,7 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
+#include "bench_timing.h"
 #include "cuda/gemm.h"
 #include "cuda/lightning.h"
 #include "cuda/ops.h"
@@ -39,10 +40,8 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
+using sala::bench::Median;
+using sala::bench::MedianDeviceSeconds;
 
 std::vector<int> Ints(const std::string& s) {
   std::vector<int> out;
@@ -69,24 +68,10 @@ double GemmRate(const sala::ModelConfig& c, int rows) {
   // Random operands: a GEMM over zeros runs faster than over real data.
   (void)sala::cuda::FillRandom(x, rows * max_in, 1, 1.0f, 0.0f, nullptr);
   (void)sala::cuda::FillRandom(w, max_in * max_out, 2, 0.02f, 0.0f, nullptr);
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
   double flops = 0, seconds = 0;
   for (auto [in, out] : shapes) {
-    for (int i = 0; i < 3; ++i) (void)gemm.Run(x, rows, in, w, out, y, nullptr);  // warm-up
-    std::vector<double> t;
-    for (int i = 0; i < 10; ++i) {
-      cudaEventRecord(a);
-      (void)gemm.Run(x, rows, in, w, out, y, nullptr);
-      cudaEventRecord(b);
-      cudaEventSynchronize(b);
-      float ms;
-      cudaEventElapsedTime(&ms, a, b);
-      t.push_back(ms / 1e3);
-    }
     flops += 2.0 * rows * in * out;
-    seconds += Median(t);
+    seconds += MedianDeviceSeconds([&] { (void)gemm.Run(x, rows, in, w, out, y, nullptr); }, /*warmup=*/3);
   }
   cudaFree(x);
   cudaFree(w);
@@ -130,23 +115,7 @@ std::pair<double, double> DecodeProjectionRates(const sala::ModelConfig& c, int 
       else for (const auto& one : ws) (void)gemm.RunLt(x, rows, g.in, one.w, one.out, one.y, nullptr);
     }
   };
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
-  auto rate = [&](bool lt) {
-    for (int i = 0; i < 2; ++i) layer(lt);  // warm-up
-    std::vector<double> t;
-    for (int i = 0; i < 10; ++i) {
-      cudaEventRecord(a);
-      layer(lt);
-      cudaEventRecord(b);
-      cudaEventSynchronize(b);
-      float ms;
-      cudaEventElapsedTime(&ms, a, b);
-      t.push_back(ms / 1e3);
-    }
-    return 2.0 * weight_elems / Median(t);
-  };
+  auto rate = [&](bool lt) { return 2.0 * weight_elems / MedianDeviceSeconds([&] { layer(lt); }); };
   const std::pair<double, double> r{rate(false), rate(true)};
   cudaFree(x);
   cudaFree(w);
@@ -189,22 +158,8 @@ double LightningChunkSeconds(const sala::ModelConfig& c, int64_t tokens) {
     return sala::cuda::LinearAttentionChunked(q, k, v, tokens, H, Hk, D, scale, slopes, state, o, scratch, nullptr);
   };
   double seconds = 0;
-  if (run().ok() && run().ok()) {
-    cudaEvent_t a, b;
-    cudaEventCreate(&a);
-    cudaEventCreate(&b);
-    std::vector<double> t;
-    for (int i = 0; i < 10; ++i) {
-      cudaEventRecord(a);
-      (void)run();
-      cudaEventRecord(b);
-      cudaEventSynchronize(b);
-      float ms;
-      cudaEventElapsedTime(&ms, a, b);
-      t.push_back(ms / 1e3);
-    }
-    seconds = Median(t);
-  }
+  if (run().ok() && run().ok())  // checked, and warm
+    seconds = MedianDeviceSeconds([&] { (void)run(); }, /*warmup=*/0);
   for (float* p : {q, k, v, o, state, slopes}) cudaFree(p);
   return seconds;
 }
