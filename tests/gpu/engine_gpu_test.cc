@@ -38,11 +38,12 @@ class EngineGpuTest : public ::testing::Test {
     gpu_ = Load("cuda");
     ASSERT_TRUE(cpu_ && gpu_);
   }
-  // Three GPU sequences of different lengths (dense and sparse), prefilled from `seed` prompts.
+  // Three GPU sequences of different lengths (dense and sparse), prefilled from `seed` prompts;
+  // the second needs a fresh KV page after 8 decode steps, which lands after the others' pages.
   std::vector<SequenceState> PrefilledBatch(uint32_t seed) { return PrefilledBatch(*gpu_, seed); }
   static std::vector<SequenceState> PrefilledBatch(Engine& e, uint32_t seed) {
     std::vector<SequenceState> states;
-    for (int n : {50, 700, 1100}) {
+    for (int n : {50, 760, 1100}) {
       states.push_back(e.NewSequence());
       EXPECT_TRUE(e.Prefill(states.back(), Tokens(n, seed * n)).ok());
     }
@@ -99,7 +100,8 @@ TEST_F(EngineGpuTest, BatchedDecodeMatchesSingleSequences) {
 }
 
 // Decode steps replayed from captured graphs (two batch sizes, each captured once and replayed
-// while the caches grow and move) give the very logits of kernels launched one by one.
+// while the page tables and compressed keys grow and move) give the very logits of kernels
+// launched one by one.
 TEST_F(EngineGpuTest, DecodeGraphsGiveTheLogitsOfEagerLaunches) {
   std::unique_ptr<Engine> eager = Load("cuda", 512, /*cuda_graphs=*/false);
   ASSERT_TRUE(eager);

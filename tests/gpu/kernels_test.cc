@@ -241,12 +241,51 @@ ModelConfig SmallSparseConfig(int heads, int kv_heads, int dim) {
   return c;
 }
 
+// One sparse layer's K/V rows in pages laid out as the KV pool lays them out (with one layer a
+// page here), the pages in shuffled order: a kernel that does not follow the page table fails.
+struct PagedKv {
+  static constexpr int64_t P = cuda::kKvPageTokens;
+  size_t row;
+  int64_t page_elems;
+  std::vector<int> pages;
+  __nv_bfloat16* base;  // page 0's K rows
+  int* table;
+
+  PagedKv(const std::vector<float>& k, const std::vector<float>& v, size_t row, uint32_t seed)
+      : row(row), page_elems(2 * P * int64_t(row)) {
+    const int64_t tokens = int64_t(k.size() / row);
+    pages.resize(size_t((tokens + P - 1) / P));
+    for (size_t i = 0; i < pages.size(); ++i) pages[i] = int(i);
+    std::shuffle(pages.begin(), pages.end(), std::mt19937(seed));
+    std::vector<uint16_t> image(pages.size() * page_elems, 0xFFFF);  // NaN where no row is
+    for (int64_t t = 0; t < tokens; ++t)
+      for (size_t e = 0; e < row; ++e) {
+        const size_t at = At(t) + e;
+        image[at] = F32ToBf16(k[t * row + e]);
+        image[at + P * row] = F32ToBf16(v[t * row + e]);
+      }
+    base = reinterpret_cast<__nv_bfloat16*>(ToDevice(image));
+    table = ToDevice(pages);
+  }
+  size_t At(int64_t t) const { return size_t(pages[t / P]) * page_elems + size_t(t % P) * row; }
+  __nv_bfloat16* Row(int64_t t, bool v) const { return base + At(t) + (v ? P * row : 0); }
+  // Rows [0, n) of K or V, gathered from the pages.
+  std::vector<float> Rows(bool v, int64_t n) const {
+    std::vector<float> out;
+    for (int64_t t = 0; t < n; ++t) {
+      const auto r = FromDeviceBf16(Row(t, v), row);
+      out.insert(out.end(), r.begin(), r.end());
+    }
+    return out;
+  }
+};
+
 // A random sparse-layer cache of L tokens (bf16-exact K/V) with its compressed keys on both sides.
 struct SparseFixture {
   ModelConfig c;
   SparseLayerCache cache;
   size_t row;
-  __nv_bfloat16 *k, *v;
+  std::unique_ptr<PagedKv> kv;
   float *k1, *k2;
   cuda::SparseShape shape;
 
@@ -255,19 +294,39 @@ struct SparseFixture {
     cache.k = Random(L * row, seed, 1.0f, true);
     cache.v = Random(L * row, seed + 1, 1.0f, true);
     UpdateCompressedKeys(c, L, cache);
-    k = Bf16ToDevice(cache.k);
-    v = Bf16ToDevice(cache.v);
+    kv = std::make_unique<PagedKv>(cache.k, cache.v, row, seed);
     const int64_t n1 = int64_t(cache.k1.size() / row), n2 = int64_t(cache.k2.size() / row);
     k1 = Poisoned<float>(std::max<int64_t>(n1, 1) * row);
     k2 = Poisoned<float>(std::max<int64_t>(n2, 1) * row);
-    EXPECT_TRUE(cuda::CompressKeys(k, kv_heads, dim, 0, n1, 32, 16, k1, nullptr).ok());
-    EXPECT_TRUE(cuda::CompressKeys(k, kv_heads, dim, 0, n2, 128, 64, k2, nullptr).ok());
+    EXPECT_TRUE(cuda::CompressKeys(view(), kv_heads, dim, 0, n1, 32, 16, k1, nullptr).ok());
+    EXPECT_TRUE(cuda::CompressKeys(view(), kv_heads, dim, 0, n2, 128, 64, k2, nullptr).ok());
     EXPECT_LT(testing::RelativeError(FromDevice(k1, n1 * row), cache.k1), 1e-5);
     if (n2) EXPECT_LT(testing::RelativeError(FromDevice(k2, n2 * row), cache.k2), 1e-5);
     shape = {heads, kv_heads, dim, 64, 32, 16, 1, c.sparse.window_blocks(), c.sparse.selected_blocks()};
   }
-  cuda::SparseCacheView view() const { return {k, v, k1, k2}; }
+  cuda::SparseCacheView view() const {
+    return {kv->base, kv->base + PagedKv::P * row, kv->table, kv->page_elems, k1, k2};
+  }
 };
+
+// Prefill rows land in their pages as bf16, across page boundaries, and nowhere else.
+TEST_F(GpuTest, StoreRowsWritesPagedRows) {
+  const int kv_heads = 2, dim = 128;
+  const size_t row = size_t(kv_heads) * dim;
+  const int64_t L = 700, first = 200, T = 450;  // rows 200 .. 649: three pages, two boundaries
+  const auto k0 = Random(L * row, 30, 1.0f, true), v0 = Random(L * row, 31, 1.0f, true);
+  PagedKv kv(k0, v0, row, 32);
+  const auto k = Random(T * row, 33, 1.0f), v = Random(T * row, 34, 1.0f);
+  const cuda::SparseCacheView view{kv.base, kv.base + PagedKv::P * row, kv.table, kv.page_elems, nullptr, nullptr};
+  ASSERT_TRUE(cuda::StoreRows(ToDevice(k), ToDevice(v), first, T, view, kv_heads, dim, nullptr).ok());
+  auto expect_k = k0, expect_v = v0;
+  for (size_t e = 0; e < T * row; ++e) {
+    expect_k[first * row + e] = Bf16ToF32(F32ToBf16(k[e]));
+    expect_v[first * row + e] = Bf16ToF32(F32ToBf16(v[e]));
+  }
+  EXPECT_EQ(kv.Rows(false, L), expect_k);
+  EXPECT_EQ(kv.Rows(true, L), expect_v);
+}
 
 // Decode appends: rows of three sequences land at their positions as bf16, and the k1/k2 entries
 // that each new token completes (and only those) equal the CPU's compression.
@@ -289,8 +348,8 @@ TEST_F(GpuTest, AppendRowsMatchesCpuCompression) {
   // completes, so that only the kernel can make them right.
   for (int i = 0; i < 3; ++i) {
     SparseFixture& f = *seqs[i];
-    cudaMemset(f.k + lengths[i] * row, 0xFF, row * 2);
-    cudaMemset(f.v + lengths[i] * row, 0xFF, row * 2);
+    cudaMemset(f.kv->Row(lengths[i], false), 0xFF, row * 2);
+    cudaMemset(f.kv->Row(lengths[i], true), 0xFF, row * 2);
     const int64_t n1 = SequenceState::NumK1(f.c.sparse, lengths[i] + 1), n2 = SequenceState::NumK2(f.c.sparse, lengths[i] + 1);
     if (n1 > SequenceState::NumK1(f.c.sparse, lengths[i])) cudaMemset(f.k1 + (n1 - 1) * row, 0xFF, row * 4);
     if (n2 > SequenceState::NumK2(f.c.sparse, lengths[i])) cudaMemset(f.k2 + (n2 - 1) * row, 0xFF, row * 4);
@@ -308,9 +367,8 @@ TEST_F(GpuTest, AppendRowsMatchesCpuCompression) {
     expect.k1.clear();
     expect.k2.clear();
     UpdateCompressedKeys(f.c, lengths[i] + 1, expect);
-    const size_t n = (lengths[i] + 1) * row;
-    EXPECT_EQ(FromDeviceBf16(f.k, n), expect.k) << i;
-    EXPECT_EQ(FromDeviceBf16(f.v, n), expect.v) << i;
+    EXPECT_EQ(f.kv->Rows(false, lengths[i] + 1), expect.k) << i;
+    EXPECT_EQ(f.kv->Rows(true, lengths[i] + 1), expect.v) << i;
     EXPECT_LT(testing::RelativeError(FromDevice(f.k1, expect.k1.size()), expect.k1), 1e-5) << i;
     if (!expect.k2.empty()) EXPECT_LT(testing::RelativeError(FromDevice(f.k2, expect.k2.size()), expect.k2), 1e-5) << i;
   }

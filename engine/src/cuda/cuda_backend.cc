@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "cuda_common.h"
 #include "gemm.h"
+#include "kv_pool.h"
 #include "lightning.h"
 #include "ops.h"
 #include "sala/backend.h"
@@ -35,45 +36,109 @@ struct LayerWeights {
   DeviceBuffer<Bf16> input_norm, post_norm, q, k, v, o, gate, q_norm, k_norm, o_norm, mlp_gate, mlp_up, mlp_down;
 };
 
-struct SparseCache {
-  DeviceBuffer<Bf16> k, v;
+// A sparse layer's compressed keys (its K/V rows are in the sequence's pages).
+struct CompressedKeys {
   DeviceBuffer<float> k1, k2;
   int64_t n1 = 0, n2 = 0;
 };
 
-// A sequence's state in device memory.
+// Grows a buffer by at least an eighth so that appending rows is amortised O(1), while a long
+// context that starts decoding overshoots its size by 12.5% rather than doubling.
+template <typename T>
+absl::Status Grow(DeviceBuffer<T>& b, size_t need, size_t keep) {
+  if (need <= b.size()) return absl::OkStatus();
+  return b.Reserve(std::max(need, b.size() + b.size() / 8), keep);
+}
+
+// A sequence's state in device memory: its pages of the KV pool, the compressed keys and the
+// linear states.
 class CudaSequence final : public DeviceState {
  public:
-  std::vector<SparseCache> sparse;
+  std::shared_ptr<cuda::KvPool> pool;  // null without sparse layers
+  std::vector<int> pages;              // the page table, in token order
+  DeviceBuffer<int> page_table;        // its device copy, which kernels read
+  std::vector<CompressedKeys> sparse;
   std::vector<DeviceBuffer<float>> linear;
   size_t row_elems = 0, state_elems = 0;
   int64_t tokens = 0;
 
+  explicit CudaSequence(std::shared_ptr<cuda::KvPool> p) : pool(std::move(p)) {}
+  ~CudaSequence() override {
+    if (pool) pool->Free(pages.data(), pages.size());
+  }
+
+  // Pages for `n` tokens.
+  absl::Status ReservePages(int64_t n) {
+    const size_t need = size_t((n + cuda::kKvPageTokens - 1) / cuda::kKvPageTokens), have = pages.size();
+    if (!pool || need <= have) return absl::OkStatus();
+    SALA_RETURN_IF_ERROR(pool->Allocate(need - have, pages));
+    absl::Status s = Grow(page_table, need, have);
+    if (s.ok())
+      s = cuda::CudaStatus(cudaMemcpy(page_table.get() + have, pages.data() + have, (need - have) * sizeof(int),
+                                      cudaMemcpyHostToDevice),
+                           "page table upload");
+    if (!s.ok()) {
+      pool->Free(pages.data() + have, pages.size() - have);
+      pages.resize(have);
+    }
+    return s;
+  }
+
+  // Layer slot's K (or V) rows of page i.
+  Bf16* PageRows(size_t i, int slot, bool v) const {
+    return pool->base() + size_t(pages[i]) * pool->page_elems() + size_t(slot) * pool->slot_elems() +
+           (v ? pool->v_offset() : 0);
+  }
+
+  cuda::SparseCacheView View(int slot) const {
+    Bf16* k = pool->base() + size_t(slot) * pool->slot_elems();
+    return {k, k + pool->v_offset(), page_table.get(), int64_t(pool->page_elems()), sparse[slot].k1.get(),
+            sparse[slot].k2.get()};
+  }
+
+  // Copies layer slot's K (or V) rows [from, to) between its pages and `host` (bf16 bits).
+  absl::Status CopyRows(int slot, bool v, int64_t from, int64_t to, uint16_t* host, bool to_device) const {
+    for (int64_t t = from; t < to;) {
+      const int64_t page = t / cuda::kKvPageTokens, end = std::min(to, (page + 1) * cuda::kKvPageTokens);
+      Bf16* rows = PageRows(size_t(page), slot, v) + (t % cuda::kKvPageTokens) * row_elems;
+      const size_t n = size_t(end - t) * row_elems;
+      SALA_CUDA_RETURN_IF_ERROR(to_device ? cudaMemcpy(rows, host, n * 2, cudaMemcpyHostToDevice)
+                                          : cudaMemcpy(host, rows, n * 2, cudaMemcpyDeviceToHost));
+      host += n;
+      t = end;
+    }
+    return absl::OkStatus();
+  }
+
+  // A copy with pages of its own; null when the pool or the device has no room for it.
   std::unique_ptr<DeviceState> Clone() const override {
-    auto c = std::make_unique<CudaSequence>();
+    auto c = std::make_unique<CudaSequence>(pool);
     c->row_elems = row_elems;
     c->state_elems = state_elems;
     c->tokens = tokens;
+    if (!c->ReservePages(tokens).ok()) return nullptr;
+    for (size_t i = 0; i < c->pages.size(); ++i)
+      if (cudaMemcpy(c->PageRows(i, 0, false), PageRows(i, 0, false), pool->page_bytes(), cudaMemcpyDeviceToDevice) !=
+          cudaSuccess)
+        return nullptr;
     auto copy = [](auto& dst, const auto& src, size_t n) {
-      if (n == 0) return;
-      (void)dst.Reserve(n);
-      cudaMemcpy(dst.get(), src.get(), n * sizeof(*src.get()), cudaMemcpyDeviceToDevice);
+      if (n == 0) return true;
+      return dst.Reserve(n).ok() &&
+             cudaMemcpy(dst.get(), src.get(), n * sizeof(*src.get()), cudaMemcpyDeviceToDevice) == cudaSuccess;
     };
     for (const auto& s : sparse) {
-      SparseCache& d = c->sparse.emplace_back();
-      copy(d.k, s.k, tokens * row_elems);
-      copy(d.v, s.v, tokens * row_elems);
-      copy(d.k1, s.k1, s.n1 * row_elems);
-      copy(d.k2, s.k2, s.n2 * row_elems);
+      CompressedKeys& d = c->sparse.emplace_back();
+      if (!copy(d.k1, s.k1, s.n1 * row_elems) || !copy(d.k2, s.k2, s.n2 * row_elems)) return nullptr;
       d.n1 = s.n1;
       d.n2 = s.n2;
     }
-    for (const auto& l : linear) copy(c->linear.emplace_back(), l, state_elems);
+    for (const auto& l : linear)
+      if (!copy(c->linear.emplace_back(), l, state_elems)) return nullptr;
     return c;
   }
   size_t bytes() const override {
-    size_t b = 0;
-    for (const auto& s : sparse) b += s.k.size() * 2 + s.v.size() * 2 + (s.k1.size() + s.k2.size()) * 4;
+    size_t b = pool ? pages.size() * pool->page_bytes() : 0;
+    for (const auto& s : sparse) b += (s.k1.size() + s.k2.size()) * 4;
     return b + linear.size() * state_elems * 4;
   }
 };
@@ -90,14 +155,6 @@ absl::Status Upload(DeviceBuffer<T>& dst, const T* src, size_t n) {
   SALA_RETURN_IF_ERROR(dst.Reserve(n));
   SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(dst.get(), src, n * sizeof(T), cudaMemcpyHostToDevice));
   return absl::OkStatus();
-}
-
-// Grows a buffer by at least an eighth so that appending rows is amortised O(1), while a long
-// context that starts decoding overshoots its size by 12.5% rather than doubling.
-template <typename T>
-absl::Status Grow(DeviceBuffer<T>& b, size_t need, size_t keep) {
-  if (need <= b.size()) return absl::OkStatus();
-  return b.Reserve(std::max(need, b.size() + b.size() / 8), keep);
 }
 
 class CudaBackend final : public Backend {
@@ -153,6 +210,9 @@ class CudaBackend final : public Backend {
     SALA_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&graph_stream_, cudaStreamNonBlocking));
     SALA_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&graph_ready_, cudaEventDisableTiming));
     SALA_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&graph_done_, cudaEventDisableTiming));
+    if (config_.num_sparse_layers() > 0) {
+      SALA_ASSIGN_OR_RETURN(pool_, cuda::KvPool::Create(config_.num_sparse_layers(), SparseRow()));
+    }
     std::map<std::string, TensorSpec> specs;
     for (const TensorSpec& t : ExpectedTensors(config_)) specs[t.name] = t;
     auto get = [&](const std::string& name, DeviceBuffer<Bf16>& out) { return fill(specs.at(name), out); };
@@ -202,14 +262,14 @@ class CudaBackend final : public Backend {
     const size_t row = SparseRow();
     state.sparse.resize(dev->sparse.size());
     for (size_t slot = 0; slot < dev->sparse.size(); ++slot) {
-      const SparseCache& c = dev->sparse[slot];
+      const CompressedKeys& c = dev->sparse[slot];
       SparseLayerCache& h = state.sparse[slot];
       // Only what the host lacks: rows and entries are append-only.
-      auto rows_bf16 = [&](const DeviceBuffer<Bf16>& src, std::vector<float>& dst, int64_t upto) -> absl::Status {
+      auto rows_bf16 = [&](bool v, std::vector<float>& dst, int64_t upto) -> absl::Status {
         const size_t have = dst.size() / row;
         if (int64_t(have) >= upto) return absl::OkStatus();
         std::vector<uint16_t> tmp((upto - have) * row);
-        SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(tmp.data(), src.get() + have * row, tmp.size() * 2, cudaMemcpyDeviceToHost));
+        SALA_RETURN_IF_ERROR(dev->CopyRows(int(slot), v, int64_t(have), upto, tmp.data(), /*to_device=*/false));
         for (uint16_t b : tmp) dst.push_back(Bf16ToF32(b));
         return absl::OkStatus();
       };
@@ -221,8 +281,8 @@ class CudaBackend final : public Backend {
                                              cudaMemcpyDeviceToHost));
         return absl::OkStatus();
       };
-      SALA_RETURN_IF_ERROR(rows_bf16(c.k, h.k, dev->tokens));
-      SALA_RETURN_IF_ERROR(rows_bf16(c.v, h.v, dev->tokens));
+      SALA_RETURN_IF_ERROR(rows_bf16(false, h.k, dev->tokens));
+      SALA_RETURN_IF_ERROR(rows_bf16(true, h.v, dev->tokens));
       SALA_RETURN_IF_ERROR(rows_f32(c.k1, h.k1, c.n1));
       SALA_RETURN_IF_ERROR(rows_f32(c.k2, h.k2, c.n2));
     }
@@ -243,9 +303,8 @@ class CudaBackend final : public Backend {
     const SparseConfig& sc = config_.sparse;
     const int64_t n1 = std::max<int64_t>(SequenceState::NumK1(sc, tokens), 1);
     const int64_t n2 = std::max<int64_t>(SequenceState::NumK2(sc, tokens), 1);
-    for (SparseCache& c : dev->sparse) {
-      SALA_RETURN_IF_ERROR(c.k.Reserve(tokens * row, dev->tokens * row));
-      SALA_RETURN_IF_ERROR(c.v.Reserve(tokens * row, dev->tokens * row));
+    SALA_RETURN_IF_ERROR(dev->ReservePages(tokens));
+    for (CompressedKeys& c : dev->sparse) {
       SALA_RETURN_IF_ERROR(c.k1.Reserve(n1 * row, c.n1 * row));
       SALA_RETURN_IF_ERROR(c.k2.Reserve(n2 * row, c.n2 * row));
     }
@@ -262,7 +321,7 @@ class CudaBackend final : public Backend {
         return absl::FailedPreconditionError(absl::StrCat("received rows start at ", from, " but the state holds ",
                                                           dev->tokens, " tokens"));
       SALA_RETURN_IF_ERROR(Reserve(state, to));
-      for (SparseCache& c : dev->sparse) {
+      for (CompressedKeys& c : dev->sparse) {
         c.n1 = SequenceState::NumK1(sc, to);
         c.n2 = SequenceState::NumK2(sc, to);
       }
@@ -272,14 +331,26 @@ class CudaBackend final : public Backend {
     }
     const size_t row = SparseRow();
     std::vector<DeviceSpan> spans;
-    auto add = [&](auto* base, int64_t a, int64_t b) {
-      if (b > a) spans.push_back({base + a * row, size_t(b - a) * row * sizeof(*base)});
+    // K/V rows page by page: a page the range covers whole is one span (every layer's rows),
+    // the rows of a page it covers in part one span per layer and K or V.
+    for (int64_t t = from; t < to;) {
+      const int64_t page = t / cuda::kKvPageTokens, begin = page * cuda::kKvPageTokens;
+      const int64_t end = std::min(to, begin + cuda::kKvPageTokens);
+      if (t == begin && end == begin + cuda::kKvPageTokens) {
+        spans.push_back({dev->PageRows(size_t(page), 0, false), pool_->page_bytes()});
+      } else {
+        for (int slot = 0; slot < int(dev->sparse.size()); ++slot)
+          for (bool v : {false, true})
+            spans.push_back({dev->PageRows(size_t(page), slot, v) + (t - begin) * row, size_t(end - t) * row * 2});
+      }
+      t = end;
+    }
+    auto add = [&](float* base, int64_t a, int64_t b) {
+      if (b > a) spans.push_back({base + a * row, size_t(b - a) * row * sizeof(float)});
     };
     const int64_t k1a = SequenceState::NumK1(sc, from), k1b = SequenceState::NumK1(sc, to);
     const int64_t k2a = SequenceState::NumK2(sc, from), k2b = SequenceState::NumK2(sc, to);
-    for (SparseCache& c : dev->sparse) {
-      add(c.k.get(), from, to);
-      add(c.v.get(), from, to);
+    for (CompressedKeys& c : dev->sparse) {
       add(c.k1.get(), k1a, k1b);
       add(c.k2.get(), k2a, k2b);
     }
@@ -317,20 +388,26 @@ class CudaBackend final : public Backend {
   // The sequence's device state, created (from the host state, e.g. a transferred one) on first use.
   absl::StatusOr<CudaSequence*> Device(SequenceState& state) {
     if (state.device) return static_cast<CudaSequence*>(state.device.get());
-    auto dev = std::make_unique<CudaSequence>();
-    dev->row_elems = SparseRow();
+    const size_t row = SparseRow();
+    const int slots = config_.num_sparse_layers();
+    if (state.tokens > 0 && slots > 0 &&
+        (int(state.sparse.size()) != slots || state.sparse[0].k.size() != size_t(state.tokens) * row))
+      return absl::FailedPreconditionError(absl::StrCat("a state of ", state.tokens,
+                                                        " tokens without their rows (a copy the device had no room for?)"));
+    auto dev = std::make_unique<CudaSequence>(pool_);
+    dev->row_elems = row;
     dev->state_elems = StateElems();
     dev->tokens = state.tokens;
-    const size_t row = SparseRow();
-    for (int slot = 0; slot < config_.num_sparse_layers(); ++slot) {
-      SparseCache& c = dev->sparse.emplace_back();
-      if (slot < int(state.sparse.size()) && state.tokens > 0) {
+    SALA_RETURN_IF_ERROR(dev->ReservePages(state.tokens));
+    for (int slot = 0; slot < slots; ++slot) {
+      CompressedKeys& c = dev->sparse.emplace_back();
+      if (state.tokens > 0) {
         const SparseLayerCache& h = state.sparse[slot];
         std::vector<uint16_t> kb(h.k.size()), vb(h.v.size());
         for (size_t i = 0; i < kb.size(); ++i) kb[i] = F32ToBf16(h.k[i]);
         for (size_t i = 0; i < vb.size(); ++i) vb[i] = F32ToBf16(h.v[i]);
-        SALA_RETURN_IF_ERROR(Upload(c.k, reinterpret_cast<const Bf16*>(kb.data()), kb.size()));
-        SALA_RETURN_IF_ERROR(Upload(c.v, reinterpret_cast<const Bf16*>(vb.data()), vb.size()));
+        SALA_RETURN_IF_ERROR(dev->CopyRows(slot, false, 0, state.tokens, kb.data(), /*to_device=*/true));
+        SALA_RETURN_IF_ERROR(dev->CopyRows(slot, true, 0, state.tokens, vb.data(), /*to_device=*/true));
         SALA_RETURN_IF_ERROR(Upload(c.k1, h.k1.data(), h.k1.size()));
         SALA_RETURN_IF_ERROR(Upload(c.k2, h.k2.data(), h.k2.size()));
         c.n1 = int64_t(h.k1.size() / row);
@@ -404,13 +481,12 @@ class CudaBackend final : public Backend {
       CudaSequence* dev = segs[b].dev;
       const int64_t before = segs[b].state->tokens, after = before + 1;
       for (size_t slot = 0; slot < linear_slots; ++slot) linear[slot * B + b] = dev->linear[slot].get();
+      SALA_RETURN_IF_ERROR(dev->ReservePages(after));
       for (size_t slot = 0; slot < sparse_slots; ++slot) {
-        SparseCache& c = dev->sparse[slot];
-        SALA_RETURN_IF_ERROR(Grow(c.k, after * row, before * row));
-        SALA_RETURN_IF_ERROR(Grow(c.v, after * row, before * row));
+        CompressedKeys& c = dev->sparse[slot];
         SALA_RETURN_IF_ERROR(Grow(c.k1, std::max<int64_t>(SequenceState::NumK1(sc, after), 1) * row, c.n1 * row));
         SALA_RETURN_IF_ERROR(Grow(c.k2, std::max<int64_t>(SequenceState::NumK2(sc, after), 1) * row, c.n2 * row));
-        views[slot * B + b] = {c.k.get(), c.v.get(), c.k1.get(), c.k2.get()};
+        views[slot * B + b] = dev->View(int(slot));
       }
       positions[b] = before;
       sparse[b] = segs[b].sparse;
@@ -433,6 +509,8 @@ class CudaBackend final : public Backend {
     SALA_RETURN_IF_ERROR(Scratch(R));
     decode_step_ = std::all_of(segs.begin(), segs.end(), [](const Segment& seg) { return seg.rows == 1; });
     if (decode_step_) SALA_RETURN_IF_ERROR(PrepareDecodeTables(segs));
+    else
+      for (const Segment& seg : segs) SALA_RETURN_IF_ERROR(seg.dev->ReservePages(seg.state->tokens + seg.rows));
     SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(ids_.get(), tokens.data(), R * sizeof(int), cudaMemcpyHostToDevice));
     if (decode_step_ && decode_graphs_ && !profiling_) SALA_RETURN_IF_ERROR(ReplayDecodeGraph(segs));
     else SALA_RETURN_IF_ERROR(Enqueue(segs, R));
@@ -441,7 +519,7 @@ class CudaBackend final : public Backend {
       seg.state->tokens += seg.rows;
       seg.dev->tokens = seg.state->tokens;
       if (decode_step_)
-        for (SparseCache& c : seg.dev->sparse) {
+        for (CompressedKeys& c : seg.dev->sparse) {
           c.n1 = SequenceState::NumK1(sc, seg.state->tokens);
           c.n2 = SequenceState::NumK2(sc, seg.state->tokens);
         }
@@ -613,20 +691,17 @@ class CudaBackend final : public Backend {
     } else {
       // A prefill chunk: one segment.
       const Segment& seg = segs[0];
-      SparseCache& c = seg.dev->sparse[slot];
+      CompressedKeys& c = seg.dev->sparse[slot];
       const int64_t before = seg.state->tokens, after = before + seg.rows;
-      SALA_RETURN_IF_ERROR(Grow(c.k, after * row, before * row));
-      SALA_RETURN_IF_ERROR(Grow(c.v, after * row, before * row));
-      SALA_RETURN_IF_ERROR(cuda::ToBf16(k_.get(), seg.rows * row, c.k.get() + before * row, s));
-      SALA_RETURN_IF_ERROR(cuda::ToBf16(v_.get(), seg.rows * row, c.v.get() + before * row, s));
       const int64_t n1 = SequenceState::NumK1(sc, after), n2 = SequenceState::NumK2(sc, after);
       SALA_RETURN_IF_ERROR(Grow(c.k1, std::max<int64_t>(n1, 1) * row, c.n1 * row));
       SALA_RETURN_IF_ERROR(Grow(c.k2, std::max<int64_t>(n2, 1) * row, c.n2 * row));
-      SALA_RETURN_IF_ERROR(cuda::CompressKeys(c.k.get(), Hk, D, c.n1, n1, sc.kernel_size, sc.kernel_stride, c.k1.get(), s));
-      SALA_RETURN_IF_ERROR(cuda::CompressKeys(c.k.get(), Hk, D, c.n2, n2, sc.k2_kernel(), sc.k2_stride(), c.k2.get(), s));
+      const cuda::SparseCacheView view = seg.dev->View(slot);  // pages reserved by Run
+      SALA_RETURN_IF_ERROR(cuda::StoreRows(k_.get(), v_.get(), before, seg.rows, view, Hk, D, s));
+      SALA_RETURN_IF_ERROR(cuda::CompressKeys(view, Hk, D, c.n1, n1, sc.kernel_size, sc.kernel_stride, c.k1.get(), s));
+      SALA_RETURN_IF_ERROR(cuda::CompressKeys(view, Hk, D, c.n2, n2, sc.k2_kernel(), sc.k2_stride(), c.k2.get(), s));
       c.n1 = n1;
       c.n2 = n2;
-      const cuda::SparseCacheView view{c.k.get(), c.v.get(), c.k1.get(), c.k2.get()};
       SALA_RETURN_IF_ERROR(SparsePrefill(q_.get(), before, seg.rows, view, shape, seg.sparse, o_.get()));
     }
     SALA_RETURN_IF_ERROR(cuda::GateToBf16(o_.get(), config_.attn_use_output_gate ? z_.get() : nullptr, R * H * D,
@@ -725,6 +800,7 @@ class CudaBackend final : public Backend {
   } decode_tables_;
   DeviceBuffer<float> chunk_states_;
   cuda::SparseScratch sparse_scratch_;
+  std::shared_ptr<cuda::KvPool> pool_;  // the sparse layers' K/V pages; sequences share it
 };
 
 }  // namespace

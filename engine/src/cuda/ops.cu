@@ -144,11 +144,6 @@ __global__ void AddScaledKernel(float* h, const float* y, float r, int64_t n) {
     h[i] += r * y[i];
 }
 
-__global__ void ToBf16Kernel(const float* s, int64_t n, __nv_bfloat16* d) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    d[i] = __float2bfloat16(s[i]);
-}
-
 __device__ uint64_t SplitMix(uint64_t z) {
   z += 0x9e3779b97f4a7c15ull;
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -257,13 +252,6 @@ absl::Status AddScaled(float* h, const float* y, float r, int64_t n, cudaStream_
 absl::Status FillRandom(__nv_bfloat16* x, int64_t n, uint64_t seed, float std, float mean, cudaStream_t stream) {
   if (n == 0) return absl::OkStatus();
   FillRandomKernel<<<Blocks(n), kThreads, 0, stream>>>(x, n, seed, std, mean);
-  SALA_CUDA_CHECK_LAUNCH();
-  return absl::OkStatus();
-}
-
-absl::Status ToBf16(const float* src, int64_t n, __nv_bfloat16* dst, cudaStream_t stream) {
-  if (n == 0) return absl::OkStatus();
-  ToBf16Kernel<<<Blocks(n), kThreads, 0, stream>>>(src, n, dst);
   SALA_CUDA_CHECK_LAUNCH();
   return absl::OkStatus();
 }

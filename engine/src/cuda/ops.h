@@ -42,8 +42,6 @@ absl::Status AddScaled(float* h, const float* y, float r, int64_t n, cudaStream_
 // The residual add and the RMSNorm after it in one pass: h += r * y, then out = RmsNormToBf16(h).
 absl::Status AddScaledRmsNormToBf16(float* h, const float* y, float r, int rows, int width,
                                     const __nv_bfloat16* weight, float eps, __nv_bfloat16* out, cudaStream_t stream);
-// Converts and appends: dst[i] = bf16(src[i]).
-absl::Status ToBf16(const float* src, int64_t n, __nv_bfloat16* dst, cudaStream_t stream);
 
 // x[i] = bf16(mean + std * N(0, 1)), a counter-based generator: the same (seed, i) gives the same value.
 absl::Status FillRandom(__nv_bfloat16* x, int64_t n, uint64_t seed, float std, float mean, cudaStream_t stream);

@@ -16,20 +16,30 @@ constexpr int kHeadsPerWarp = 2;  // query heads per KV group up to 2 * warps = 
 constexpr int kLoadsPerThread = kTile * kMaxDim / 8 / kThreads;  // 16-byte loads of K (and of V) per tile
 constexpr int kMaxSplits = 64;
 
-// Compressed entry j of one (KV head g, dimension d): the mean of keys stride j .. + kernel - 1.
-__device__ float CompressedEntry(const __nv_bfloat16* k, int Hk, int D, int g, int d, int64_t j, int kernel,
+// Compressed entry j of one (KV head g, dimension d): the mean of keys stride j .. + kernel - 1
+// (a window may straddle pages).
+__device__ float CompressedEntry(const SparseCacheView& c, int Hk, int D, int g, int d, int64_t j, int kernel,
                                  int stride) {
   float acc = 0.0f;
-  for (int t = 0; t < kernel; ++t) acc += __bfloat162float(k[((stride * j + t) * Hk + g) * D + d]);
+  for (int t = 0; t < kernel; ++t) acc += __bfloat162float(c.k[KvRowOffset(c, stride * j + t, Hk * D) + g * D + d]);
   return acc / float(kernel);
 }
 
-__global__ void CompressKernel(const __nv_bfloat16* k, int Hk, int D, int64_t from, int kernel, int stride,
-                               float* out) {
+__global__ void CompressKernel(SparseCacheView c, int Hk, int D, int64_t from, int kernel, int stride, float* out) {
   const int64_t j = from + blockIdx.x;
   const int g = blockIdx.y;
   for (int d = threadIdx.x; d < D; d += blockDim.x)
-    out[(j * Hk + g) * D + d] = CompressedEntry(k, Hk, D, g, d, j, kernel, stride);
+    out[(j * Hk + g) * D + d] = CompressedEntry(c, Hk, D, g, d, j, kernel, stride);
+}
+
+// One block per row; rows are whole in one page.
+__global__ void StoreRowsKernel(const float* k, const float* v, int64_t first, int row, SparseCacheView c) {
+  const int64_t t = blockIdx.x;
+  const int64_t at = KvRowOffset(c, first + t, row);
+  for (int e = threadIdx.x; e < row; e += blockDim.x) {
+    c.k[at + e] = __float2bfloat16(k[t * row + e]);
+    c.v[at + e] = __float2bfloat16(v[t * row + e]);
+  }
 }
 
 // One block per (row, KV head), one thread per dimension: each thread reads back only the
@@ -39,16 +49,17 @@ __global__ void AppendRowsKernel(const float* k, const float* v, const SparseCac
   const int r = blockIdx.x, g = blockIdx.y, Hk = sh.kv_heads, D = sh.dim;
   const int64_t p = positions[r], tokens = p + 1;
   const SparseCacheView c = caches[r];
+  const int64_t at = KvRowOffset(c, p, Hk * D) + g * D;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     const int64_t src = (int64_t(r) * Hk + g) * D + d;
-    c.k[(p * Hk + g) * D + d] = __float2bfloat16(k[src]);
-    c.v[(p * Hk + g) * D + d] = __float2bfloat16(v[src]);
+    c.k[at + d] = __float2bfloat16(k[src]);
+    c.v[at + d] = __float2bfloat16(v[src]);
     // Level 1 (kernel, stride) and level 2 (4x both): an entry completes when its window ends here.
     for (int level = 0; level < 2; ++level) {
       const int kernel = level ? 4 * sh.kernel : sh.kernel, stride = level ? 4 * sh.stride : sh.stride;
       if (tokens < kernel || (tokens - kernel) % stride != 0) continue;
       const int64_t j = (tokens - kernel) / stride;
-      (level ? c.k2 : c.k1)[(j * Hk + g) * D + d] = CompressedEntry(c.k, Hk, D, g, d, j, kernel, stride);
+      (level ? c.k2 : c.k1)[(j * Hk + g) * D + d] = CompressedEntry(c, Hk, D, g, d, j, kernel, stride);
     }
   }
 }
@@ -109,11 +120,12 @@ __global__ void AttentionKernel(const float* q, RowSource src, SparseShape sh, i
   auto load_tile = [&](int bi) {
     const int64_t key0 = tile_start(bi);
     const int total = tile_rows(key0) * vecs_per_row;
+    const int64_t block_at = KvRowOffset(c, key0, sh.kv_heads * D);  // a block is whole in one page
 #pragma unroll
     for (int i = 0; i < kLoadsPerThread; ++i) {
       const int e = threadIdx.x + i * kThreads;
       if (e < total) {
-        const int64_t at = ((key0 + e / vecs_per_row) * sh.kv_heads + g) * D + (e % vecs_per_row) * 8;
+        const int64_t at = block_at + (int64_t(e / vecs_per_row) * sh.kv_heads + g) * D + (e % vecs_per_row) * 8;
         k_next[i] = *reinterpret_cast<const uint4*>(c.k + at);
         v_next[i] = *reinterpret_cast<const uint4*>(c.v + at);
       }
@@ -222,10 +234,19 @@ __global__ void CombineKernel(const float* partial, int splits, SparseShape sh, 
 
 }  // namespace
 
-absl::Status CompressKeys(const __nv_bfloat16* k, int kv_heads, int dim, int64_t from, int64_t to, int kernel,
+absl::Status StoreRows(const float* k, const float* v, int64_t first, int64_t T, const SparseCacheView& cache,
+                       int kv_heads, int dim, cudaStream_t stream) {
+  if (T <= 0) return absl::OkStatus();
+  StoreRowsKernel<<<unsigned(T), 256, 0, stream>>>(k, v, first, kv_heads * dim, cache);
+  SALA_CUDA_CHECK_LAUNCH();
+  return absl::OkStatus();
+}
+
+absl::Status CompressKeys(const SparseCacheView& cache, int kv_heads, int dim, int64_t from, int64_t to, int kernel,
                           int stride, float* out, cudaStream_t stream) {
   if (to <= from) return absl::OkStatus();
-  CompressKernel<<<dim3(unsigned(to - from), kv_heads), dim, 0, stream>>>(k, kv_heads, dim, from, kernel, stride, out);
+  CompressKernel<<<dim3(unsigned(to - from), kv_heads), dim, 0, stream>>>(cache, kv_heads, dim, from, kernel, stride,
+                                                                          out);
   SALA_CUDA_CHECK_LAUNCH();
   return absl::OkStatus();
 }
@@ -245,7 +266,8 @@ absl::Status Launch(const float* q, int64_t T, RowSource src, const SparseShape&
   if (shape.dim % 32 != 0 || shape.dim > kMaxDim) return absl::InvalidArgumentError("sparse head_dim must be 32..128");
   const int G = shape.heads / shape.kv_heads;
   if (G > kHeadsPerWarp * kThreads / 32) return absl::InvalidArgumentError("at most 16 query heads per KV head");
-  if (shape.block > kTile) return absl::InvalidArgumentError("sparse block size above 64");
+  if (shape.block > kTile || kKvPageTokens % shape.block != 0)
+    return absl::InvalidArgumentError("sparse block size above 64 or not dividing a KV page");
   const size_t smem = (size_t(G) * shape.dim + size_t(kTile) * (2 * shape.dim + 1)) * sizeof(float);
   SALA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(AttentionKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   // Split each row's blocks over enough thread blocks to give every SM several (a decode step

@@ -10,6 +10,7 @@
 
 #include "absl/status/status.h"
 #include "cuda_common.h"
+#include "kv_pool.h"
 
 namespace sala::cuda {
 
@@ -19,12 +20,23 @@ struct SparseShape {
   int init_blocks, window_blocks, selected_blocks;
 };
 
+// One sequence's cache of one sparse layer: K/V rows in pages of the KV pool (kv_pool.h), the
+// compressed keys contiguous.
 struct SparseCacheView {
-  __nv_bfloat16* k;  // [tokens, kv_heads, dim]
-  __nv_bfloat16* v;
+  __nv_bfloat16* k;    // the layer's K rows of page 0: page p's start p * page_elems further on
+  __nv_bfloat16* v;    // the same for V
+  const int* pages;    // the sequence's page table: token t lies in page pages[t / kKvPageTokens]
+  int64_t page_elems;  // distance between pages
   float* k1;  // [n1, kv_heads, dim]
   float* k2;
 };
+
+#ifdef __CUDACC__
+// Where token t's row (of `row` elements) starts, from view.k or view.v.
+__device__ __forceinline__ int64_t KvRowOffset(const SparseCacheView& c, int64_t t, int row) {
+  return int64_t(c.pages[t / kKvPageTokens]) * c.page_elems + (t % kKvPageTokens) * row;
+}
+#endif
 
 // Device buffers the attention launches reuse (grown as needed; one per caller).
 struct SparseScratch {
@@ -34,8 +46,12 @@ struct SparseScratch {
   DeviceBuffer<int> blocks, counts;
 };
 
-// Writes compressed entries [from, to) of window `kernel` and stride `stride` from the raw keys.
-absl::Status CompressKeys(const __nv_bfloat16* k, int kv_heads, int dim, int64_t from, int64_t to, int kernel,
+// Prefill: writes rows [first, first + T) of the cache from fp32 k, v [T, kv_heads, dim] as bf16.
+absl::Status StoreRows(const float* k, const float* v, int64_t first, int64_t T, const SparseCacheView& cache,
+                       int kv_heads, int dim, cudaStream_t stream);
+
+// Writes compressed entries [from, to) of window `kernel` and stride `stride` from the cache's keys.
+absl::Status CompressKeys(const SparseCacheView& cache, int kv_heads, int dim, int64_t from, int64_t to, int kernel,
                           int stride, float* out, cudaStream_t stream);
 
 // Decode: appends row r's key and value (fp32 k, v [rows, kv_heads, dim]) to caches[r] at

@@ -425,8 +425,7 @@ __global__ void __launch_bounds__(kTopKThreads) TopKKernel(TopKParams p) {
 struct AttnParams {
   const float* q;  // [T, H, D]
   int64_t first, T;
-  const Bf16* k;  // [tokens, Hk, D]
-  const Bf16* v;
+  SparseCacheView cache;  // K/V rows
   int H, Hk, G;
   float scale_log2;
   const int* blocks;  // [T, Hk, selected], or null: every block up to the query's (dense causal)
@@ -470,13 +469,13 @@ __global__ void __launch_bounds__(kAttnWarps * 32) BlockAttentionKernel(AttnPara
     const int64_t key0 = step_key0(s);
     Bf16* ks = stage_base + stage * 2 * kHalf * D;
     Bf16* vs = ks + kHalf * D;
+    const int64_t half_at = KvRowOffset(p.cache, key0, p.Hk * D) + g * D;  // a block is whole in one page
     for (int c = lane; c < kHalf * D / 8; c += 32) {
       const int row = c / (D / 8), cc = c % (D / 8);
-      const int64_t key = key0 + row;
-      const bool valid = key <= pos;
-      const int64_t at = ((valid ? key : 0) * p.Hk + g) * D + cc * 8;
-      CpAsync16(ks + Swizzled<D>(row, cc * 8), p.k + at, valid);
-      CpAsync16(vs + Swizzled<D>(row, cc * 8), p.v + at, valid);
+      const bool valid = key0 + row <= pos;
+      const int64_t at = half_at + int64_t(valid ? row : 0) * p.Hk * D + cc * 8;
+      CpAsync16(ks + Swizzled<D>(row, cc * 8), p.cache.k + at, valid);
+      CpAsync16(vs + Swizzled<D>(row, cc * 8), p.cache.v + at, valid);
     }
     CpAsyncCommit();
   };
@@ -585,6 +584,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32) BlockAttentionKernel(AttnPara
     }
 }
 
+static_assert(kKvPageTokens % kBlock == 0, "a sparse block must not straddle KV pages");
+
 absl::Status CheckShape(const SparseShape& sh) {
   if (sh.dim != 64 && sh.dim != 128) return absl::InvalidArgumentError("sparse head_dim must be 64 or 128");
   if (sh.heads % sh.kv_heads != 0 || sh.heads / sh.kv_heads > 16)
@@ -692,7 +693,7 @@ absl::Status BlockSparseAttention(const float* q, int64_t first, int64_t T, cons
                                   cudaStream_t stream) {
   SALA_RETURN_IF_ERROR(CheckShape(shape));
   if (T == 0) return absl::OkStatus();
-  const AttnParams p{q, first, T, cache.k, cache.v, shape.heads, shape.kv_heads, shape.heads / shape.kv_heads,
+  const AttnParams p{q, first, T, cache, shape.heads, shape.kv_heads, shape.heads / shape.kv_heads,
                      kLog2e / std::sqrt(float(shape.dim)), blocks, counts, shape.selected_blocks, o};
   return shape.dim == 128 ? LaunchAttention<128>(p, stream) : LaunchAttention<64>(p, stream);
 }
