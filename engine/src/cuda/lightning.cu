@@ -206,6 +206,9 @@ __global__ void __launch_bounds__(kThreads) ChunkOutputKernel(const float* q, co
 // stores of the state) of every rows_per_pass-th row, so a block streams its 64 KiB state with
 // many loads in flight; the row groups' partial outputs are summed in shared memory.
 constexpr int kStepThreads = 512;
+constexpr int kStepMaxDim = 128;
+// State rows per thread at most: dim / (threads / (dim / 4)) = dim² / 2048 for dim 128.
+constexpr int kStepRows = kStepMaxDim * kStepMaxDim / (4 * kStepThreads);
 
 __global__ void StepKernel(const float* q, const float* k, const float* v, int H, int Hk, int D, float scale,
                            const float* slopes, float* const* states, float* o) {
@@ -218,20 +221,33 @@ __global__ void StepKernel(const float* q, const float* k, const float* v, int H
   const float* kk = k + (int64_t(b) * Hk + kh) * D;
   const float4 vc = reinterpret_cast<const float4*>(v + (int64_t(b) * Hk + kh) * D)[c4];
   float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll 8
-  for (int a = group; a < D; a += groups) {
-    float4* p = reinterpret_cast<float4*>(S + int64_t(a) * D) + c4;
-    float4 st = *p;
-    const float ka = kk[a], qa = qh[a];
-    st.x = decay * st.x + ka * vc.x;
-    st.y = decay * st.y + ka * vc.y;
-    st.z = decay * st.z + ka * vc.z;
-    st.w = decay * st.w + ka * vc.w;
-    *p = st;
-    acc.x += qa * st.x;
-    acc.y += qa * st.y;
-    acc.z += qa * st.z;
-    acc.w += qa * st.w;
+  // All of this thread's state rows are loaded before the first is stored: a store in between
+  // would keep the compiler from issuing later loads early (they might alias), and the step
+  // would wait for memory once per row.
+  float4 st[kStepRows];
+  float ka[kStepRows], qa[kStepRows];
+#pragma unroll
+  for (int i = 0; i < kStepRows; ++i) {
+    const int a = group + i * groups;
+    if (a < D) {
+      st[i] = reinterpret_cast<const float4*>(S + int64_t(a) * D)[c4];
+      ka[i] = kk[a];
+      qa[i] = qh[a];
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kStepRows; ++i) {
+    const int a = group + i * groups;
+    if (a >= D) continue;
+    st[i].x = decay * st[i].x + ka[i] * vc.x;
+    st[i].y = decay * st[i].y + ka[i] * vc.y;
+    st[i].z = decay * st[i].z + ka[i] * vc.z;
+    st[i].w = decay * st[i].w + ka[i] * vc.w;
+    reinterpret_cast<float4*>(S + int64_t(a) * D)[c4] = st[i];
+    acc.x += qa[i] * st[i].x;
+    acc.y += qa[i] * st[i].y;
+    acc.z += qa[i] * st[i].z;
+    acc.w += qa[i] * st[i].w;
   }
   partial[t] = acc;
   __syncthreads();
@@ -289,7 +305,7 @@ absl::Status LinearAttentionStep(const float* q, const float* k, const float* v,
                                  int dim, float scale, const float* slopes, float* const* states, float* o,
                                  cudaStream_t stream) {
   if (batch == 0) return absl::OkStatus();
-  if (dim % 4 != 0 || dim / 4 > kStepThreads) return absl::InvalidArgumentError("linear head dim must be 4..2048, a multiple of 4");
+  if (dim % 4 != 0 || dim > kStepMaxDim) return absl::InvalidArgumentError("linear head dim must be 4..128, a multiple of 4");
   const int quads = dim / 4, threads = std::min(kStepThreads / quads, dim) * quads;
   StepKernel<<<dim3(batch, heads), threads, 0, stream>>>(q, k, v, heads, kv_heads, dim, scale, slopes, states, o);
   SALA_CUDA_CHECK_LAUNCH();

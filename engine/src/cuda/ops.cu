@@ -46,15 +46,22 @@ __global__ void RmsNormKernel(float* x, const float* add, float r, int width, co
   __shared__ float scratch[32];
   float* xr = x + int64_t(blockIdx.x) * width;
   const float* ar = add ? add + int64_t(blockIdx.x) * width : nullptr;
-  float v[kRowPerThread], wv[kRowPerThread];  // the weights too: their loads overlap the reduction
-  float ss = 0.0f;
+  // Every load before any store: a store to x in between would keep the compiler from issuing
+  // later loads early (they might alias), one memory round trip per element.
+  float v[kRowPerThread], av[kRowPerThread], wv[kRowPerThread];  // the weights' loads overlap the reduction
 #pragma unroll
   for (int k = 0; k < kRowPerThread; ++k) {
     const int i = threadIdx.x + k * blockDim.x;
     v[k] = i < width ? xr[i] : 0.0f;
+    av[k] = ar && i < width ? ar[i] : 0.0f;
     wv[k] = i < width ? __bfloat162float(w[i]) : 0.0f;
+  }
+  float ss = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kRowPerThread; ++k) {
+    const int i = threadIdx.x + k * blockDim.x;
     if (ar && i < width) {
-      v[k] += r * ar[i];
+      v[k] += r * av[k];
       xr[i] = v[k];
     }
     ss += v[k] * v[k];
