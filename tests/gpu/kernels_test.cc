@@ -128,14 +128,6 @@ TEST_F(GpuTest, HeadNormRopeMatchesCpuAtLargePositions) {
             return cuda::HeadNormRope(a, b, rows, dim, 1e-6f, pos0, 10000.0, true, nullptr);
           },
           "consecutive");
-    // A decode step's rows, each at its own position.
-    const std::vector<int64_t> positions{7, 1000000, 3, 524287, 65};
-    const int64_t* dpos = ToDevice(positions);
-    check([&](int r) { return positions[r]; },
-          [&](cuda::NormedHeads a, cuda::NormedHeads b) {
-            return cuda::HeadNormRopeRows(a, b, rows, dim, 1e-6f, dpos, 10000.0, true, nullptr);
-          },
-          "per-row");
   }
 }
 
@@ -203,27 +195,47 @@ TEST_F(GpuTest, LinearAttentionChunkedMatchesCpu) {
   }
 }
 
+// A decode step for a batch, with q and k as projected (per-head norm and RoPE at each row's own
+// position inside the step, as the CPU does before its step) and as already prepared.
 TEST_F(GpuTest, LinearAttentionStepMatchesCpuForABatch) {
-  const int B = 3, H = 4, Hk = 2, D = 128;
-  const auto slopes = LinearDecaySlopes(H);
-  std::vector<float> fslopes(slopes.begin(), slopes.end());
-  auto q = Random(B * H * D, 11), k = Random(B * Hk * D, 12), v = Random(B * Hk * D, 13);
-  std::vector<float*> states;
-  std::vector<std::vector<float>> ref_states;
-  std::vector<float> ref_o(B * H * D);
-  for (int b = 0; b < B; ++b) {
-    auto s = Random(size_t(H) * D * D, 20 + b, 0.1f);
-    states.push_back(ToDevice(s));
-    ref_states.push_back(s);
-    cpu::LinearAttentionStep({H, Hk, D, 1.0 / std::sqrt(128.0), &slopes}, q.data() + b * H * D,
-                             k.data() + b * Hk * D, v.data() + b * Hk * D, ref_states[b].data(), ref_o.data() + b * H * D);
+  for (auto [D, prepare] : {std::pair{128, true}, {64, true}, {128, false}}) {
+    const int B = 3, H = 4, Hk = 2;
+    const double scale = 1.0 / std::sqrt(double(D));
+    const auto slopes = LinearDecaySlopes(H);
+    std::vector<float> fslopes(slopes.begin(), slopes.end());
+    const auto q = Random(B * H * D, 11, 2.0f), k = Random(B * Hk * D, 12, 2.0f), v = Random(B * Hk * D, 13);
+    const auto wq = Random(D, 14, 1.0f, true), wk = Random(D, 15, 1.0f, true);
+    const std::vector<int64_t> positions{7, 1000000, 524287};
+    std::vector<float*> states;
+    std::vector<std::vector<float>> ref_states;
+    std::vector<float> ref_o(B * H * D);
+    for (int b = 0; b < B; ++b) {
+      auto s = Random(size_t(H) * D * D, 20 + b, 0.1f);
+      states.push_back(ToDevice(s));
+      ref_states.push_back(s);
+      std::vector<float> qb(q.begin() + b * H * D, q.begin() + (b + 1) * H * D);
+      std::vector<float> kb(k.begin() + b * Hk * D, k.begin() + (b + 1) * Hk * D);
+      if (prepare) {
+        cpu::RmsNorm(qb.data(), H, D, wq.data(), 1e-6, qb.data());
+        cpu::RmsNorm(kb.data(), Hk, D, wk.data(), 1e-6, kb.data());
+        cpu::Rope(qb.data(), 1, H, D, positions[b], 10000.0);
+        cpu::Rope(kb.data(), 1, Hk, D, positions[b], 10000.0);
+      }
+      cpu::LinearAttentionStep({H, Hk, D, scale, &slopes}, qb.data(), kb.data(), v.data() + b * Hk * D,
+                               ref_states[b].data(), ref_o.data() + b * H * D);
+    }
+    cuda::StepHeadPrep prep;
+    if (prepare) prep = {Bf16ToDevice(wq), Bf16ToDevice(wk), 1e-6f, ToDevice(positions), 10000.0, true};
+    float* dq = ToDevice(q);
+    float* o = Poisoned<float>(ref_o.size());
+    ASSERT_TRUE(cuda::LinearAttentionStep(dq, ToDevice(k), ToDevice(v), B, H, Hk, D, float(scale), ToDevice(fslopes),
+                                          ToDevice(states), o, prep, nullptr)
+                    .ok());
+    EXPECT_LT(testing::RelativeError(FromDevice(o, ref_o.size()), ref_o), 1e-4) << D << " " << prepare;
+    for (int b = 0; b < B; ++b)
+      EXPECT_LT(testing::RelativeError(FromDevice(states[b], ref_states[b].size()), ref_states[b]), 1e-4) << D;
+    EXPECT_EQ(FromDevice(dq, q.size()), q);  // the projections are left as they were
   }
-  float* o = Poisoned<float>(ref_o.size());
-  ASSERT_TRUE(cuda::LinearAttentionStep(ToDevice(q), ToDevice(k), ToDevice(v), B, H, Hk, D, float(1.0 / std::sqrt(128.0)),
-                                        ToDevice(fslopes), ToDevice(states), o, nullptr)
-                  .ok());
-  EXPECT_LT(testing::RelativeError(FromDevice(o, ref_o.size()), ref_o), 1e-4);
-  for (int b = 0; b < B; ++b) EXPECT_LT(testing::RelativeError(FromDevice(states[b], ref_states[b].size()), ref_states[b]), 1e-4);
 }
 
 // A sparse config like the built-in model's; the cache holds bf16-exact keys and values.

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <utility>
 #include <functional>
 #include <map>
@@ -362,7 +363,7 @@ class CudaBackend final : public Backend {
   absl::StatusOr<std::vector<std::vector<float>>> DecodeStep(std::span<SequenceState* const> states,
                                                              std::span<const int> tokens,
                                                              std::span<const bool> sparse) override {
-    SALA_RETURN_IF_ERROR(RunDecodeStep(states, tokens, sparse));
+    SALA_RETURN_IF_ERROR(RunDecodeStep(states, tokens, sparse, {}));
     return HostLogits(int64_t(states.size()));
   }
 
@@ -371,11 +372,11 @@ class CudaBackend final : public Backend {
                                                      std::span<const TokenDraw> draws) override {
     if (draws.size() != states.size()) return absl::InvalidArgumentError("one draw per sequence is needed");
     const int B = int(states.size());
-    // Uploaded before the step is queued: a copy after it would wait for the whole step.
-    SALA_RETURN_IF_ERROR(Upload(draws_, draws.data(), draws.size()));
     SALA_RETURN_IF_ERROR(drawn_.Reserve(B));
-    SALA_RETURN_IF_ERROR(RunDecodeStep(states, tokens, sparse));
-    SALA_RETURN_IF_ERROR(cuda::DrawTokens(logits_.get(), B, config_.vocab_size, draws_.get(), drawn_.get(), nullptr));
+    // The draws travel with the step's tables, before the step is queued.
+    SALA_RETURN_IF_ERROR(RunDecodeStep(states, tokens, sparse, draws));
+    SALA_RETURN_IF_ERROR(
+        cuda::DrawTokens(logits_.get(), B, config_.vocab_size, decode_tables_.draws, drawn_.get(), nullptr));
     std::vector<int> out(B);
     SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(out.data(), drawn_.get(), B * sizeof(int), cudaMemcpyDeviceToHost));
     return out;
@@ -444,13 +445,13 @@ class CudaBackend final : public Backend {
   }
 
   absl::Status RunDecodeStep(std::span<SequenceState* const> states, std::span<const int> tokens,
-                             std::span<const bool> sparse) {
+                             std::span<const bool> sparse, std::span<const TokenDraw> draws) {
     std::vector<Segment> segs;
     for (size_t i = 0; i < states.size(); ++i) {
       SALA_ASSIGN_OR_RETURN(CudaSequence * dev, Device(*states[i]));
       segs.push_back({states[i], dev, int64_t(i), 1, sparse[i]});
     }
-    return Run(segs, tokens);
+    return Run(segs, tokens, draws);
   }
 
   // The logits of the last Run, one row per segment.
@@ -463,10 +464,10 @@ class CudaBackend final : public Backend {
     return out;
   }
 
-  // A decode step's per-sequence device pointers and positions, uploaded once per step: a
-  // host-to-device copy waits for the device to drain, so one per layer would stall every layer.
-  // The sparse caches grow here, before any layer runs, so that their pointers hold all step.
-  absl::Status PrepareDecodeTables(std::span<const Segment> segs) {
+  // A decode step's inputs, uploaded in one copy (see DecodeTables). The sparse caches grow
+  // here, before any layer runs, so that their pointers hold all step.
+  absl::Status PrepareDecodeTables(std::span<const Segment> segs, std::span<const int> tokens,
+                                   std::span<const TokenDraw> draws) {
     const size_t B = segs.size(), row = SparseRow();
     const SparseConfig& sc = config_.sparse;
     const size_t linear_slots = size_t(config_.num_linear_layers());
@@ -496,22 +497,49 @@ class CudaBackend final : public Backend {
     // Rounded up to a bucket: stage 1's launch shape follows it, and a decode graph is captured
     // per bucket rather than per step.
     decode_tables_.max_position = (decode_tables_.max_position / kContextBucket + 1) * kContextBucket - 1;
-    SALA_RETURN_IF_ERROR(Upload(decode_tables_.linear_states, linear.data(), linear.size()));
-    SALA_RETURN_IF_ERROR(Upload(decode_tables_.views, views.data(), views.size()));
-    SALA_RETURN_IF_ERROR(Upload(decode_tables_.positions, positions.data(), positions.size()));
-    return Upload(decode_tables_.sparse_rows, sparse.data(), sparse.size());
+    // One host image, 16-byte aligned pieces at offsets that follow from B alone.
+    std::vector<unsigned char>& host = decode_tables_.host;
+    host.clear();
+    auto place = [&](const void* data, size_t bytes) {
+      const size_t at = (host.size() + 15) / 16 * 16;
+      host.resize(at + bytes);
+      if (data) std::memcpy(host.data() + at, data, bytes);
+      return at;
+    };
+    const size_t at_linear = place(linear.data(), linear.size() * sizeof(float*));
+    const size_t at_views = place(views.data(), views.size() * sizeof(cuda::SparseCacheView));
+    const size_t at_positions = place(positions.data(), B * sizeof(int64_t));
+    const size_t at_sparse = place(sparse.data(), B);
+    const size_t at_ids = place(tokens.data(), B * sizeof(int));
+    const size_t at_draws = place(draws.empty() ? nullptr : draws.data(), B * sizeof(TokenDraw));
+    SALA_RETURN_IF_ERROR(decode_tables_.device.Reserve(host.size()));
+    SALA_CUDA_RETURN_IF_ERROR(
+        cudaMemcpy(decode_tables_.device.get(), host.data(), host.size(), cudaMemcpyHostToDevice));
+    unsigned char* base = decode_tables_.device.get();
+    decode_tables_.linear_states = reinterpret_cast<float* const*>(base + at_linear);
+    decode_tables_.views = reinterpret_cast<const cuda::SparseCacheView*>(base + at_views);
+    decode_tables_.positions = reinterpret_cast<const int64_t*>(base + at_positions);
+    decode_tables_.sparse_rows = base + at_sparse;
+    decode_tables_.ids = reinterpret_cast<const int*>(base + at_ids);
+    decode_tables_.draws = reinterpret_cast<const TokenDraw*>(base + at_draws);
+    return absl::OkStatus();
   }
 
   // The forward pass of every segment (rows of `tokens` in segment order); leaves the logits of
   // each segment's last row in logits_.
-  absl::Status Run(std::span<Segment> segs, std::span<const int> tokens) {
+  // `draws` (a decode step's, or none) go up with the step's other inputs.
+  absl::Status Run(std::span<Segment> segs, std::span<const int> tokens, std::span<const TokenDraw> draws = {}) {
     const int64_t R = int64_t(tokens.size());
     SALA_RETURN_IF_ERROR(Scratch(R));
     decode_step_ = std::all_of(segs.begin(), segs.end(), [](const Segment& seg) { return seg.rows == 1; });
-    if (decode_step_) SALA_RETURN_IF_ERROR(PrepareDecodeTables(segs));
-    else
+    if (decode_step_) {
+      SALA_RETURN_IF_ERROR(PrepareDecodeTables(segs, tokens, draws));
+      step_ids_ = decode_tables_.ids;
+    } else {
       for (const Segment& seg : segs) SALA_RETURN_IF_ERROR(seg.dev->ReservePages(seg.state->tokens + seg.rows));
-    SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(ids_.get(), tokens.data(), R * sizeof(int), cudaMemcpyHostToDevice));
+      SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(ids_.get(), tokens.data(), R * sizeof(int), cudaMemcpyHostToDevice));
+      step_ids_ = ids_.get();
+    }
     if (decode_step_ && decode_graphs_ && !profiling_) SALA_RETURN_IF_ERROR(ReplayDecodeGraph(segs));
     else SALA_RETURN_IF_ERROR(Enqueue(segs, R));
     const SparseConfig& sc = config_.sparse;
@@ -532,7 +560,7 @@ class CudaBackend final : public Backend {
     const int64_t d = config_.hidden_size, ff = config_.intermediate_size;
     const float r = float(config_.residual_scale()), eps = float(config_.rms_norm_eps);
     cudaStream_t s = stream_;
-    SALA_RETURN_IF_ERROR(cuda::Embed(ids_.get(), int(R), embed_.get(), int(d), float(config_.scale_emb), h_.get(), s));
+    SALA_RETURN_IF_ERROR(cuda::Embed(step_ids_, int(R), embed_.get(), int(d), float(config_.scale_emb), h_.get(), s));
     SALA_RETURN_IF_ERROR(cuda::RmsNormToBf16(h_.get(), int(R), int(d), layers_[0].input_norm.get(), eps, 1.0f, xb_.get(), s));
     // Each residual add is fused into the RMSNorm that follows it (the last one into nothing).
     for (int i = 0; i < config_.num_layers; ++i) {
@@ -570,8 +598,7 @@ class CudaBackend final : public Backend {
   std::vector<const void*> GraphPointers() const {
     const cuda::SparseScratch& sc = sparse_scratch_;
     return {h_.get(), y_.get(), q_.get(), k_.get(), v_.get(), z_.get(), o_.get(), g_.get(), u_.get(), logits_.get(),
-            xb_.get(), ob_.get(), gb_.get(), last_.get(), ids_.get(), decode_tables_.linear_states.get(),
-            decode_tables_.views.get(), decode_tables_.positions.get(), decode_tables_.sparse_rows.get(),
+            xb_.get(), ob_.get(), gb_.get(), last_.get(), decode_tables_.device.get(),
             sc.partial.get(), sc.scores.get(), sc.lse.get(), sc.blocks.get(), sc.counts.get()};
   }
 
@@ -635,13 +662,13 @@ class CudaBackend final : public Backend {
     if (decode_step_) {
       // Every segment is one row, in order from row 0: one launch per kernel for the batch.
       const int B = int(segs.size());
-      const int64_t* positions = decode_tables_.positions.get();
-      SALA_RETURN_IF_ERROR(cuda::HeadNormRopeRows({q_.get(), H, q_norm}, {k_.get(), Hk, k_norm}, B, D, eps, positions,
-                                                  config_.rope_theta, config_.lightning_use_rope, s));
+      // q/k norm and RoPE happen inside the step.
+      const cuda::StepHeadPrep prep{q_norm, k_norm, eps, decode_tables_.positions, config_.rope_theta,
+                                    config_.lightning_use_rope};
       Section section(this, "linear_attention");
       SALA_RETURN_IF_ERROR(cuda::LinearAttentionStep(q_.get(), k_.get(), v_.get(), B, H, Hk, D, scale, slopes_.get(),
-                                                     decode_tables_.linear_states.get() + size_t(slot) * B, o_.get(),
-                                                     s));
+                                                     decode_tables_.linear_states + size_t(slot) * B, o_.get(),
+                                                     prep, s));
     } else {
       // A prefill chunk: one segment.
       const Segment& seg = segs[0];
@@ -672,8 +699,8 @@ class CudaBackend final : public Backend {
       // Every segment one row, any batch size: one launch per kernel for the whole batch (an
       // fp32 attention, so that a sequence decodes the same alone or batched).
       const int B = int(segs.size());
-      const cuda::SparseCacheView* views = decode_tables_.views.get() + size_t(slot) * B;
-      const int64_t* positions = decode_tables_.positions.get();
+      const cuda::SparseCacheView* views = decode_tables_.views + size_t(slot) * B;
+      const int64_t* positions = decode_tables_.positions;
       SALA_RETURN_IF_ERROR(cuda::AppendRows(k_.get(), v_.get(), B, views, positions, shape, s));
       cuda::SparseScratch& scratch = sparse_scratch_;
       SALA_RETURN_IF_ERROR(scratch.blocks.Reserve(size_t(B) * Hk * shape.selected_blocks));
@@ -685,7 +712,7 @@ class CudaBackend final : public Backend {
                                                           s));
       }
       Section section(this, "sparse_decode_attention");
-      SALA_RETURN_IF_ERROR(cuda::SparseAttentionRows(q_.get(), B, views, positions, decode_tables_.sparse_rows.get(),
+      SALA_RETURN_IF_ERROR(cuda::SparseAttentionRows(q_.get(), B, views, positions, decode_tables_.sparse_rows,
                                                      scratch.blocks.get(), scratch.counts.get(), shape, o_.get(),
                                                      scratch, s));
     } else {
@@ -785,16 +812,24 @@ class CudaBackend final : public Backend {
   DeviceBuffer<float> slopes_;
   DeviceBuffer<float> h_, y_, q_, k_, v_, z_, o_, g_, u_, logits_;
   DeviceBuffer<Bf16> xb_, ob_, gb_, last_;
-  DeviceBuffer<int> ids_;
-  DeviceBuffer<TokenDraw> draws_;
+  DeviceBuffer<int> ids_;  // a prefill chunk's tokens
   DeviceBuffer<int> drawn_;
-  // Set by Run: every segment is one row (a decode step), and the step's tables.
+  // Set by Run: every segment is one row (a decode step), the step's tables, and where the
+  // pass's token ids are.
   bool decode_step_ = false;
+  const int* step_ids_ = nullptr;
+  // A decode step's inputs in one device buffer, uploaded with one copy (each host-to-device
+  // copy waits for the device, idle between steps). Offsets follow from the batch size alone, so
+  // a graph captured for a batch size finds its inputs where it read them while the buffer stays.
   struct DecodeTables {
-    DeviceBuffer<float*> linear_states;         // [linear slots, B]
-    DeviceBuffer<cuda::SparseCacheView> views;  // [sparse slots, B]
-    DeviceBuffer<int64_t> positions;            // [B]: the new token's position
-    DeviceBuffer<unsigned char> sparse_rows;    // [B]
+    DeviceBuffer<unsigned char> device;
+    std::vector<unsigned char> host;
+    float* const* linear_states = nullptr;         // [linear slots, B]
+    const cuda::SparseCacheView* views = nullptr;  // [sparse slots, B]
+    const int64_t* positions = nullptr;            // [B]: the new token's position
+    const unsigned char* sparse_rows = nullptr;    // [B]
+    const int* ids = nullptr;                      // [B]: the step's tokens
+    const TokenDraw* draws = nullptr;              // [B]: when the step draws
     int64_t max_position = 0;
     bool any_sparse = false;
   } decode_tables_;

@@ -3,7 +3,9 @@
 #include "cuda_common.h"
 #include "lightning.h"
 #include "mma.cuh"
+#include "rope.cuh"
 #include "sala/status_macros.h"
+#include "warp.cuh"
 
 namespace sala::cuda {
 namespace {
@@ -201,7 +203,6 @@ __global__ void __launch_bounds__(kThreads) ChunkOutputKernel(const float* q, co
     }
 }
 
-// One block per (sequence, head); thread `col` owns one value column of the state.
 // Decode: one block per (sequence, head). A thread owns four adjacent columns (16-byte loads and
 // stores of the state) of every rows_per_pass-th row, so a block streams its 64 KiB state with
 // many loads in flight; the row groups' partial outputs are summed in shared memory.
@@ -211,15 +212,45 @@ constexpr int kStepMaxDim = 128;
 constexpr int kStepRows = kStepMaxDim * kStepMaxDim / (4 * kStepThreads);
 
 __global__ void StepKernel(const float* q, const float* k, const float* v, int H, int Hk, int D, float scale,
-                           const float* slopes, float* const* states, float* o) {
+                           const float* slopes, float* const* states, float* o, StepHeadPrep prep,
+                           double log2_theta) {
   __shared__ float4 partial[kStepThreads];
+  __shared__ float qs[kStepMaxDim], ks[kStepMaxDim], norm_part[4];
   const int b = blockIdx.x, h = blockIdx.y, kh = h / (H / Hk);
   const int quads = D / 4, groups = blockDim.x / quads, t = threadIdx.x, c4 = t % quads, group = t / quads;
   const float decay = __expf(-slopes[h]);
   float* S = states[b] + int64_t(h) * D * D;
-  const float* qh = q + (int64_t(b) * H + h) * D;
-  const float* kk = k + (int64_t(b) * Hk + kh) * D;
   const float4 vc = reinterpret_cast<const float4*>(v + (int64_t(b) * Hk + kh) * D)[c4];
+
+  // This head's q and its group's k, normed and rotated into shared memory as HeadNormRope
+  // would (the same sums in the same order): threads 0-63 take the pairs (j, j + D/2) of q,
+  // threads 64-127 those of k. Every block does its own: a few hundred flops, not a launch.
+  const bool prep_k = t >= 64;
+  const int j = t % 64, half = D / 2;
+  const float* head = prep_k ? k + (int64_t(b) * Hk + kh) * D : q + (int64_t(b) * H + h) * D;
+  const __nv_bfloat16* w = prep_k ? prep.k_norm : prep.q_norm;
+  float pa = 0.0f, pb = 0.0f;
+  if (t < 128 && j < half) {
+    pa = head[j];
+    pb = head[j + half];
+  }
+  if (t < 128) {
+    const float ss = WarpSum(pa * pa + pb * pb);
+    if (t % 32 == 0) norm_part[t / 32] = ss;
+  }
+  __syncthreads();
+  if (t < 128 && j < half) {
+    if (w) {
+      const float inv = rsqrtf((norm_part[2 * prep_k] + norm_part[2 * prep_k + 1]) / D + prep.eps);
+      pa = pa * inv * __bfloat162float(w[j]);
+      pb = pb * inv * __bfloat162float(w[j + half]);
+    }
+    if (prep.rope) RotatePair(pa, pb, j, D, prep.positions[b], log2_theta);
+    float* dst = prep_k ? ks : qs;
+    dst[j] = pa;
+    dst[j + half] = pb;
+  }
+  __syncthreads();
   float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   // All of this thread's state rows are loaded before the first is stored: a store in between
   // would keep the compiler from issuing later loads early (they might alias), and the step
@@ -231,8 +262,8 @@ __global__ void StepKernel(const float* q, const float* k, const float* v, int H
     const int a = group + i * groups;
     if (a < D) {
       st[i] = reinterpret_cast<const float4*>(S + int64_t(a) * D)[c4];
-      ka[i] = kk[a];
-      qa[i] = qh[a];
+      ka[i] = ks[a];
+      qa[i] = qs[a];
     }
   }
 #pragma unroll
@@ -303,11 +334,16 @@ absl::Status LinearAttentionChunked(const float* q, const float* k, const float*
 
 absl::Status LinearAttentionStep(const float* q, const float* k, const float* v, int batch, int heads, int kv_heads,
                                  int dim, float scale, const float* slopes, float* const* states, float* o,
-                                 cudaStream_t stream) {
+                                 const StepHeadPrep& prep, cudaStream_t stream) {
   if (batch == 0) return absl::OkStatus();
-  if (dim % 4 != 0 || dim > kStepMaxDim) return absl::InvalidArgumentError("linear head dim must be 4..128, a multiple of 4");
+  // From 32 on a block has the 128 threads that prepare q and k.
+  if (dim % 4 != 0 || dim < 32 || dim > kStepMaxDim)
+    return absl::InvalidArgumentError("linear head dim must be 32..128, a multiple of 4");
+  if (prep.rope && (prep.positions == nullptr || !(prep.theta > 0.0)))
+    return absl::InvalidArgumentError("RoPE in the decode step needs positions and theta > 0");
   const int quads = dim / 4, threads = std::min(kStepThreads / quads, dim) * quads;
-  StepKernel<<<dim3(batch, heads), threads, 0, stream>>>(q, k, v, heads, kv_heads, dim, scale, slopes, states, o);
+  StepKernel<<<dim3(batch, heads), threads, 0, stream>>>(q, k, v, heads, kv_heads, dim, scale, slopes, states, o,
+                                                         prep, prep.rope ? std::log2(prep.theta) : 0.0);
   SALA_CUDA_CHECK_LAUNCH();
   return absl::OkStatus();
 }

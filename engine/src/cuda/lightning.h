@@ -3,6 +3,8 @@
 
 #include <cuda_runtime.h>
 
+#include <cuda_bf16.h>
+
 #include <cstdint>
 
 #include "absl/status/status.h"
@@ -17,9 +19,22 @@ absl::Status LinearAttentionChunked(const float* q, const float* k, const float*
                                     int kv_heads, int dim, float scale, const float* slopes, float* state, float* o,
                                     DeviceBuffer<float>& scratch, cudaStream_t stream);
 
-// One token for each of `batch` sequences: q [B, H, D]; k, v [B, Hkv, D]; states[b] -> [H, D, D].
+// What a decode step does to q and k before the update, as HeadNormRope does in prefill:
+// per-head RMSNorm with these weights (null: none), then NeoX RoPE at positions[b] (a device
+// array; with `rope`).
+struct StepHeadPrep {
+  const __nv_bfloat16* q_norm = nullptr;
+  const __nv_bfloat16* k_norm = nullptr;
+  float eps = 0.0f;
+  const int64_t* positions = nullptr;
+  double theta = 0.0;
+  bool rope = false;
+};
+
+// One token for each of `batch` sequences: q [B, H, D]; k, v [B, Hkv, D] (q and k as projected,
+// prepared by `prep` on the way in, left unchanged); states[b] -> [H, D, D]. D from 32 to 128.
 absl::Status LinearAttentionStep(const float* q, const float* k, const float* v, int batch, int heads, int kv_heads,
                                  int dim, float scale, const float* slopes, float* const* states, float* o,
-                                 cudaStream_t stream);
+                                 const StepHeadPrep& prep, cudaStream_t stream);
 
 }  // namespace sala::cuda

@@ -3,6 +3,7 @@
 
 #include "cuda_common.h"
 #include "ops.h"
+#include "rope.cuh"
 #include "sala/status_macros.h"
 #include "warp.cuh"
 
@@ -75,9 +76,9 @@ __global__ void RmsNormKernel(float* x, const float* add, float r, int width, co
 }
 
 // One block per (row, head of q or of k); thread j handles the rotation pair (j, j + dim/2).
-// Row r is at positions[r], or at pos0 + r without a positions array.
-__global__ void HeadNormRopeKernel(NormedHeads q, NormedHeads k, int dim, float eps, int64_t pos0,
-                                   const int64_t* positions, double log2_theta, bool rope) {
+// Row r is at position pos0 + r.
+__global__ void HeadNormRopeKernel(NormedHeads q, NormedHeads k, int dim, float eps, int64_t pos0, double log2_theta,
+                                   bool rope) {
   __shared__ float scratch[32];
   const int half = dim / 2, j = threadIdx.x;
   const bool is_k = int(blockIdx.y) >= q.heads;
@@ -93,20 +94,7 @@ __global__ void HeadNormRopeKernel(NormedHeads q, NormedHeads k, int dim, float 
     }
   }
   if (j >= half) return;
-  if (rope) {
-    // Angles in double: at a million positions fp32 angles drift by hundredths of a radian.
-    // Reduced to [-pi, pi] in double, the sine and cosine are then exact enough in fp32 (and far
-    // cheaper than double sincos and pow, which cost a prefill chunk milliseconds).
-    const int64_t pos = positions ? positions[blockIdx.x] : pos0 + blockIdx.x;
-    constexpr double kTwoPi = 6.283185307179586476925286766559;
-    const double angle = double(pos) * exp2(-2.0 * j / dim * log2_theta);
-    const float reduced = float(angle - kTwoPi * rint(angle / kTwoPi));
-    float sf, cf;
-    sincosf(reduced, &sf, &cf);
-    const float ra = a * cf - b * sf, rb = b * cf + a * sf;
-    a = ra;
-    b = rb;
-  }
+  if (rope) RotatePair(a, b, j, dim, pos0 + blockIdx.x, log2_theta);
   p[j] = a;
   p[j + half] = b;
 }
@@ -202,28 +190,14 @@ absl::Status AddScaledRmsNormToBf16(float* h, const float* y, float r, int rows,
   return absl::OkStatus();
 }
 
-namespace {
-
-absl::Status LaunchHeadNormRope(NormedHeads q, NormedHeads k, int rows, int dim, float eps, int64_t pos0,
-                                const int64_t* positions, double theta, bool rope, cudaStream_t stream) {
-  if (rows == 0 || q.heads + k.heads == 0) return absl::OkStatus();
-  if (dim % 64 != 0 || dim > 1024) return absl::InvalidArgumentError("head dim must be a multiple of 64");
-  HeadNormRopeKernel<<<dim3(rows, q.heads + k.heads), dim / 2, 0, stream>>>(q, k, dim, eps, pos0, positions,
-                                                                            std::log2(theta), rope);
-  SALA_CUDA_CHECK_LAUNCH();
-  return absl::OkStatus();
-}
-
-}  // namespace
-
 absl::Status HeadNormRope(NormedHeads q, NormedHeads k, int rows, int dim, float eps, int64_t pos0, double theta,
                           bool rope, cudaStream_t stream) {
-  return LaunchHeadNormRope(q, k, rows, dim, eps, pos0, nullptr, theta, rope, stream);
-}
-
-absl::Status HeadNormRopeRows(NormedHeads q, NormedHeads k, int rows, int dim, float eps, const int64_t* positions,
-                              double theta, bool rope, cudaStream_t stream) {
-  return LaunchHeadNormRope(q, k, rows, dim, eps, 0, positions, theta, rope, stream);
+  if (rows == 0 || q.heads + k.heads == 0) return absl::OkStatus();
+  if (dim % 64 != 0 || dim > 1024) return absl::InvalidArgumentError("head dim must be a multiple of 64");
+  HeadNormRopeKernel<<<dim3(rows, q.heads + k.heads), dim / 2, 0, stream>>>(q, k, dim, eps, pos0, std::log2(theta),
+                                                                            rope);
+  SALA_CUDA_CHECK_LAUNCH();
+  return absl::OkStatus();
 }
 
 absl::Status NormGateToBf16(const float* o, const float* z, int rows, int width, const __nv_bfloat16* norm_weight,

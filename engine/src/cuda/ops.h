@@ -27,9 +27,6 @@ struct NormedHeads {
 // at pos0 + row (if rope).
 absl::Status HeadNormRope(NormedHeads q, NormedHeads k, int rows, int dim, float eps, int64_t pos0, double theta,
                           bool rope, cudaStream_t stream);
-// The same with row r at positions[r] (a device array): a decode step's rows, one per sequence.
-absl::Status HeadNormRopeRows(NormedHeads q, NormedHeads k, int rows, int dim, float eps, const int64_t* positions,
-                              double theta, bool rope, cudaStream_t stream);
 // Linear layers' output: y = bf16(RMSNorm(o) * sigmoid(z)) over rows of `width` (norm optional).
 absl::Status NormGateToBf16(const float* o, const float* z, int rows, int width, const __nv_bfloat16* norm_weight,
                             float eps, __nv_bfloat16* y, cudaStream_t stream);
