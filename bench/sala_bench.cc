@@ -112,7 +112,7 @@ std::pair<double, double> DecodeProjectionRates(const sala::ModelConfig& c, int 
         at += g.in * g.outs[i];
       }
       if (!lt) (void)gemm.RunMany(x, rows, g.in, ws, nullptr);
-      else for (const auto& one : ws) (void)gemm.RunLt(x, rows, g.in, one.w, one.out, one.y, nullptr);
+      else for (const auto& one : ws) (void)gemm.RunLt(x, rows, g.in, one, nullptr);
     }
   };
   auto rate = [&](bool lt) { return 2.0 * weight_elems / MedianDeviceSeconds([&] { layer(lt); }); };

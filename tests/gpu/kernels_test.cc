@@ -73,26 +73,16 @@ std::vector<float> FromDeviceBf16(const __nv_bfloat16* p, size_t n) {
   return v;
 }
 
-TEST_F(GpuTest, RmsNormAndResidualRmsNormMatchCpu) {
+TEST_F(GpuTest, RmsNormMatchesCpu) {
   for (int width : {256, 1000, 4096, 16384}) {
     const int rows = 7;
     auto x = Random(rows * width, 1, 3.0f), w = Random(width, 2, 1.0f, true);
     std::vector<float> ref(x.size());
     cpu::RmsNorm(x.data(), rows, width, w.data(), 1e-6, ref.data());
+    for (float& v : ref) v *= 0.5f;
     auto* out = Poisoned<__nv_bfloat16>(x.size());
-    ASSERT_TRUE(cuda::RmsNormToBf16(ToDevice(x), rows, width, Bf16ToDevice(w), 1e-6f, 1.0f, out, nullptr).ok());
+    ASSERT_TRUE(cuda::RmsNormToBf16(ToDevice(x), rows, width, Bf16ToDevice(w), 1e-6f, 0.5f, out, nullptr).ok());
     EXPECT_LT(testing::RelativeError(FromDeviceBf16(out, x.size()), ref), 1e-2) << width;
-    // With the residual add before it: h += r y, written back, then the norm of the sum.
-    const float r = 0.37f;
-    auto y = Random(x.size(), 3, 2.0f);
-    std::vector<float> sum(x.size()), sum_ref(x.size());
-    for (size_t i = 0; i < x.size(); ++i) sum[i] = x[i] + r * y[i];
-    cpu::RmsNorm(sum.data(), rows, width, w.data(), 1e-6, sum_ref.data());
-    float* h = ToDevice(x);
-    auto* fused = Poisoned<__nv_bfloat16>(x.size());
-    ASSERT_TRUE(cuda::AddScaledRmsNormToBf16(h, ToDevice(y), r, rows, width, Bf16ToDevice(w), 1e-6f, fused, nullptr).ok());
-    EXPECT_LT(testing::RelativeError(FromDevice(h, x.size()), sum), 1e-6) << width;
-    EXPECT_LT(testing::RelativeError(FromDeviceBf16(fused, x.size()), sum_ref), 1e-2) << width;
   }
 }
 
@@ -131,6 +121,7 @@ TEST_F(GpuTest, HeadNormRopeMatchesCpuAtLargePositions) {
   }
 }
 
+// Plain, and with the residual add in the epilogue (y += scale · x·wᵀ), at GEMV and GEMM row counts.
 TEST_F(GpuTest, GemmMatchesCpu) {
   for (auto [rows, in, out] : {std::tuple{1, 256, 1032}, {77, 512, 256}, {300, 256, 768}}) {
     auto x = Random(rows * in, 5, 1.0f, true), w = Random(out * in, 6, 0.05f, true);
@@ -141,6 +132,13 @@ TEST_F(GpuTest, GemmMatchesCpu) {
     float* y = Poisoned<float>(ref.size());
     ASSERT_TRUE(gemm.Run(Bf16ToDevice(x), rows, in, Bf16ToDevice(w), out, y, nullptr).ok());
     EXPECT_LT(testing::RelativeError(FromDevice(y, ref.size()), ref), 1e-4) << rows << "x" << in << "x" << out;
+    const float scale = 0.37f;
+    auto h = Random(ref.size(), 7, 2.0f);
+    std::vector<float> sum(h.size());
+    for (size_t i = 0; i < h.size(); ++i) sum[i] = h[i] + scale * ref[i];
+    float* dh = ToDevice(h);
+    ASSERT_TRUE(gemm.RunAdd(Bf16ToDevice(x), rows, in, Bf16ToDevice(w), out, scale, dh, nullptr).ok());
+    EXPECT_LT(testing::RelativeError(FromDevice(dh, sum.size()), sum), 1e-5) << "add, " << rows << "x" << in;
   }
 }
 
@@ -170,6 +168,46 @@ TEST_F(GpuTest, GemvMatchesCpuForFewRowsAndSeveralWeights) {
   EXPECT_FALSE(cuda::GemvApplies(cuda::kGemvMaxRows + 1, 256, nullptr, &one, 1));
   EXPECT_FALSE(cuda::GemvApplies(1, 260, nullptr, &one, 1));
   EXPECT_FALSE(cuda::Gemv(nullptr, 1, 260, &one, 1, nullptr).ok());
+}
+
+// The RMSNorm formed inside the GEMV from fp32 rows, a post-norm scale, and a residual add into
+// one of the outputs: against the CPU norm (rounded to bf16, as the GPU rounds it) and GEMM.
+TEST_F(GpuTest, NormedGemvWithResidualAddMatchesCpu) {
+  for (auto [rows, in] : {std::pair{1, 4096}, {2, 264}, {3, 1032}, {4, 4096}}) {
+    const std::vector<int64_t> outs{1032, 37, 4096};
+    const float post_scale = 0.25f, add_scale = 0.37f;
+    auto h = Random(rows * in, 31 + rows, 3.0f), norm = Random(in, 32, 1.0f, true);
+    std::vector<float> x(h.size());
+    cpu::RmsNorm(h.data(), rows, in, norm.data(), 1e-6, x.data());
+    for (float& v : x) v = Bf16ToF32(F32ToBf16(v * post_scale));
+    std::vector<cuda::GemvWeight> weights;
+    std::vector<std::vector<float>> refs;
+    for (size_t i = 0; i < outs.size(); ++i) {
+      auto w = Random(outs[i] * in, 40 + i, 0.05f, true);
+      refs.emplace_back(rows * outs[i]);
+      cpu::Gemm(x.data(), rows, in, w.data(), outs[i], refs.back().data());
+      const bool add = i == 1;
+      float* y = Poisoned<float>(rows * outs[i]);
+      if (add) {
+        auto before = Random(refs.back().size(), 50, 1.0f);
+        for (size_t j = 0; j < before.size(); ++j) refs.back()[j] = before[j] + add_scale * refs.back()[j];
+        y = ToDevice(before);
+      }
+      weights.push_back({Bf16ToDevice(w), outs[i], y, add, add ? add_scale : 1.0f});
+    }
+    const cuda::GemvNormedInput input{ToDevice(h), Bf16ToDevice(norm), 1e-6f, post_scale};
+    ASSERT_TRUE(cuda::GemvRmsNormApplies(rows, in, input, weights.data(), int(weights.size())));
+    ASSERT_TRUE(cuda::GemvRmsNormed(input, rows, in, weights.data(), int(weights.size()), nullptr).ok());
+    for (size_t i = 0; i < outs.size(); ++i)
+      EXPECT_LT(testing::RelativeError(FromDevice(weights[i].y, refs[i].size()), refs[i]), 2e-3)
+          << rows << " rows of " << in << ", weight " << i;
+  }
+  // More rows, or rows that do not fit in shared memory, are refused.
+  const cuda::GemvNormedInput none{nullptr, nullptr, 1e-6f};
+  const cuda::GemvWeight one{nullptr, 8, nullptr};
+  EXPECT_FALSE(cuda::GemvRmsNormApplies(cuda::kGemvMaxRows + 1, 256, none, &one, 1));
+  EXPECT_FALSE(cuda::GemvRmsNormApplies(4, 8192, none, &one, 1));
+  EXPECT_FALSE(cuda::GemvRmsNormed(none, 4, 8192, &one, 1, nullptr).ok());
 }
 
 // Tensor cores with tf32 inputs: tolerances of the order of tf32 rounding.

@@ -11,6 +11,7 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.error
 
 from cluster_util import (SERVICES, client, client_error_code, http_json, http_stream, make_cluster, metrics, redis,
                           sessions_with_status, wait_for)
@@ -58,6 +59,13 @@ class ClusterTest(unittest.TestCase):
 
     def setUp(self):
         require_environment(self)
+
+    def cluster_warnings(self):
+        lines = []
+        for name in sorted(os.listdir(self.cluster.log_dir)):
+            with open(os.path.join(self.cluster.log_dir, name), errors="replace") as f:
+                lines += [f"{name}: {l.rstrip()}" for l in f if '"level":"warn' in l or '"level":"error' in l]
+        return "\n".join(lines[-40:])
 
     def assert_workers_idle(self):
         for d in self.cluster.decodes:
@@ -157,13 +165,18 @@ class ClusterTest(unittest.TestCase):
             ids = random_ids(20 + (i * 37) % 400, seed=100 + i)
             body = {"prompt": ids, "max_tokens": 8, "temperature": 0.5, "seed": i, "ignore_eos": True}
             if i % 2:
-                events, done = http_stream(self.cluster, "/v1/completions", dict(body, stream_options={"include_usage": True}))
+                try:
+                    events, done = http_stream(self.cluster, "/v1/completions",
+                                               dict(body, stream_options={"include_usage": True}))
+                except urllib.error.HTTPError as e:
+                    return e.code, e.read().decode(errors="replace")
                 return 200 if done else 0, events[-1]["usage"]["completion_tokens"]
             status, out = http_json(self.cluster, "/v1/completions", body)
-            return status, out.get("usage", {}).get("completion_tokens")
+            return status, out.get("usage", {}).get("completion_tokens", out)
         with concurrent.futures.ThreadPoolExecutor(64) as pool:
             results = list(pool.map(one, range(64)))
-        self.assertEqual(results, [(200, 8)] * 64)
+        # A failure names the errors and what the services logged about them.
+        self.assertEqual(results, [(200, 8)] * 64, [r for r in results if r != (200, 8)] and self.cluster_warnings())
         self.assert_workers_idle()
 
     def test_session_second_turn_equals_whole_conversation(self):

@@ -436,7 +436,7 @@ class CudaBackend final : public Backend {
     const int64_t d = config_.hidden_size, ff = config_.intermediate_size;
     const int64_t qd = int64_t(config_.num_heads) * std::max(config_.head_dim, config_.sparse_head_dim());
     const int64_t kvd = int64_t(std::max(config_.num_kv_heads * config_.sparse_head_dim(), config_.lightning_nkv * config_.head_dim));
-    for (auto [buf, n] : {std::pair{&h_, R * d}, {&y_, R * d}, {&q_, R * qd}, {&z_, R * qd}, {&o_, R * qd},
+    for (auto [buf, n] : {std::pair{&h_, R * d}, {&q_, R * qd}, {&z_, R * qd}, {&o_, R * qd},
                           {&k_, R * kvd}, {&v_, R * kvd}, {&g_, R * ff}, {&u_, R * ff}})
       SALA_RETURN_IF_ERROR(buf->Reserve(n));
     for (auto [buf, n] : {std::pair{&xb_, R * d}, {&ob_, R * qd}, {&gb_, R * ff}})
@@ -558,46 +558,39 @@ class CudaBackend final : public Backend {
   // The kernels of Run, queued on stream_; host state is left to Run.
   absl::Status Enqueue(std::span<Segment> segs, int64_t R) {
     const int64_t d = config_.hidden_size, ff = config_.intermediate_size;
-    const float r = float(config_.residual_scale()), eps = float(config_.rms_norm_eps);
+    const float eps = float(config_.rms_norm_eps);
     cudaStream_t s = stream_;
     SALA_RETURN_IF_ERROR(cuda::Embed(step_ids_, int(R), embed_.get(), int(d), float(config_.scale_emb), h_.get(), s));
-    SALA_RETURN_IF_ERROR(cuda::RmsNormToBf16(h_.get(), int(R), int(d), layers_[0].input_norm.get(), eps, 1.0f, xb_.get(), s));
-    // Each residual add is fused into the RMSNorm that follows it (the last one into nothing).
+    // Residual adds happen in the epilogues of the output projections (o, down), the RMSNorms
+    // after them in the input projections (in the GEMV) or just before them (NormedMm).
     for (int i = 0; i < config_.num_layers; ++i) {
       LayerWeights& w = layers_[i];
       if (config_.layers[i] == LayerKind::kSparse) SALA_RETURN_IF_ERROR(SparseMixer(i, segs, R));
       else SALA_RETURN_IF_ERROR(LinearMixer(i, segs, R));
-      SALA_RETURN_IF_ERROR(cuda::AddScaledRmsNormToBf16(h_.get(), y_.get(), r, int(R), int(d), w.post_norm.get(), eps,
-                                                        xb_.get(), s));
       const cuda::GemvWeight gate_up[] = {{w.mlp_gate.get(), ff, g_.get()}, {w.mlp_up.get(), ff, u_.get()}};
-      SALA_RETURN_IF_ERROR(MmMany(xb_.get(), R, d, gate_up));
+      SALA_RETURN_IF_ERROR(NormedMm(w.post_norm.get(), 1.0f, R, gate_up));
       SALA_RETURN_IF_ERROR(cuda::SwiGluToBf16(g_.get(), u_.get(), R * ff, gb_.get(), s));
-      SALA_RETURN_IF_ERROR(Mm(gb_.get(), R, ff, w.mlp_down.get(), d, y_.get()));
-      if (i + 1 < config_.num_layers)
-        SALA_RETURN_IF_ERROR(cuda::AddScaledRmsNormToBf16(h_.get(), y_.get(), r, int(R), int(d),
-                                                          layers_[i + 1].input_norm.get(), eps, xb_.get(), s));
-      else
-        SALA_RETURN_IF_ERROR(cuda::AddScaled(h_.get(), y_.get(), r, R * d, s));
+      SALA_RETURN_IF_ERROR(MmAddResidual(gb_.get(), R, ff, w.mlp_down.get()));
     }
     // Logits of each segment's last row, in one GEMM.
     const int64_t B = int64_t(segs.size()), V = config_.vocab_size;
     SALA_RETURN_IF_ERROR(last_.Reserve(B * d));
     SALA_RETURN_IF_ERROR(logits_.Reserve(B * V));
     const float inv_div = float(1.0 / config_.logit_divisor());
-    if (decode_step_)  // the last rows are rows 0 .. B - 1: one launch
-      SALA_RETURN_IF_ERROR(cuda::RmsNormToBf16(h_.get(), int(B), int(d), final_norm_.get(), eps, inv_div, last_.get(), s));
-    else
-      for (int64_t b = 0; b < B; ++b)
-        SALA_RETURN_IF_ERROR(cuda::RmsNormToBf16(h_.get() + (segs[b].row0 + segs[b].rows - 1) * d, 1, int(d),
-                                                 final_norm_.get(), eps, inv_div, last_.get() + b * d, s));
-    return Mm(last_.get(), B, d, lm_head_.get(), V, logits_.get());
+    const cuda::GemvWeight lm_head[] = {{lm_head_.get(), V, logits_.get()}};
+    if (decode_step_)  // the last rows are rows 0 .. B - 1
+      return NormedMm(final_norm_.get(), inv_div, B, lm_head);
+    for (int64_t b = 0; b < B; ++b)
+      SALA_RETURN_IF_ERROR(cuda::RmsNormToBf16(h_.get() + (segs[b].row0 + segs[b].rows - 1) * d, 1, int(d),
+                                               final_norm_.get(), eps, inv_div, last_.get() + b * d, s));
+    return MmMany(last_.get(), B, d, lm_head);
   }
 
   // Every device pointer a captured decode step has baked in: a graph is replayed only while
   // they all still hold (a buffer that grew since has moved).
   std::vector<const void*> GraphPointers() const {
     const cuda::SparseScratch& sc = sparse_scratch_;
-    return {h_.get(), y_.get(), q_.get(), k_.get(), v_.get(), z_.get(), o_.get(), g_.get(), u_.get(), logits_.get(),
+    return {h_.get(), q_.get(), k_.get(), v_.get(), z_.get(), o_.get(), g_.get(), u_.get(), logits_.get(),
             xb_.get(), ob_.get(), gb_.get(), last_.get(), decode_tables_.device.get(),
             sc.partial.get(), sc.scores.get(), sc.lse.get(), sc.blocks.get(), sc.counts.get()};
   }
@@ -651,7 +644,6 @@ class CudaBackend final : public Backend {
 
   absl::Status LinearMixer(int layer, std::span<Segment> segs, int64_t R) {
     LayerWeights& w = layers_[layer];
-    const int64_t d = config_.hidden_size;
     const int H = config_.num_heads, Hk = config_.lightning_nkv, D = config_.head_dim;
     const float eps = float(config_.rms_norm_eps), scale = float(config_.linear_query_scale());
     cudaStream_t s = stream_;
@@ -681,12 +673,11 @@ class CudaBackend final : public Backend {
     }
     SALA_RETURN_IF_ERROR(cuda::NormGateToBf16(o_.get(), config_.use_output_gate ? z_.get() : nullptr, int(R), H * D,
                                               config_.use_output_norm ? w.o_norm.get() : nullptr, eps, ob_.get(), s));
-    return Mm(ob_.get(), R, int64_t(H) * D, w.o.get(), d, y_.get());
+    return MmAddResidual(ob_.get(), R, int64_t(H) * D, w.o.get());
   }
 
   absl::Status SparseMixer(int layer, std::span<Segment> segs, int64_t R) {
     LayerWeights& w = layers_[layer];
-    const int64_t d = config_.hidden_size;
     const int H = config_.num_heads, Hk = config_.num_kv_heads, D = config_.sparse_head_dim();
     const SparseConfig& sc = config_.sparse;
     cudaStream_t s = stream_;
@@ -733,7 +724,7 @@ class CudaBackend final : public Backend {
     }
     SALA_RETURN_IF_ERROR(cuda::GateToBf16(o_.get(), config_.attn_use_output_gate ? z_.get() : nullptr, R * H * D,
                                           ob_.get(), s));
-    return Mm(ob_.get(), R, int64_t(H) * D, w.o.get(), d, y_.get());
+    return MmAddResidual(ob_.get(), R, int64_t(H) * D, w.o.get());
   }
 
   // A prefill chunk's sparse-layer attention: stage 1 picks each row's blocks (sparse rows only),
@@ -773,22 +764,34 @@ class CudaBackend final : public Backend {
     const char* kind_;
     std::chrono::steady_clock::time_point start_;
   };
-  absl::Status Mm(const Bf16* x, int64_t rows, int64_t in, const Bf16* w, int64_t out, float* y) {
-    Section section(this, "gemm");
-    return gemm_.Run(x, rows, in, w, out, y, stream_);
-  }
   absl::Status MmMany(const Bf16* x, int64_t rows, int64_t in, std::span<const cuda::GemvWeight> weights) {
     Section section(this, "gemm");
     return gemm_.RunMany(x, rows, in, weights, stream_);
   }
-  // The attention input projections of a layer from xb_ into q_, k_, v_ (and z_ with a gate).
-  absl::Status ProjectQkvGate(int64_t R, const LayerWeights& w, int H, int Hk, int D, bool gate) {
+  // h_ += residual scale · x · wᵀ.
+  absl::Status MmAddResidual(const Bf16* x, int64_t rows, int64_t in, const Bf16* w) {
+    Section section(this, "gemm");
+    return gemm_.RunAdd(x, rows, in, w, config_.hidden_size, float(config_.residual_scale()), h_.get(), stream_);
+  }
+  // The RMSNorm of h_'s first R rows (times post_scale) through `weights`: normed inside the GEMV
+  // where it takes the shape (a decode step), else into xb_ first.
+  absl::Status NormedMm(const Bf16* norm, float post_scale, int64_t R, std::span<const cuda::GemvWeight> weights) {
     const int64_t d = config_.hidden_size;
+    const cuda::GemvNormedInput input{h_.get(), norm, float(config_.rms_norm_eps), post_scale};
+    if (cuda::GemvRmsNormApplies(R, d, input, weights.data(), int(weights.size()))) {
+      Section section(this, "gemm");
+      return cuda::GemvRmsNormed(input, int(R), d, weights.data(), int(weights.size()), stream_);
+    }
+    SALA_RETURN_IF_ERROR(cuda::RmsNormToBf16(h_.get(), int(R), int(d), norm, input.eps, post_scale, xb_.get(), stream_));
+    return MmMany(xb_.get(), R, d, weights);
+  }
+  // The attention input projections of a layer from the normed h_ into q_, k_, v_ (and z_ with a gate).
+  absl::Status ProjectQkvGate(int64_t R, const LayerWeights& w, int H, int Hk, int D, bool gate) {
     const cuda::GemvWeight all[] = {{w.q.get(), int64_t(H) * D, q_.get()},
                                     {w.k.get(), int64_t(Hk) * D, k_.get()},
                                     {w.v.get(), int64_t(Hk) * D, v_.get()},
                                     {w.gate.get(), int64_t(H) * D, z_.get()}};
-    return MmMany(xb_.get(), R, d, std::span(all, gate ? 4 : 3));
+    return NormedMm(w.input_norm.get(), 1.0f, R, std::span(all, gate ? 4 : 3));
   }
 
   bool profiling_ = false;
@@ -810,7 +813,7 @@ class CudaBackend final : public Backend {
   DeviceBuffer<Bf16> embed_, final_norm_, lm_head_;
   std::vector<LayerWeights> layers_;
   DeviceBuffer<float> slopes_;
-  DeviceBuffer<float> h_, y_, q_, k_, v_, z_, o_, g_, u_, logits_;
+  DeviceBuffer<float> h_, q_, k_, v_, z_, o_, g_, u_, logits_;
   DeviceBuffer<Bf16> xb_, ob_, gb_, last_;
   DeviceBuffer<int> ids_;  // a prefill chunk's tokens
   DeviceBuffer<int> drawn_;

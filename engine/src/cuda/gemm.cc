@@ -67,23 +67,29 @@ absl::Status Gemm::Run(const __nv_bfloat16* x, int64_t rows, int64_t in, const _
   return RunMany(x, rows, in, {&one, 1}, stream);
 }
 
+absl::Status Gemm::RunAdd(const __nv_bfloat16* x, int64_t rows, int64_t in, const __nv_bfloat16* w, int64_t out,
+                          float scale, float* y, cudaStream_t stream) {
+  const GemvWeight one{w, out, y, /*add=*/true, scale};
+  return RunMany(x, rows, in, {&one, 1}, stream);
+}
+
 absl::Status Gemm::RunMany(const __nv_bfloat16* x, int64_t rows, int64_t in, std::span<const GemvWeight> weights,
                            cudaStream_t stream) {
   if (rows == 0) return absl::OkStatus();
   if (GemvApplies(rows, in, x, weights.data(), int(weights.size())))
     return Gemv(x, int(rows), in, weights.data(), int(weights.size()), stream);
-  for (const GemvWeight& w : weights) SALA_RETURN_IF_ERROR(RunLt(x, rows, in, w.w, w.out, w.y, stream));
+  for (const GemvWeight& w : weights) SALA_RETURN_IF_ERROR(RunLt(x, rows, in, w, stream));
   return absl::OkStatus();
 }
 
-absl::Status Gemm::RunLt(const __nv_bfloat16* x, int64_t rows, int64_t in, const __nv_bfloat16* w, int64_t out,
-                         float* y, cudaStream_t stream) {
+absl::Status Gemm::RunLt(const __nv_bfloat16* x, int64_t rows, int64_t in, const GemvWeight& w,
+                         cudaStream_t stream) {
   if (rows == 0) return absl::OkStatus();
-  auto plan = PlanFor(rows, in, out);
+  auto plan = PlanFor(rows, in, w.out);
   if (!plan.ok()) return plan.status();
-  const float alpha = 1.0f, beta = 0.0f;
+  const float alpha = w.scale, beta = w.add ? 1.0f : 0.0f;  // in place: C and D are both y
   Plan* p = *plan;
-  SALA_LT(cublasLtMatmul(handle_, p->op, &alpha, w, p->a, x, p->b, &beta, y, p->c, y, p->c, &p->algo,
+  SALA_LT(cublasLtMatmul(handle_, p->op, &alpha, w.w, p->a, x, p->b, &beta, w.y, p->c, w.y, p->c, &p->algo,
                          workspace_.get(), kWorkspaceBytes, stream));
   return absl::OkStatus();
 }

@@ -23,12 +23,14 @@ class Gemm {
   absl::Status Init();
   absl::Status Run(const __nv_bfloat16* x, int64_t rows, int64_t in, const __nv_bfloat16* w, int64_t out, float* y,
                    cudaStream_t stream);
+  // y += scale · x · wᵀ: a residual add in the projection's epilogue.
+  absl::Status RunAdd(const __nv_bfloat16* x, int64_t rows, int64_t in, const __nv_bfloat16* w, int64_t out,
+                      float scale, float* y, cudaStream_t stream);
   // Several weights over the same x: one launch when the GEMV takes them, else one GEMM each.
   absl::Status RunMany(const __nv_bfloat16* x, int64_t rows, int64_t in, std::span<const GemvWeight> weights,
                        cudaStream_t stream);
   // Always cuBLASLt (benchmarks compare it with the GEMV).
-  absl::Status RunLt(const __nv_bfloat16* x, int64_t rows, int64_t in, const __nv_bfloat16* w, int64_t out, float* y,
-                     cudaStream_t stream);
+  absl::Status RunLt(const __nv_bfloat16* x, int64_t rows, int64_t in, const GemvWeight& w, cudaStream_t stream);
 
  private:
   struct Plan {

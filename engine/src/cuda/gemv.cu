@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <cstdint>
 
 #include "cuda_common.h"
@@ -7,12 +8,16 @@
 namespace sala::cuda {
 namespace {
 
-constexpr int kWarps = 8;          // warps per block
 constexpr int kLoadsInFlight = 8;  // 16-byte weight loads in flight per lane
+
+// Warps per block. A normed block forms x once for all of its tiles (the grid is one resident
+// wave): bigger blocks mean fewer copies of that prologue.
+template <bool kNormed>
+constexpr int kWarps = kNormed ? 16 : 8;
 
 struct GemvBatch {
   GemvWeight weight[kGemvMaxWeights];
-  int64_t first_block[kGemvMaxWeights + 1];  // weight i owns blocks [first_block[i], first_block[i + 1])
+  int64_t first_block[kGemvMaxWeights + 1];  // weight i owns tiles [first_block[i], first_block[i + 1])
   int count;
 };
 
@@ -27,30 +32,81 @@ __device__ void Accumulate8(float& acc, uint4 w, uint4 x) {
   }
 }
 
+// Shared memory for the normed rows (four rows of 4096): within the 48 KiB a launch may take
+// without opting in.
+constexpr int64_t kNormedBytes = 32 * 1024;
+
+// The block forms the R normed rows of x in shared memory: the same arithmetic, per element, as
+// RmsNormToBf16.
+template <int R, int kBlockWarps>
+__device__ void FormNormedRows(const GemvNormedInput& input, int64_t in, __nv_bfloat16* x) {
+  __shared__ float partial[R][kBlockWarps];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t vecs = in / 4;
+  const float4* h = reinterpret_cast<const float4*>(input.h);
+  float ss[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) ss[r] = 0.0f;
+  for (int64_t v = threadIdx.x; v < vecs; v += blockDim.x)
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float4 a = h[r * vecs + v];
+      ss[r] += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
+    }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const float s = WarpSum(ss[r]);
+    if (lane == 0) partial[r][warp] = s;
+  }
+  __syncthreads();
+  float inv[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    float total = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kBlockWarps; ++w) total += partial[r][w];
+    inv[r] = rsqrtf(total / float(in) + input.eps) * input.post_scale;
+  }
+  for (int64_t v = threadIdx.x; v < vecs; v += blockDim.x) {
+    const uint2 packed = *reinterpret_cast<const uint2*>(input.norm + v * 4);
+    const __nv_bfloat162* np = reinterpret_cast<const __nv_bfloat162*>(&packed);
+    const float2 n01 = __bfloat1622float2(np[0]), n23 = __bfloat1622float2(np[1]);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float4 a = h[r * vecs + v];
+      __nv_bfloat162 out[2] = {__floats2bfloat162_rn(a.x * inv[r] * n01.x, a.y * inv[r] * n01.y),
+                               __floats2bfloat162_rn(a.z * inv[r] * n23.x, a.w * inv[r] * n23.y)};
+      *reinterpret_cast<uint2*>(x + r * in + v * 4) = *reinterpret_cast<const uint2*>(out);
+    }
+  }
+  __syncthreads();
+}
+
 // Each warp computes C adjacent columns for the R rows: every x load serves C weight rows, so
-// that L1 traffic stays near the weight stream as rows grow.
-template <int R, int C>
-__global__ void __launch_bounds__(kWarps * 32) GemvKernel(const __nv_bfloat16* x, int64_t in, GemvBatch batch) {
+// that L1 traffic stays near the weight stream as rows grow. A block walks tiles of
+// kWarps * C columns.
+template <int R, int C, bool kNormed>
+__global__ void __launch_bounds__(kWarps<kNormed> * 32)
+    GemvKernel(const __nv_bfloat16* x, GemvNormedInput normed, int64_t in, GemvBatch batch) {
   constexpr int kUnroll = kLoadsInFlight / C;
-  int i = 0;
-  while (i + 1 < batch.count && blockIdx.x >= batch.first_block[i + 1]) ++i;
-  const GemvWeight& wt = batch.weight[i];
+  extern __shared__ uint4 normed_rows[];
   const int lane = threadIdx.x % 32;
-  const int64_t n0 = ((blockIdx.x - batch.first_block[i]) * kWarps + threadIdx.x / 32) * C;
-  if (n0 >= wt.out) return;
-  const int64_t vecs = in / 8;
+  const int64_t vecs = in / 8, tiles = batch.first_block[batch.count];
+  // This warp's columns in a tile: n0 .. n0 + C - 1 of weight `i`.
+  int i = 0;
+  int64_t n0 = 0;
   const uint4* wr[C];
+  auto columns = [&](int64_t tile) {
+    while (i + 1 < batch.count && tile >= batch.first_block[i + 1]) ++i;
+    const GemvWeight& wt = batch.weight[i];
+    n0 = ((tile - batch.first_block[i]) * kWarps<kNormed> + threadIdx.x / 32) * C;
 #pragma unroll
-  for (int c = 0; c < C; ++c) wr[c] = reinterpret_cast<const uint4*>(wt.w + min(n0 + c, wt.out - 1) * in);
-  const uint4* xr = reinterpret_cast<const uint4*>(x);
-  float acc[R][C];
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int c = 0; c < C; ++c) acc[r][c] = 0.0f;
-  for (int64_t base = 0; base < vecs; base += 32 * kUnroll) {
-    // Weights are read once per step: streaming loads keep them from evicting x from the caches.
-    uint4 wv[C][kUnroll];
+    for (int c = 0; c < C; ++c) wr[c] = reinterpret_cast<const uint4*>(wt.w + min(n0 + c, wt.out - 1) * in);
+    return n0 < wt.out;
+  };
+  // Weights are read once per step: streaming loads keep them from evicting x from the caches.
+  uint4 wv[C][kUnroll];
+  auto load = [&](int64_t base) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t v = base + u * 32 + lane;
@@ -58,42 +114,88 @@ __global__ void __launch_bounds__(kWarps * 32) GemvKernel(const __nv_bfloat16* x
       for (int c = 0; c < C; ++c)
         if (v < vecs) wv[c][u] = __ldcs(wr[c] + v);
     }
+  };
+  int64_t tile = blockIdx.x;
+  bool active = tile < tiles && columns(tile);
+  if constexpr (kNormed) {
+    if (active) load(0);  // the first weights are in flight while the block forms x
+    FormNormedRows<R, kWarps<kNormed>>(normed, in, reinterpret_cast<__nv_bfloat16*>(normed_rows));
+    x = reinterpret_cast<const __nv_bfloat16*>(normed_rows);
+  } else if (active) {
+    load(0);
+  }
+  const uint4* xr = reinterpret_cast<const uint4*>(x);
+  for (; tile < tiles; tile += gridDim.x) {
+    if (tile != blockIdx.x) {
+      active = columns(tile);
+      if (active) load(0);
+    }
+    if (!active) continue;
+    float acc[R][C];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t v = base + u * 32 + lane;
-      if (v >= vecs) continue;
+    for (int r = 0; r < R; ++r)
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const uint4 xv = __ldg(xr + r * vecs + v);
+      for (int c = 0; c < C; ++c) acc[r][c] = 0.0f;
+    for (int64_t base = 0; base < vecs; base += 32 * kUnroll) {
+      if (base > 0) load(base);
 #pragma unroll
-        for (int c = 0; c < C; ++c) Accumulate8(acc[r][c], wv[c][u], xv);
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t v = base + u * 32 + lane;
+        if (v >= vecs) continue;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const uint4 xv = kNormed ? xr[r * vecs + v] : __ldg(xr + r * vecs + v);
+#pragma unroll
+          for (int c = 0; c < C; ++c) Accumulate8(acc[r][c], wv[c][u], xv);
+        }
       }
     }
+    const GemvWeight& wt = batch.weight[i];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        const float sum = WarpSum(acc[r][c]) * wt.scale;
+        if (lane == 0 && n0 + c < wt.out) {
+          float* y = wt.y + r * wt.out + n0 + c;
+          *y = wt.add ? *y + sum : sum;
+        }
+      }
   }
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int c = 0; c < C; ++c) {
-      const float sum = WarpSum(acc[r][c]);
-      if (lane == 0 && n0 + c < wt.out) wt.y[r * wt.out + n0 + c] = sum;
-    }
 }
 
 // Columns per warp by rows: one x load per weight load at one and two rows, at most two above.
 constexpr int ColumnsFor(int rows) { return rows == 1 ? 1 : rows <= 3 ? 2 : 4; }
 
-template <int R>
-void LaunchRows(const __nv_bfloat16* x, int64_t in, const GemvWeight* weights, int count, cudaStream_t stream) {
-  constexpr int C = ColumnsFor(R);
+template <int R, bool kNormed>
+void LaunchRows(const __nv_bfloat16* x, const GemvNormedInput& normed, int64_t in, const GemvWeight* weights,
+                int count, cudaStream_t stream) {
+  constexpr int C = ColumnsFor(R), kThreads = kWarps<kNormed> * 32, kTileColumns = kWarps<kNormed> * C;
   GemvBatch batch{};
   batch.count = count;
   for (int i = 0; i < count; ++i) {
     batch.weight[i] = weights[i];
-    batch.first_block[i + 1] = batch.first_block[i] + (weights[i].out + kWarps * C - 1) / (kWarps * C);
+    batch.first_block[i + 1] = batch.first_block[i] + (weights[i].out + kTileColumns - 1) / kTileColumns;
   }
-  if (batch.first_block[count] == 0) return;
-  GemvKernel<R, C><<<unsigned(batch.first_block[count]), kWarps * 32, 0, stream>>>(x, in, batch);
+  const int64_t tiles = batch.first_block[count];
+  if (tiles == 0) return;
+  const size_t smem = kNormed ? size_t(R * in) * sizeof(__nv_bfloat16) : 0;
+  int64_t grid = tiles;
+  if (kNormed) {
+    // One wave of resident blocks (a property of the device and the kernel: asked once).
+    static const int64_t resident = [] {
+      int device = 0, sms = 0, per_sm = 0;
+      cudaGetDevice(&device);
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, GemvKernel<R, C, kNormed>, kThreads,
+                                                    size_t(kNormedBytes));
+      return int64_t(std::max(1, sms * per_sm));
+    }();
+    grid = std::min(tiles, resident);
+  }
+  GemvKernel<R, C, kNormed><<<unsigned(grid), kThreads, smem, stream>>>(x, normed, in, batch);
 }
+
 
 bool Aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
@@ -107,16 +209,37 @@ bool GemvApplies(int64_t rows, int64_t in, const __nv_bfloat16* x, const GemvWei
   return true;
 }
 
+bool GemvRmsNormApplies(int64_t rows, int64_t in, const GemvNormedInput& input, const GemvWeight* weights,
+                        int count) {
+  return GemvApplies(rows, in, input.norm, weights, count) && Aligned(input.h) &&
+         rows * in * int64_t(sizeof(__nv_bfloat16)) <= kNormedBytes;
+}
+
 absl::Status Gemv(const __nv_bfloat16* x, int rows, int64_t in, const GemvWeight* weights, int count,
                   cudaStream_t stream) {
   if (!GemvApplies(rows, in, x, weights, count))
     return absl::InvalidArgumentError(absl::StrCat("GEMV does not take ", rows, " rows of ", in, " over ", count,
                                                    " weights"));
   switch (rows) {
-    case 1: LaunchRows<1>(x, in, weights, count, stream); break;
-    case 2: LaunchRows<2>(x, in, weights, count, stream); break;
-    case 3: LaunchRows<3>(x, in, weights, count, stream); break;
-    default: LaunchRows<4>(x, in, weights, count, stream); break;
+    case 1: LaunchRows<1, false>(x, {}, in, weights, count, stream); break;
+    case 2: LaunchRows<2, false>(x, {}, in, weights, count, stream); break;
+    case 3: LaunchRows<3, false>(x, {}, in, weights, count, stream); break;
+    default: LaunchRows<4, false>(x, {}, in, weights, count, stream); break;
+  }
+  SALA_CUDA_CHECK_LAUNCH();
+  return absl::OkStatus();
+}
+
+absl::Status GemvRmsNormed(const GemvNormedInput& input, int rows, int64_t in, const GemvWeight* weights, int count,
+                           cudaStream_t stream) {
+  if (!GemvRmsNormApplies(rows, in, input, weights, count))
+    return absl::InvalidArgumentError(absl::StrCat("the normed GEMV does not take ", rows, " rows of ", in, " over ",
+                                                   count, " weights"));
+  switch (rows) {
+    case 1: LaunchRows<1, true>(nullptr, input, in, weights, count, stream); break;
+    case 2: LaunchRows<2, true>(nullptr, input, in, weights, count, stream); break;
+    case 3: LaunchRows<3, true>(nullptr, input, in, weights, count, stream); break;
+    default: LaunchRows<4, true>(nullptr, input, in, weights, count, stream); break;
   }
   SALA_CUDA_CHECK_LAUNCH();
   return absl::OkStatus();

@@ -6,6 +6,10 @@
 // on an H100 over a 9B layer's projections (sala-bench): 2.25-2.5 TB/s at 1-4 rows, against
 // 2.15-2.25 for cuBLASLt; from six rows on cuBLASLt is faster, hence kGemvMaxRows. One launch
 // for q/k/v/gate and one for gate/up also saves a decode step some 100 launches.
+//
+// The layers' RMSNorms and residual adds live inside the GEMV too (GemvRmsNormed, GemvWeight::add):
+// a norm kernel of one 4096-wide row is all launch latency (5-6 us against a 53 us projection), and
+// a decode step had 65 of them.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -23,7 +27,9 @@ inline constexpr int kGemvMaxWeights = 4;
 struct GemvWeight {
   const __nv_bfloat16* w;  // [out, in]
   int64_t out;
-  float* y;  // [rows, out]
+  float* y;            // [rows, out]
+  bool add = false;    // y += scale · x·wᵀ (a residual add) instead of y = scale · x·wᵀ
+  float scale = 1.0f;
 };
 
 // (Pointer and count: the CUDA sources are C++17.)
@@ -33,5 +39,19 @@ bool GemvApplies(int64_t rows, int64_t in, const __nv_bfloat16* x, const GemvWei
 // y_i = x · w_iᵀ for every weight (at most kGemvMaxWeights) in one launch.
 absl::Status Gemv(const __nv_bfloat16* x, int rows, int64_t in, const GemvWeight* weights, int count,
                   cudaStream_t stream);
+
+// The input as the RMSNorm of fp32 rows h[rows, in]: x = bf16(h · rsqrt(mean(h²) + eps) · norm ·
+// post_scale), the rounding of RmsNormToBf16, formed in shared memory by each block.
+struct GemvNormedInput {
+  const float* h;
+  const __nv_bfloat16* norm;  // [in]
+  float eps;
+  float post_scale = 1.0f;
+};
+// Whether GemvRmsNormed takes this shape: GemvApplies, and the rows fit in shared memory.
+bool GemvRmsNormApplies(int64_t rows, int64_t in, const GemvNormedInput& input, const GemvWeight* weights,
+                        int count);
+absl::Status GemvRmsNormed(const GemvNormedInput& input, int rows, int64_t in, const GemvWeight* weights, int count,
+                           cudaStream_t stream);
 
 }  // namespace sala::cuda

@@ -41,30 +41,17 @@ absl::Status CheckRowWidth(int width, const char* what) {
   return absl::InvalidArgumentError(absl::StrCat(what, " width ", width, " above ", kMaxRowWidth));
 }
 
-// With `add` set, the row first takes the residual: x += r * add (written back).
-__global__ void RmsNormKernel(float* x, const float* add, float r, int width, const __nv_bfloat16* w, float eps,
-                              float post_scale, __nv_bfloat16* y) {
+__global__ void RmsNormKernel(const float* x, int width, const __nv_bfloat16* w, float eps, float post_scale,
+                              __nv_bfloat16* y) {
   __shared__ float scratch[32];
-  float* xr = x + int64_t(blockIdx.x) * width;
-  const float* ar = add ? add + int64_t(blockIdx.x) * width : nullptr;
-  // Every load before any store: a store to x in between would keep the compiler from issuing
-  // later loads early (they might alias), one memory round trip per element.
-  float v[kRowPerThread], av[kRowPerThread], wv[kRowPerThread];  // the weights' loads overlap the reduction
-#pragma unroll
-  for (int k = 0; k < kRowPerThread; ++k) {
-    const int i = threadIdx.x + k * blockDim.x;
-    v[k] = i < width ? xr[i] : 0.0f;
-    av[k] = ar && i < width ? ar[i] : 0.0f;
-    wv[k] = i < width ? __bfloat162float(w[i]) : 0.0f;
-  }
+  const float* xr = x + int64_t(blockIdx.x) * width;
+  float v[kRowPerThread], wv[kRowPerThread];  // the weights' loads overlap the reduction
   float ss = 0.0f;
 #pragma unroll
   for (int k = 0; k < kRowPerThread; ++k) {
     const int i = threadIdx.x + k * blockDim.x;
-    if (ar && i < width) {
-      v[k] += r * av[k];
-      xr[i] = v[k];
-    }
+    v[k] = i < width ? xr[i] : 0.0f;
+    wv[k] = i < width ? __bfloat162float(w[i]) : 0.0f;
     ss += v[k] * v[k];
   }
   const float inv = rsqrtf(BlockSum(ss, scratch) / width + eps) * post_scale;
@@ -134,11 +121,6 @@ __global__ void SwiGluKernel(const float* g, const float* u, int64_t n, __nv_bfl
     y[i] = __float2bfloat16(g[i] * SigmoidF(g[i]) * u[i]);
 }
 
-__global__ void AddScaledKernel(float* h, const float* y, float r, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    h[i] += r * y[i];
-}
-
 __device__ uint64_t SplitMix(uint64_t z) {
   z += 0x9e3779b97f4a7c15ull;
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -175,17 +157,7 @@ absl::Status RmsNormToBf16(const float* x, int rows, int width, const __nv_bfloa
                            float post_scale, __nv_bfloat16* y, cudaStream_t stream) {
   if (rows == 0) return absl::OkStatus();
   SALA_RETURN_IF_ERROR(CheckRowWidth(width, "RMSNorm"));
-  RmsNormKernel<<<rows, RowThreads(width), 0, stream>>>(const_cast<float*>(x), nullptr, 0.0f, width, weight, eps,
-                                                       post_scale, y);
-  SALA_CUDA_CHECK_LAUNCH();
-  return absl::OkStatus();
-}
-
-absl::Status AddScaledRmsNormToBf16(float* h, const float* y, float r, int rows, int width,
-                                    const __nv_bfloat16* weight, float eps, __nv_bfloat16* out, cudaStream_t stream) {
-  if (rows == 0) return absl::OkStatus();
-  SALA_RETURN_IF_ERROR(CheckRowWidth(width, "RMSNorm"));
-  RmsNormKernel<<<rows, RowThreads(width), 0, stream>>>(h, y, r, width, weight, eps, 1.0f, out);
+  RmsNormKernel<<<rows, RowThreads(width), 0, stream>>>(x, width, weight, eps, post_scale, y);
   SALA_CUDA_CHECK_LAUNCH();
   return absl::OkStatus();
 }
@@ -219,13 +191,6 @@ absl::Status GateToBf16(const float* o, const float* z, int64_t n, __nv_bfloat16
 absl::Status SwiGluToBf16(const float* gate, const float* up, int64_t n, __nv_bfloat16* y, cudaStream_t stream) {
   if (n == 0) return absl::OkStatus();
   SwiGluKernel<<<Blocks(n), kThreads, 0, stream>>>(gate, up, n, y);
-  SALA_CUDA_CHECK_LAUNCH();
-  return absl::OkStatus();
-}
-
-absl::Status AddScaled(float* h, const float* y, float r, int64_t n, cudaStream_t stream) {
-  if (n == 0) return absl::OkStatus();
-  AddScaledKernel<<<Blocks(n), kThreads, 0, stream>>>(h, y, r, n);
   SALA_CUDA_CHECK_LAUNCH();
   return absl::OkStatus();
 }

@@ -34,11 +34,6 @@ absl::Status NormGateToBf16(const float* o, const float* z, int rows, int width,
 absl::Status GateToBf16(const float* o, const float* z, int64_t n, __nv_bfloat16* y, cudaStream_t stream);
 // y = bf16(silu(gate) * up)
 absl::Status SwiGluToBf16(const float* gate, const float* up, int64_t n, __nv_bfloat16* y, cudaStream_t stream);
-// h += r * y
-absl::Status AddScaled(float* h, const float* y, float r, int64_t n, cudaStream_t stream);
-// The residual add and the RMSNorm after it in one pass: h += r * y, then out = RmsNormToBf16(h).
-absl::Status AddScaledRmsNormToBf16(float* h, const float* y, float r, int rows, int width,
-                                    const __nv_bfloat16* weight, float eps, __nv_bfloat16* out, cudaStream_t stream);
 
 // x[i] = bf16(mean + std * N(0, 1)), a counter-based generator: the same (seed, i) gives the same value.
 absl::Status FillRandom(__nv_bfloat16* x, int64_t n, uint64_t seed, float std, float mean, cudaStream_t stream);
