@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <memory>
 #include <random>
 
@@ -73,7 +74,7 @@ std::vector<float> FromDeviceBf16(const __nv_bfloat16* p, size_t n) {
   return v;
 }
 
-TEST_F(GpuTest, RmsNormMatchesCpu) {
+TEST_F(GpuTest, RmsNormAndNormGateMatchCpu) {
   for (int width : {256, 1000, 4096, 16384}) {
     const int rows = 7;
     auto x = Random(rows * width, 1, 3.0f), w = Random(width, 2, 1.0f, true);
@@ -83,6 +84,17 @@ TEST_F(GpuTest, RmsNormMatchesCpu) {
     auto* out = Poisoned<__nv_bfloat16>(x.size());
     ASSERT_TRUE(cuda::RmsNormToBf16(ToDevice(x), rows, width, Bf16ToDevice(w), 1e-6f, 0.5f, out, nullptr).ok());
     EXPECT_LT(testing::RelativeError(FromDeviceBf16(out, x.size()), ref), 1e-2) << width;
+    // The attention output's form: the norm (or none) times a sigmoid gate.
+    auto z = Random(x.size(), 3, 2.0f);
+    for (bool norm : {true, false}) {
+      std::vector<float> gated = x;
+      if (norm) cpu::RmsNorm(x.data(), rows, width, w.data(), 1e-6, gated.data());
+      for (size_t i = 0; i < gated.size(); ++i) gated[i] /= 1.0f + std::exp(-z[i]);
+      ASSERT_TRUE(cuda::NormGateToBf16(ToDevice(x), ToDevice(z), rows, width, norm ? Bf16ToDevice(w) : nullptr, 1e-6f,
+                                       out, nullptr)
+                      .ok());
+      EXPECT_LT(testing::RelativeError(FromDeviceBf16(out, x.size()), gated), 1e-2) << width << " norm " << norm;
+    }
   }
 }
 
@@ -170,16 +182,26 @@ TEST_F(GpuTest, GemvMatchesCpuForFewRowsAndSeveralWeights) {
   EXPECT_FALSE(cuda::Gemv(nullptr, 1, 260, &one, 1, nullptr).ok());
 }
 
-// The RMSNorm formed inside the GEMV from fp32 rows, a post-norm scale, and a residual add into
-// one of the outputs: against the CPU norm (rounded to bf16, as the GPU rounds it) and GEMM.
-TEST_F(GpuTest, NormedGemvWithResidualAddMatchesCpu) {
-  for (auto [rows, in] : {std::pair{1, 4096}, {2, 264}, {3, 1032}, {4, 4096}}) {
+// The input formed inside the GEMV from fp32 rows (a norm, a post-norm scale, a sigmoid gate, in
+// the combinations the model uses) and a residual add into one of the outputs: against the CPU
+// norm and gate (rounded to bf16, as the GPU rounds them) and GEMM.
+TEST_F(GpuTest, GemvOverFormedRowsWithResidualAddMatchesCpu) {
+  struct Case {
+    int rows, in;
+    bool norm, gate;
+  };
+  for (auto [rows, in, norm, gate] : {Case{1, 4096, true, false}, {2, 264, true, true}, {3, 1032, false, true},
+                                      {4, 4096, true, false}}) {
     const std::vector<int64_t> outs{1032, 37, 4096};
     const float post_scale = 0.25f, add_scale = 0.37f;
-    auto h = Random(rows * in, 31 + rows, 3.0f), norm = Random(in, 32, 1.0f, true);
-    std::vector<float> x(h.size());
-    cpu::RmsNorm(h.data(), rows, in, norm.data(), 1e-6, x.data());
-    for (float& v : x) v = Bf16ToF32(F32ToBf16(v * post_scale));
+    auto h = Random(rows * in, 31 + rows, 3.0f), z = Random(rows * in, 33, 2.0f);
+    auto norm_weight = Random(in, 32, 1.0f, true);
+    std::vector<float> x = h;
+    if (norm) cpu::RmsNorm(h.data(), rows, in, norm_weight.data(), 1e-6, x.data());
+    for (size_t i = 0; i < x.size(); ++i) {
+      const float gated = gate ? x[i] * post_scale / (1.0f + std::exp(-z[i])) : x[i] * post_scale;
+      x[i] = Bf16ToF32(F32ToBf16(gated));
+    }
     std::vector<cuda::GemvWeight> weights;
     std::vector<std::vector<float>> refs;
     for (size_t i = 0; i < outs.size(); ++i) {
@@ -195,19 +217,20 @@ TEST_F(GpuTest, NormedGemvWithResidualAddMatchesCpu) {
       }
       weights.push_back({Bf16ToDevice(w), outs[i], y, add, add ? add_scale : 1.0f});
     }
-    const cuda::GemvNormedInput input{ToDevice(h), Bf16ToDevice(norm), 1e-6f, post_scale};
-    ASSERT_TRUE(cuda::GemvRmsNormApplies(rows, in, input, weights.data(), int(weights.size())));
-    ASSERT_TRUE(cuda::GemvRmsNormed(input, rows, in, weights.data(), int(weights.size()), nullptr).ok());
+    const cuda::GemvFormedInput input{ToDevice(h), norm ? Bf16ToDevice(norm_weight) : nullptr,
+                                      gate ? ToDevice(z) : nullptr, 1e-6f, post_scale};
+    ASSERT_TRUE(cuda::GemvFormedApplies(rows, in, input, weights.data(), int(weights.size())));
+    ASSERT_TRUE(cuda::GemvFormed(input, rows, in, weights.data(), int(weights.size()), nullptr).ok());
     for (size_t i = 0; i < outs.size(); ++i)
       EXPECT_LT(testing::RelativeError(FromDevice(weights[i].y, refs[i].size()), refs[i]), 2e-3)
-          << rows << " rows of " << in << ", weight " << i;
+          << rows << " rows of " << in << ", norm " << norm << ", gate " << gate << ", weight " << i;
   }
   // More rows, or rows that do not fit in shared memory, are refused.
-  const cuda::GemvNormedInput none{nullptr, nullptr, 1e-6f};
+  const cuda::GemvFormedInput none{nullptr, nullptr, nullptr, 1e-6f};
   const cuda::GemvWeight one{nullptr, 8, nullptr};
-  EXPECT_FALSE(cuda::GemvRmsNormApplies(cuda::kGemvMaxRows + 1, 256, none, &one, 1));
-  EXPECT_FALSE(cuda::GemvRmsNormApplies(4, 8192, none, &one, 1));
-  EXPECT_FALSE(cuda::GemvRmsNormed(none, 4, 8192, &one, 1, nullptr).ok());
+  EXPECT_FALSE(cuda::GemvFormedApplies(cuda::kGemvMaxRows + 1, 256, none, &one, 1));
+  EXPECT_FALSE(cuda::GemvFormedApplies(4, 8192, none, &one, 1));
+  EXPECT_FALSE(cuda::GemvFormed(none, 4, 8192, &one, 1, nullptr).ok());
 }
 
 // Tensor cores with tf32 inputs: tolerances of the order of tf32 rounding.

@@ -671,9 +671,8 @@ class CudaBackend final : public Backend {
                                                         slopes_.get(), seg.dev->linear[slot].get(), o_.get(),
                                                         chunk_states_, s));
     }
-    SALA_RETURN_IF_ERROR(cuda::NormGateToBf16(o_.get(), config_.use_output_gate ? z_.get() : nullptr, int(R), H * D,
-                                              config_.use_output_norm ? w.o_norm.get() : nullptr, eps, ob_.get(), s));
-    return MmAddResidual(ob_.get(), R, int64_t(H) * D, w.o.get());
+    return OutputProjection(config_.use_output_norm ? w.o_norm.get() : nullptr, config_.use_output_gate, R, H * D,
+                            w.o.get());
   }
 
   absl::Status SparseMixer(int layer, std::span<Segment> segs, int64_t R) {
@@ -722,9 +721,7 @@ class CudaBackend final : public Backend {
       c.n2 = n2;
       SALA_RETURN_IF_ERROR(SparsePrefill(q_.get(), before, seg.rows, view, shape, seg.sparse, o_.get()));
     }
-    SALA_RETURN_IF_ERROR(cuda::GateToBf16(o_.get(), config_.attn_use_output_gate ? z_.get() : nullptr, R * H * D,
-                                          ob_.get(), s));
-    return MmAddResidual(ob_.get(), R, int64_t(H) * D, w.o.get());
+    return OutputProjection(nullptr, config_.attn_use_output_gate, R, H * D, w.o.get());
   }
 
   // A prefill chunk's sparse-layer attention: stage 1 picks each row's blocks (sparse rows only),
@@ -773,17 +770,31 @@ class CudaBackend final : public Backend {
     Section section(this, "gemm");
     return gemm_.RunAdd(x, rows, in, w, config_.hidden_size, float(config_.residual_scale()), h_.get(), stream_);
   }
-  // The RMSNorm of h_'s first R rows (times post_scale) through `weights`: normed inside the GEMV
-  // where it takes the shape (a decode step), else into xb_ first.
+  // The RMSNorm of h_'s first R rows (times post_scale) through `weights`: formed inside the GEMV
+  // where it takes the shape (a decode step), else normed into xb_ first.
   absl::Status NormedMm(const Bf16* norm, float post_scale, int64_t R, std::span<const cuda::GemvWeight> weights) {
     const int64_t d = config_.hidden_size;
-    const cuda::GemvNormedInput input{h_.get(), norm, float(config_.rms_norm_eps), post_scale};
-    if (cuda::GemvRmsNormApplies(R, d, input, weights.data(), int(weights.size()))) {
+    const cuda::GemvFormedInput input{h_.get(), norm, nullptr, float(config_.rms_norm_eps), post_scale};
+    if (cuda::GemvFormedApplies(R, d, input, weights.data(), int(weights.size()))) {
       Section section(this, "gemm");
-      return cuda::GemvRmsNormed(input, int(R), d, weights.data(), int(weights.size()), stream_);
+      return cuda::GemvFormed(input, int(R), d, weights.data(), int(weights.size()), stream_);
     }
     SALA_RETURN_IF_ERROR(cuda::RmsNormToBf16(h_.get(), int(R), int(d), norm, input.eps, post_scale, xb_.get(), stream_));
     return MmMany(xb_.get(), R, d, weights);
+  }
+  // h_ += residual scale · x · w_oᵀ for the attention output o_ [R, width], x its norm (where
+  // given) times sigmoid(z_) (with `gate`): formed inside the GEMV where it takes the shape, else
+  // into ob_ first.
+  absl::Status OutputProjection(const Bf16* norm, bool gate, int64_t R, int64_t width, const Bf16* w_o) {
+    const cuda::GemvFormedInput input{o_.get(), norm, gate ? z_.get() : nullptr, float(config_.rms_norm_eps)};
+    const cuda::GemvWeight out{w_o, config_.hidden_size, h_.get(), /*add=*/true, float(config_.residual_scale())};
+    if (cuda::GemvFormedApplies(R, width, input, &out, 1)) {
+      Section section(this, "gemm");
+      return cuda::GemvFormed(input, int(R), width, &out, 1, stream_);
+    }
+    SALA_RETURN_IF_ERROR(cuda::NormGateToBf16(o_.get(), input.gate, int(R), int(width), norm, input.eps, ob_.get(),
+                                              stream_));
+    return MmAddResidual(ob_.get(), R, width, w_o);
   }
   // The attention input projections of a layer from the normed h_ into q_, k_, v_ (and z_ with a gate).
   absl::Status ProjectQkvGate(int64_t R, const LayerWeights& w, int H, int Hk, int D, bool gate) {

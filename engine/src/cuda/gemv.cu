@@ -3,6 +3,7 @@
 
 #include "cuda_common.h"
 #include "gemv.h"
+#include "activation.cuh"
 #include "warp.cuh"
 
 namespace sala::cuda {
@@ -10,10 +11,10 @@ namespace {
 
 constexpr int kLoadsInFlight = 8;  // 16-byte weight loads in flight per lane
 
-// Warps per block. A normed block forms x once for all of its tiles (the grid is one resident
-// wave): bigger blocks mean fewer copies of that prologue.
-template <bool kNormed>
-constexpr int kWarps = kNormed ? 16 : 8;
+// Warps per block. A block over formed rows forms x once for all of its tiles (the grid is one
+// resident wave): bigger blocks mean fewer copies of that prologue.
+template <bool kFormed>
+constexpr int kWarps = kFormed ? 16 : 8;
 
 struct GemvBatch {
   GemvWeight weight[kGemvMaxWeights];
@@ -32,50 +33,63 @@ __device__ void Accumulate8(float& acc, uint4 w, uint4 x) {
   }
 }
 
-// Shared memory for the normed rows (four rows of 4096): within the 48 KiB a launch may take
+// Shared memory for the formed rows (four rows of 4096): within the 48 KiB a launch may take
 // without opting in.
-constexpr int64_t kNormedBytes = 32 * 1024;
+constexpr int64_t kFormedBytes = 32 * 1024;
 
-// The block forms the R normed rows of x in shared memory: the same arithmetic, per element, as
-// RmsNormToBf16.
+// The block forms the R rows of x in shared memory (GemvFormedInput): per element the arithmetic
+// of RmsNormToBf16 and NormGateToBf16.
 template <int R, int kBlockWarps>
-__device__ void FormNormedRows(const GemvNormedInput& input, int64_t in, __nv_bfloat16* x) {
+__device__ void FormRows(const GemvFormedInput& input, int64_t in, __nv_bfloat16* x) {
   __shared__ float partial[R][kBlockWarps];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t vecs = in / 4;
   const float4* h = reinterpret_cast<const float4*>(input.h);
-  float ss[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) ss[r] = 0.0f;
-  for (int64_t v = threadIdx.x; v < vecs; v += blockDim.x)
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const float4 a = h[r * vecs + v];
-      ss[r] += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
-    }
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const float s = WarpSum(ss[r]);
-    if (lane == 0) partial[r][warp] = s;
-  }
-  __syncthreads();
+  const float4* gate = reinterpret_cast<const float4*>(input.gate);
   float inv[R];
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
-    float total = 0.0f;
+  for (int r = 0; r < R; ++r) inv[r] = input.post_scale;
+  if (input.norm) {
+    float ss[R];
 #pragma unroll
-    for (int w = 0; w < kBlockWarps; ++w) total += partial[r][w];
-    inv[r] = rsqrtf(total / float(in) + input.eps) * input.post_scale;
+    for (int r = 0; r < R; ++r) ss[r] = 0.0f;
+    for (int64_t v = threadIdx.x; v < vecs; v += blockDim.x)
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const float4 a = h[r * vecs + v];
+        ss[r] += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
+      }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float s = WarpSum(ss[r]);
+      if (lane == 0) partial[r][warp] = s;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float total = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kBlockWarps; ++w) total += partial[r][w];
+      inv[r] = rsqrtf(total / float(in) + input.eps) * input.post_scale;
+    }
   }
   for (int64_t v = threadIdx.x; v < vecs; v += blockDim.x) {
-    const uint2 packed = *reinterpret_cast<const uint2*>(input.norm + v * 4);
-    const __nv_bfloat162* np = reinterpret_cast<const __nv_bfloat162*>(&packed);
-    const float2 n01 = __bfloat1622float2(np[0]), n23 = __bfloat1622float2(np[1]);
+    float n[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+    if (input.norm) {
+      const uint2 packed = *reinterpret_cast<const uint2*>(input.norm + v * 4);
+      const __nv_bfloat162* np = reinterpret_cast<const __nv_bfloat162*>(&packed);
+      const float2 n01 = __bfloat1622float2(np[0]), n23 = __bfloat1622float2(np[1]);
+      n[0] = n01.x, n[1] = n01.y, n[2] = n23.x, n[3] = n23.y;
+    }
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const float4 a = h[r * vecs + v];
-      __nv_bfloat162 out[2] = {__floats2bfloat162_rn(a.x * inv[r] * n01.x, a.y * inv[r] * n01.y),
-                               __floats2bfloat162_rn(a.z * inv[r] * n23.x, a.w * inv[r] * n23.y)};
+      float e[4] = {a.x * inv[r] * n[0], a.y * inv[r] * n[1], a.z * inv[r] * n[2], a.w * inv[r] * n[3]};
+      if (gate) {
+        const float4 z = gate[r * vecs + v];
+        e[0] *= SigmoidF(z.x), e[1] *= SigmoidF(z.y), e[2] *= SigmoidF(z.z), e[3] *= SigmoidF(z.w);
+      }
+      const __nv_bfloat162 out[2] = {__floats2bfloat162_rn(e[0], e[1]), __floats2bfloat162_rn(e[2], e[3])};
       *reinterpret_cast<uint2*>(x + r * in + v * 4) = *reinterpret_cast<const uint2*>(out);
     }
   }
@@ -85,11 +99,11 @@ __device__ void FormNormedRows(const GemvNormedInput& input, int64_t in, __nv_bf
 // Each warp computes C adjacent columns for the R rows: every x load serves C weight rows, so
 // that L1 traffic stays near the weight stream as rows grow. A block walks tiles of
 // kWarps * C columns.
-template <int R, int C, bool kNormed>
-__global__ void __launch_bounds__(kWarps<kNormed> * 32)
-    GemvKernel(const __nv_bfloat16* x, GemvNormedInput normed, int64_t in, GemvBatch batch) {
+template <int R, int C, bool kFormed>
+__global__ void __launch_bounds__(kWarps<kFormed> * 32)
+    GemvKernel(const __nv_bfloat16* x, GemvFormedInput formed, int64_t in, GemvBatch batch) {
   constexpr int kUnroll = kLoadsInFlight / C;
-  extern __shared__ uint4 normed_rows[];
+  extern __shared__ uint4 formed_rows[];
   const int lane = threadIdx.x % 32;
   const int64_t vecs = in / 8, tiles = batch.first_block[batch.count];
   // This warp's columns in a tile: n0 .. n0 + C - 1 of weight `i`.
@@ -99,7 +113,7 @@ __global__ void __launch_bounds__(kWarps<kNormed> * 32)
   auto columns = [&](int64_t tile) {
     while (i + 1 < batch.count && tile >= batch.first_block[i + 1]) ++i;
     const GemvWeight& wt = batch.weight[i];
-    n0 = ((tile - batch.first_block[i]) * kWarps<kNormed> + threadIdx.x / 32) * C;
+    n0 = ((tile - batch.first_block[i]) * kWarps<kFormed> + threadIdx.x / 32) * C;
 #pragma unroll
     for (int c = 0; c < C; ++c) wr[c] = reinterpret_cast<const uint4*>(wt.w + min(n0 + c, wt.out - 1) * in);
     return n0 < wt.out;
@@ -117,10 +131,10 @@ __global__ void __launch_bounds__(kWarps<kNormed> * 32)
   };
   int64_t tile = blockIdx.x;
   bool active = tile < tiles && columns(tile);
-  if constexpr (kNormed) {
+  if constexpr (kFormed) {
     if (active) load(0);  // the first weights are in flight while the block forms x
-    FormNormedRows<R, kWarps<kNormed>>(normed, in, reinterpret_cast<__nv_bfloat16*>(normed_rows));
-    x = reinterpret_cast<const __nv_bfloat16*>(normed_rows);
+    FormRows<R, kWarps<kFormed>>(formed, in, reinterpret_cast<__nv_bfloat16*>(formed_rows));
+    x = reinterpret_cast<const __nv_bfloat16*>(formed_rows);
   } else if (active) {
     load(0);
   }
@@ -144,7 +158,7 @@ __global__ void __launch_bounds__(kWarps<kNormed> * 32)
         if (v >= vecs) continue;
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          const uint4 xv = kNormed ? xr[r * vecs + v] : __ldg(xr + r * vecs + v);
+          const uint4 xv = kFormed ? xr[r * vecs + v] : __ldg(xr + r * vecs + v);
 #pragma unroll
           for (int c = 0; c < C; ++c) Accumulate8(acc[r][c], wv[c][u], xv);
         }
@@ -167,10 +181,10 @@ __global__ void __launch_bounds__(kWarps<kNormed> * 32)
 // Columns per warp by rows: one x load per weight load at one and two rows, at most two above.
 constexpr int ColumnsFor(int rows) { return rows == 1 ? 1 : rows <= 3 ? 2 : 4; }
 
-template <int R, bool kNormed>
-void LaunchRows(const __nv_bfloat16* x, const GemvNormedInput& normed, int64_t in, const GemvWeight* weights,
+template <int R, bool kFormed>
+void LaunchRows(const __nv_bfloat16* x, const GemvFormedInput& formed, int64_t in, const GemvWeight* weights,
                 int count, cudaStream_t stream) {
-  constexpr int C = ColumnsFor(R), kThreads = kWarps<kNormed> * 32, kTileColumns = kWarps<kNormed> * C;
+  constexpr int C = ColumnsFor(R), kThreads = kWarps<kFormed> * 32, kTileColumns = kWarps<kFormed> * C;
   GemvBatch batch{};
   batch.count = count;
   for (int i = 0; i < count; ++i) {
@@ -179,21 +193,21 @@ void LaunchRows(const __nv_bfloat16* x, const GemvNormedInput& normed, int64_t i
   }
   const int64_t tiles = batch.first_block[count];
   if (tiles == 0) return;
-  const size_t smem = kNormed ? size_t(R * in) * sizeof(__nv_bfloat16) : 0;
+  const size_t smem = kFormed ? size_t(R * in) * sizeof(__nv_bfloat16) : 0;
   int64_t grid = tiles;
-  if (kNormed) {
+  if (kFormed) {
     // One wave of resident blocks (a property of the device and the kernel: asked once).
     static const int64_t resident = [] {
       int device = 0, sms = 0, per_sm = 0;
       cudaGetDevice(&device);
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, GemvKernel<R, C, kNormed>, kThreads,
-                                                    size_t(kNormedBytes));
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, GemvKernel<R, C, kFormed>, kThreads,
+                                                    size_t(kFormedBytes));
       return int64_t(std::max(1, sms * per_sm));
     }();
     grid = std::min(tiles, resident);
   }
-  GemvKernel<R, C, kNormed><<<unsigned(grid), kThreads, smem, stream>>>(x, normed, in, batch);
+  GemvKernel<R, C, kFormed><<<unsigned(grid), kThreads, smem, stream>>>(x, formed, in, batch);
 }
 
 
@@ -209,10 +223,10 @@ bool GemvApplies(int64_t rows, int64_t in, const __nv_bfloat16* x, const GemvWei
   return true;
 }
 
-bool GemvRmsNormApplies(int64_t rows, int64_t in, const GemvNormedInput& input, const GemvWeight* weights,
-                        int count) {
-  return GemvApplies(rows, in, input.norm, weights, count) && Aligned(input.h) &&
-         rows * in * int64_t(sizeof(__nv_bfloat16)) <= kNormedBytes;
+bool GemvFormedApplies(int64_t rows, int64_t in, const GemvFormedInput& input, const GemvWeight* weights,
+                       int count) {
+  return GemvApplies(rows, in, input.norm, weights, count) && Aligned(input.h) && Aligned(input.gate) &&
+         rows * in * int64_t(sizeof(__nv_bfloat16)) <= kFormedBytes;
 }
 
 absl::Status Gemv(const __nv_bfloat16* x, int rows, int64_t in, const GemvWeight* weights, int count,
@@ -230,11 +244,11 @@ absl::Status Gemv(const __nv_bfloat16* x, int rows, int64_t in, const GemvWeight
   return absl::OkStatus();
 }
 
-absl::Status GemvRmsNormed(const GemvNormedInput& input, int rows, int64_t in, const GemvWeight* weights, int count,
-                           cudaStream_t stream) {
-  if (!GemvRmsNormApplies(rows, in, input, weights, count))
-    return absl::InvalidArgumentError(absl::StrCat("the normed GEMV does not take ", rows, " rows of ", in, " over ",
-                                                   count, " weights"));
+absl::Status GemvFormed(const GemvFormedInput& input, int rows, int64_t in, const GemvWeight* weights, int count,
+                        cudaStream_t stream) {
+  if (!GemvFormedApplies(rows, in, input, weights, count))
+    return absl::InvalidArgumentError(absl::StrCat("the GEMV over formed rows does not take ", rows, " rows of ", in,
+                                                   " over ", count, " weights"));
   switch (rows) {
     case 1: LaunchRows<1, true>(nullptr, input, in, weights, count, stream); break;
     case 2: LaunchRows<2, true>(nullptr, input, in, weights, count, stream); break;

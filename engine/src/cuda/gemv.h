@@ -7,9 +7,9 @@
 // 2.15-2.25 for cuBLASLt; from six rows on cuBLASLt is faster, hence kGemvMaxRows. One launch
 // for q/k/v/gate and one for gate/up also saves a decode step some 100 launches.
 //
-// The layers' RMSNorms and residual adds live inside the GEMV too (GemvRmsNormed, GemvWeight::add):
-// a norm kernel of one 4096-wide row is all launch latency (5-6 us against a 53 us projection), and
-// a decode step had 65 of them.
+// The layers' RMSNorms, the attention outputs' norms and gates, and the residual adds live inside
+// the GEMV too (GemvFormed, GemvWeight::add): a norm kernel of one 4096-wide row is all launch
+// latency (5-6 us against a 53 us projection), and a decode step had 89 of them.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -40,18 +40,21 @@ bool GemvApplies(int64_t rows, int64_t in, const __nv_bfloat16* x, const GemvWei
 absl::Status Gemv(const __nv_bfloat16* x, int rows, int64_t in, const GemvWeight* weights, int count,
                   cudaStream_t stream);
 
-// The input as the RMSNorm of fp32 rows h[rows, in]: x = bf16(h · rsqrt(mean(h²) + eps) · norm ·
-// post_scale), the rounding of RmsNormToBf16, formed in shared memory by each block.
-struct GemvNormedInput {
+// The input formed by each block, in shared memory, from fp32 rows h[rows, in]:
+//   x = bf16(h · [rsqrt(mean(h²) + eps) · norm] · post_scale · [sigmoid(gate)])
+// (the bracketed factors where norm and gate are given), with the rounding of the kernels it
+// replaces: RmsNormToBf16 (the layers' norms) and NormGateToBf16 (the attention outputs).
+struct GemvFormedInput {
   const float* h;
-  const __nv_bfloat16* norm;  // [in]
+  const __nv_bfloat16* norm;  // [in], or null: no norm
+  const float* gate;          // [rows, in], or null: no gate
   float eps;
   float post_scale = 1.0f;
 };
-// Whether GemvRmsNormed takes this shape: GemvApplies, and the rows fit in shared memory.
-bool GemvRmsNormApplies(int64_t rows, int64_t in, const GemvNormedInput& input, const GemvWeight* weights,
-                        int count);
-absl::Status GemvRmsNormed(const GemvNormedInput& input, int rows, int64_t in, const GemvWeight* weights, int count,
-                           cudaStream_t stream);
+// Whether GemvFormed takes this shape: GemvApplies, and the rows fit in shared memory.
+bool GemvFormedApplies(int64_t rows, int64_t in, const GemvFormedInput& input, const GemvWeight* weights,
+                       int count);
+absl::Status GemvFormed(const GemvFormedInput& input, int rows, int64_t in, const GemvWeight* weights, int count,
+                        cudaStream_t stream);
 
 }  // namespace sala::cuda

@@ -1,6 +1,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "activation.cuh"
 #include "cuda_common.h"
 #include "ops.h"
 #include "rope.cuh"
@@ -23,7 +24,6 @@ __device__ float BlockSum(float v, float* scratch) {
   return v;
 }
 
-__device__ float SigmoidF(float x) { return 1.0f / (1.0f + __expf(-x)); }
 
 __global__ void EmbedKernel(const int* ids, const __nv_bfloat16* embed, int width, float scale, float* h) {
   const int64_t row = blockIdx.x;
@@ -111,11 +111,6 @@ __global__ void NormGateKernel(const float* o, const float* z, int width, const 
   }
 }
 
-__global__ void GateKernel(const float* o, const float* z, int64_t n, __nv_bfloat16* y) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    y[i] = __float2bfloat16(z ? o[i] * SigmoidF(z[i]) : o[i]);
-}
-
 __global__ void SwiGluKernel(const float* g, const float* u, int64_t n, __nv_bfloat16* y) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     y[i] = __float2bfloat16(g[i] * SigmoidF(g[i]) * u[i]);
@@ -177,13 +172,6 @@ absl::Status NormGateToBf16(const float* o, const float* z, int rows, int width,
   if (rows == 0) return absl::OkStatus();
   SALA_RETURN_IF_ERROR(CheckRowWidth(width, "output norm"));
   NormGateKernel<<<rows, RowThreads(width), 0, stream>>>(o, z, width, norm_weight, eps, y);
-  SALA_CUDA_CHECK_LAUNCH();
-  return absl::OkStatus();
-}
-
-absl::Status GateToBf16(const float* o, const float* z, int64_t n, __nv_bfloat16* y, cudaStream_t stream) {
-  if (n == 0) return absl::OkStatus();
-  GateKernel<<<Blocks(n), kThreads, 0, stream>>>(o, z, n, y);
   SALA_CUDA_CHECK_LAUNCH();
   return absl::OkStatus();
 }

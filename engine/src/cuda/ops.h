@@ -27,11 +27,10 @@ struct NormedHeads {
 // at pos0 + row (if rope).
 absl::Status HeadNormRope(NormedHeads q, NormedHeads k, int rows, int dim, float eps, int64_t pos0, double theta,
                           bool rope, cudaStream_t stream);
-// Linear layers' output: y = bf16(RMSNorm(o) * sigmoid(z)) over rows of `width` (norm optional).
+// The attention output: y = bf16(RMSNorm(o) * sigmoid(z)) over rows of `width`, norm and gate
+// each optional (linear layers may have both, sparse layers only the gate).
 absl::Status NormGateToBf16(const float* o, const float* z, int rows, int width, const __nv_bfloat16* norm_weight,
                             float eps, __nv_bfloat16* y, cudaStream_t stream);
-// Sparse layers' output: y = bf16(o * sigmoid(z)) (z optional).
-absl::Status GateToBf16(const float* o, const float* z, int64_t n, __nv_bfloat16* y, cudaStream_t stream);
 // y = bf16(silu(gate) * up)
 absl::Status SwiGluToBf16(const float* gate, const float* up, int64_t n, __nv_bfloat16* y, cudaStream_t stream);
 
