@@ -8,6 +8,7 @@
 #include "httplib.h"
 #include "metrics.h"
 #include "nlohmann/json.hpp"
+#include "process.h"
 #include "status_map.h"
 
 namespace sala::router {
@@ -228,7 +229,9 @@ void HttpFront::Routes() {
         return SendError(res, absl::InvalidArgumentError("request body is not a JSON object"));
       OpenAiRequest r;
       if (auto e = chat ? ParseChat(body, &r) : ParseCompletion(body, &r)) return SendError(res, e->status, e->param);
-      const std::string id = absl::StrCat(chat ? "chatcmpl-" : "cmpl-", absl::ToUnixMicros(absl::Now()));
+      // Random, not the clock: the router refuses a second request with a running request's id,
+      // and concurrent requests can arrive within one microsecond.
+      const std::string id = service::RandomId(chat ? "chatcmpl-" : "cmpl-");
       r.request.set_request_id(id);
       const int64_t created = absl::ToUnixSeconds(absl::Now());
       const std::string model = router_.model_name();

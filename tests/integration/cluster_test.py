@@ -170,13 +170,17 @@ class ClusterTest(unittest.TestCase):
                                                dict(body, stream_options={"include_usage": True}))
                 except urllib.error.HTTPError as e:
                     return e.code, e.read().decode(errors="replace")
+                response_ids.add(events[0]["id"])
                 return 200 if done else 0, events[-1]["usage"]["completion_tokens"]
             status, out = http_json(self.cluster, "/v1/completions", body)
+            response_ids.add(out.get("id"))
             return status, out.get("usage", {}).get("completion_tokens", out)
+        response_ids = set()
         with concurrent.futures.ThreadPoolExecutor(64) as pool:
             results = list(pool.map(one, range(64)))
         # A failure names the errors and what the services logged about them.
         self.assertEqual(results, [(200, 8)] * 64, [r for r in results if r != (200, 8)] and self.cluster_warnings())
+        self.assertEqual(len(response_ids), 64, "every request has an id of its own")
         self.assert_workers_idle()
 
     def test_session_second_turn_equals_whole_conversation(self):
