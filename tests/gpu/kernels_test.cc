@@ -154,20 +154,31 @@ TEST_F(GpuTest, GemmMatchesCpu) {
   }
 }
 
+// GEMV operands: random bf16 weights [out, in] for each of `outs` (seeds seed, seed + 1, ...),
+// the CPU products x·wᵀ as references, and poisoned outputs.
+struct GemvOperands {
+  std::vector<cuda::GemvWeight> weights;
+  std::vector<std::vector<float>> refs;
+};
+GemvOperands RandomGemvOperands(const std::vector<float>& x, int rows, int in, const std::vector<int64_t>& outs,
+                                uint64_t seed) {
+  GemvOperands g;
+  for (size_t i = 0; i < outs.size(); ++i) {
+    auto w = Random(outs[i] * in, seed + i, 0.05f, true);
+    g.refs.emplace_back(rows * outs[i]);
+    cpu::Gemm(x.data(), rows, in, w.data(), outs[i], g.refs.back().data());
+    g.weights.push_back({Bf16ToDevice(w), outs[i], Poisoned<float>(rows * outs[i])});
+  }
+  return g;
+}
+
 // A decode step's projections: up to 4 rows, several weights in one launch, widths that leave
 // partial unrolled steps and columns that leave partial blocks.
 TEST_F(GpuTest, GemvMatchesCpuForFewRowsAndSeveralWeights) {
   for (auto [rows, in] : {std::pair{1, 4096}, {2, 264}, {3, 1032}, {4, 16384}}) {
     const std::vector<int64_t> outs{1032, 37, 256, 4096};
     auto x = Random(rows * in, 11 + rows, 1.0f, true);
-    std::vector<cuda::GemvWeight> weights;
-    std::vector<std::vector<float>> refs;
-    for (size_t i = 0; i < outs.size(); ++i) {
-      auto w = Random(outs[i] * in, 20 + i, 0.05f, true);
-      refs.emplace_back(rows * outs[i]);
-      cpu::Gemm(x.data(), rows, in, w.data(), outs[i], refs.back().data());
-      weights.push_back({Bf16ToDevice(w), outs[i], Poisoned<float>(rows * outs[i])});
-    }
+    auto [weights, refs] = RandomGemvOperands(x, rows, in, outs, 20);
     const __nv_bfloat16* dx = Bf16ToDevice(x);
     ASSERT_TRUE(cuda::GemvApplies(rows, in, dx, weights.data(), int(weights.size())));
     ASSERT_TRUE(cuda::Gemv(dx, rows, in, weights.data(), int(weights.size()), nullptr).ok());
@@ -202,21 +213,13 @@ TEST_F(GpuTest, GemvOverFormedRowsWithResidualAddMatchesCpu) {
       const float gated = gate ? x[i] * post_scale / (1.0f + std::exp(-z[i])) : x[i] * post_scale;
       x[i] = Bf16ToF32(F32ToBf16(gated));
     }
-    std::vector<cuda::GemvWeight> weights;
-    std::vector<std::vector<float>> refs;
-    for (size_t i = 0; i < outs.size(); ++i) {
-      auto w = Random(outs[i] * in, 40 + i, 0.05f, true);
-      refs.emplace_back(rows * outs[i]);
-      cpu::Gemm(x.data(), rows, in, w.data(), outs[i], refs.back().data());
-      const bool add = i == 1;
-      float* y = Poisoned<float>(rows * outs[i]);
-      if (add) {
-        auto before = Random(refs.back().size(), 50, 1.0f);
-        for (size_t j = 0; j < before.size(); ++j) refs.back()[j] = before[j] + add_scale * refs.back()[j];
-        y = ToDevice(before);
-      }
-      weights.push_back({Bf16ToDevice(w), outs[i], y, add, add ? add_scale : 1.0f});
-    }
+    auto [weights, refs] = RandomGemvOperands(x, rows, in, outs, 40);
+    // The second output takes a residual add: y += add_scale · x·wᵀ onto random values.
+    auto before = Random(refs[1].size(), 50, 1.0f);
+    for (size_t j = 0; j < before.size(); ++j) refs[1][j] = before[j] + add_scale * refs[1][j];
+    weights[1].y = ToDevice(before);
+    weights[1].add = true;
+    weights[1].scale = add_scale;
     const cuda::GemvFormedInput input{ToDevice(h), norm ? Bf16ToDevice(norm_weight) : nullptr,
                                       gate ? ToDevice(z) : nullptr, 1e-6f, post_scale};
     ASSERT_TRUE(cuda::GemvFormedApplies(rows, in, input, weights.data(), int(weights.size())));
