@@ -1,10 +1,11 @@
 // sala-nccl-bandwidth: the floor for state transfers between two GPUs of this host. Measures
 // NCCL's own send/recv (one process, ncclCommInitAll over GPUs 0 and 1) at the sizes a state
-// transfer uses, and the same bytes through sala::NcclLink (the transport's link, two ranks
-// joined through a unique id), so that the transport's overhead shows separately from the
-// cluster's. Then, through the link, a prefill chunk's shape (its sparse KV as 4 MiB spans or
-// as one message), alone and while bf16 GEMMs of the prefill's size keep GPU 0 busy: the
-// transfer shares the SMs with prefill in the cluster, and this separates the two costs.
+// transfer uses, and the same bytes through the transport's two links: sala::NcclLink (two
+// ranks joined through a unique id) and sala::CopyLink (copy engines through the decode GPU's
+// staging ring, as a decode worker offers it), so that each link's overhead shows separately
+// from the cluster's. Then, through each link, a prefill chunk's shape (its sparse KV as 4 MiB
+// spans or as one message), alone and while bf16 GEMMs of the prefill's size keep GPU 0 busy:
+// the transfer runs beside prefill in the cluster, and this separates the two costs.
 // Prints JSON.
 //
 //   sala-nccl-bandwidth --total_gib=8 --out=nccl.json
@@ -26,6 +27,7 @@
 #include "bench_timing.h"
 #include "cuda/gemm.h"
 #include "nlohmann/json.hpp"
+#include "sala/copy_link.h"
 #include "sala/nccl_link.h"
 
 ABSL_FLAG(double, total_gib, 8, "bytes moved per measurement, GiB (a 1M-token state is 8 GiB)");
@@ -54,7 +56,7 @@ using sala::bench::Median;
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage("NCCL send/recv bandwidth between GPUs 0 and 1, raw and through sala::NcclLink");
+  absl::SetProgramUsageMessage("NCCL send/recv bandwidth between GPUs 0 and 1, raw and through the transport's links");
   absl::ParseCommandLine(argc, argv);
   int n = 0;
   CHECK_CUDA(cudaGetDeviceCount(&n));
@@ -118,41 +120,64 @@ int main(int argc, char** argv) {
     }
     return std::move(*link);
   };
-  auto receiver_future = std::async(std::launch::async, join, 1);
-  auto sender = join(0);
-  auto receiver = receiver_future.get();
-  auto link_pass = [&](size_t message) {
+  struct Pair {
+    const char* name;
+    std::unique_ptr<sala::DeviceLink> sender, receiver;
+  };
+  std::vector<Pair> links;
+  {
+    auto receiver_future = std::async(std::launch::async, join, 1);
+    auto sender = join(0);
+    links.push_back({"nccl_link", std::move(sender), receiver_future.get()});
+  }
+  {
+    // The decode worker's default ring: 16 slots of 8 MiB.
+    CHECK_CUDA(cudaSetDevice(1));
+    auto listening = sala::CopyLink::Listen(int64_t(8) << 20, 16);
+    CHECK_CUDA(cudaSetDevice(0));
+    auto sender = listening.ok() ? sala::CopyLink::Connect(listening->second)
+                                 : absl::StatusOr<std::unique_ptr<sala::DeviceLink>>(listening.status());
+    if (!sender.ok()) {
+      std::cerr << "CopyLink: " << sender.status() << "\n";
+      return 1;
+    }
+    links.push_back({"copy_link", std::move(*sender), std::move(listening->first)});
+  }
+  auto link_pass = [&](Pair& link, size_t message) {
     // Receives first, as a decode worker posts them when the descriptor arrives.
     for (size_t done = 0; done < total; done += message) {
       const sala::DeviceSpan in{dst, message}, out_span{src, message};
       CHECK_CUDA(cudaSetDevice(1));
-      if (!receiver->Recv({&in, 1}).ok()) std::exit(1);
+      if (!link.receiver->Recv({&in, 1}).ok()) std::exit(1);
       CHECK_CUDA(cudaSetDevice(0));
-      if (!sender->Send({&out_span, 1}).ok()) std::exit(1);
+      if (!link.sender->Send({&out_span, 1}).ok()) std::exit(1);
     }
     const absl::Time deadline = absl::Now() + absl::Seconds(120);
-    if (!sender->Wait(deadline).ok() || !receiver->Wait(deadline).ok()) std::exit(1);
+    if (!link.sender->Wait(deadline).ok() || !link.receiver->Wait(deadline).ok()) std::exit(1);
   };
 
   for (size_t message : sizes) {
     raw_pass(message);  // warm-up
-    link_pass(message);
-    std::vector<double> raw, link;
+    for (Pair& link : links) link_pass(link, message);
+    std::vector<double> raw, nccl_link, copy_link;
     for (int r = 0; r < absl::GetFlag(FLAGS_repeats); ++r) {
       absl::Time t0 = absl::Now();
       raw_pass(message);
       raw.push_back(double(total) / absl::ToDoubleSeconds(absl::Now() - t0) / 1e9);
-      t0 = absl::Now();
-      link_pass(message);
-      link.push_back(double(total) / absl::ToDoubleSeconds(absl::Now() - t0) / 1e9);
+      for (Pair& link : links) {
+        t0 = absl::Now();
+        link_pass(link, message);
+        (&link == &links[0] ? nccl_link : copy_link).push_back(double(total) / absl::ToDoubleSeconds(absl::Now() - t0) / 1e9);
+      }
     }
     out["sizes"].push_back({{"message_bytes", message},
                             {"nccl_send_recv_gb_per_s", Median(raw)},
-                            {"sala_nccl_link_gb_per_s", Median(link)}});
+                            {"sala_nccl_link_gb_per_s", Median(nccl_link)},
+                            {"sala_copy_link_gb_per_s", Median(copy_link)}});
   }
   // A chunk of the 9B shape: 8 sparse layers' K and V rows of 8192 tokens, 4 MiB each.
   const size_t chunk_bytes = size_t(64) << 20, span_bytes = size_t(4) << 20;
-  auto chunk_pass = [&](size_t pieces) {
+  auto chunk_pass = [&](Pair& link, size_t pieces) {
     const size_t piece = chunk_bytes / pieces;
     for (size_t done = 0; done < total; done += chunk_bytes) {
       std::vector<sala::DeviceSpan> in, out_spans;
@@ -161,12 +186,12 @@ int main(int argc, char** argv) {
         out_spans.push_back({static_cast<char*>(src) + p * piece, piece});
       }
       CHECK_CUDA(cudaSetDevice(1));
-      if (!receiver->Recv(in).ok()) std::exit(1);
+      if (!link.receiver->Recv(in).ok()) std::exit(1);
       CHECK_CUDA(cudaSetDevice(0));
-      if (!sender->Send(out_spans).ok()) std::exit(1);
+      if (!link.sender->Send(out_spans).ok()) std::exit(1);
     }
     const absl::Time deadline = absl::Now() + absl::Seconds(300);
-    if (!sender->Wait(deadline).ok() || !receiver->Wait(deadline).ok()) std::exit(1);
+    if (!link.sender->Wait(deadline).ok() || !link.receiver->Wait(deadline).ok()) std::exit(1);
   };
   auto rate = [&](const std::function<void()>& pass) {
     std::vector<double> r;
@@ -208,14 +233,19 @@ int main(int argc, char** argv) {
   nlohmann::json chunk;
   chunk["chunk_bytes"] = chunk_bytes;
   chunk["span_bytes"] = span_bytes;
-  chunk_pass(chunk_bytes / span_bytes);  // warm-up
-  chunk["spans_gb_per_s"] = rate([&] { chunk_pass(chunk_bytes / span_bytes); });
-  chunk["one_message_gb_per_s"] = rate([&] { chunk_pass(1); });
+  const size_t spans = chunk_bytes / span_bytes;
+  for (Pair& link : links) {
+    chunk_pass(link, spans);  // warm-up
+    chunk[link.name]["spans_gb_per_s"] = rate([&] { chunk_pass(link, spans); });
+    chunk[link.name]["one_message_gb_per_s"] = rate([&] { chunk_pass(link, 1); });
+  }
   {
     auto load = std::async(std::launch::async, gemm_load);
     absl::SleepFor(absl::Milliseconds(200));
-    chunk["spans_during_gemms_gb_per_s"] = rate([&] { chunk_pass(chunk_bytes / span_bytes); });
-    chunk["one_message_during_gemms_gb_per_s"] = rate([&] { chunk_pass(1); });
+    for (Pair& link : links) {
+      chunk[link.name]["spans_during_gemms_gb_per_s"] = rate([&] { chunk_pass(link, spans); });
+      chunk[link.name]["one_message_during_gemms_gb_per_s"] = rate([&] { chunk_pass(link, 1); });
+    }
     stop_gemms = true;
     load.get();
   }

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Prefill/decode disaggregation on a two-GPU host, in one run:
 
-1. the floor: NCCL's own send/recv between GPU 0 and GPU 1 (sala-nccl-bandwidth);
+1. the floor: NCCL's own send/recv between GPU 0 and GPU 1, and the two GPU links (NCCL,
+   copy engines) alone and during GEMMs (sala-nccl-bandwidth);
 2. the cluster (redis-server, router, a prefill worker on GPU 0, a decode worker on GPU 1) on
    the 9B shape with random weights answers prompts of each length; its greedy tokens, TTFT,
    and the state transfer (bytes, wire time, exposed time) are recorded from the client and the
@@ -69,6 +70,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--kill-length", type=int, default=262144, help="prompt of the kill-during-transfer run")
     ap.add_argument("--seed", type=int, default=1, help="random weights")
+    ap.add_argument("--state-transport", default="gpu", choices=["gpu", "nccl"],
+                    help="the prefill worker's --state_transport: gpu (copy engines on one host) or nccl")
     ap.add_argument("--skip-kill", action="store_true", help="leave out the kill-during-transfer run")
     ap.add_argument("--skip-single-gpu", action="store_true", help="leave out the single-GPU comparison")
     ap.add_argument("--out", required=True)
@@ -111,7 +114,7 @@ def main():
     cluster = Cluster(model, bin_dir=binaries, prefill=1, decode=1, log_dir=os.path.join(work, "logs"),
                       gpus=[0, 1], router_args=[f"--max_context={max_context}", "--lease=900", "--max_attempts=1"],
                       worker_args=["--backend=cuda", f"--random_weights_seed={args.seed}", f"--max_context={max_context}"],
-                      prefill_args=["--state_transport=nccl"], decode_args=["--state_memory_bytes=80000000000"])
+                      prefill_args=[f"--state_transport={args.state_transport}"], decode_args=["--state_memory_bytes=80000000000"])
     cluster.start(timeout=300)
 
     def ask(n, timeout=1800):

@@ -14,6 +14,8 @@
 #include "metrics.h"
 #include "process.h"
 #include "sampling_proto.h"
+#include "sala/copy_link.h"
+#include "sala/nccl_link.h"
 #include "sala/state_serialization.h"
 #include "sala/status_macros.h"
 #include "status_map.h"
@@ -64,6 +66,7 @@ DecodeWorker::DecodeWorker(std::unique_ptr<Engine> engine, std::string worker_id
       address_(std::move(address)),
       model_name_(std::move(model_name)),
       options_(options),
+      host_id_(CopyLink::HostId()),
       thread_([this] { Loop(); }) {}
 
 DecodeWorker::~DecodeWorker() {
@@ -288,23 +291,26 @@ grpc::Status DecodeWorker::Attach(grpc::ServerContext* context, const sala::v1::
   return service::ToGrpcStatus(result);
 }
 
-struct DecodeWorker::NcclPeerLink {
+struct DecodeWorker::PeerLink {
   std::string prefill_worker_id;
-  std::unique_ptr<NcclLink> nccl;
+  std::unique_ptr<DeviceLink> device;
   std::mutex busy;  // one transfer at a time: receives must match the sender's order
   std::atomic<int64_t> last_used_ns{absl::GetCurrentTimeNanos()};
 };
 
 namespace {
-// A link unused this long is dropped (its communicator holds GPU buffers); a prefill worker
-// that comes back after it simply sets up a new one.
+// A link unused this long is dropped (it holds GPU buffers); a prefill worker that comes back
+// after it simply sets up a new one.
 constexpr absl::Duration kIdleLinkLifetime = absl::Minutes(10);
+// The slots of a copy ring: a few MiB take tens of microseconds on NVLink, long next to the
+// hosts' hand-over of a slot, short next to a prefill chunk's rows.
+constexpr int64_t kCopySlotBytes = int64_t(8) << 20;
 }  // namespace
 
-grpc::Status DecodeWorker::OpenNcclLink(grpc::ServerContext*, const sala::v1::NcclLinkRequest* request,
-                                        sala::v1::NcclLinkReply* reply) {
-  if (engine_->backend().name() != "cuda" || !NcclLink::Available())
-    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "this decode worker has no GPU path (NCCL)");
+grpc::Status DecodeWorker::OpenDeviceLink(grpc::ServerContext*, const sala::v1::DeviceLinkRequest* request,
+                                          sala::v1::DeviceLinkReply* reply) {
+  if (engine_->backend().name() != "cuda")
+    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "this decode worker has no GPU path");
   const std::string hash = engine_->config().layout_hash_hex();
   if (request->layout_hash() != hash)
     return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
@@ -312,7 +318,8 @@ grpc::Status DecodeWorker::OpenNcclLink(grpc::ServerContext*, const sala::v1::Nc
   std::lock_guard<std::mutex> lock(links_mu_);
   if (!request->link_id().empty()) {
     auto it = links_.find(request->link_id());
-    if (it != links_.end() && !it->second->nccl->aborted()) {
+    if (it != links_.end() && !it->second->device->aborted()) {
+      it->second->last_used_ns = absl::GetCurrentTimeNanos();
       reply->set_link_id(request->link_id());
       return grpc::Status::OK;
     }
@@ -320,24 +327,38 @@ grpc::Status DecodeWorker::OpenNcclLink(grpc::ServerContext*, const sala::v1::Nc
   // A new link replaces the peer's old ones; links nobody used for long go too.
   const int64_t idle_before = absl::ToUnixNanos(absl::Now() - kIdleLinkLifetime);
   for (auto it = links_.begin(); it != links_.end();) {
-    const NcclPeerLink& l = *it->second;
-    const bool drop = l.prefill_worker_id == request->prefill_worker_id() || l.nccl->aborted() ||
+    const PeerLink& l = *it->second;
+    const bool drop = l.prefill_worker_id == request->prefill_worker_id() || l.device->aborted() ||
                       l.last_used_ns < idle_before;
     it = drop ? links_.erase(it) : std::next(it);
   }
-  auto id = NcclLink::NewUniqueId();
-  auto nccl = id.ok() ? NcclLink::Join(*id, /*rank=*/1) : absl::StatusOr<std::unique_ptr<NcclLink>>(id.status());
-  if (!nccl.ok()) return service::ToGrpcStatus(nccl.status());
-  auto link = std::make_shared<NcclPeerLink>();
+  auto link = std::make_shared<PeerLink>();
   link->prefill_worker_id = request->prefill_worker_id();
-  link->nccl = std::move(*nccl);
   const std::string link_id = service::RandomId("link-");
+  const int32_t copy_slots = int32_t(options_.copy_ring_bytes / kCopySlotBytes);
+  if (!request->host_id().empty() && request->host_id() == host_id_ && copy_slots >= 2) {
+    auto ring = CopyLink::Listen(kCopySlotBytes, copy_slots);
+    if (!ring.ok()) return service::ToGrpcStatus(ring.status());
+    link->device = std::move(ring->first);
+    sala::v1::CopyRing& r = *reply->mutable_copy_ring();
+    r.set_ipc_handle(ring->second.ipc_handle);
+    r.set_slot_bytes(ring->second.slot_bytes);
+    r.set_slots(ring->second.slots);
+    r.set_process_id(ring->second.process_id);
+    r.set_address(ring->second.address);
+  } else {
+    auto id = NcclLink::NewUniqueId();
+    auto nccl = id.ok() ? NcclLink::Join(*id, /*rank=*/1) : absl::StatusOr<std::unique_ptr<DeviceLink>>(id.status());
+    if (!nccl.ok()) return service::ToGrpcStatus(nccl.status());
+    link->device = std::move(*nccl);
+    // The join completes, and the peers connect, while the prefill worker joins on its side.
+    std::thread([link] { (void)link->device->WaitReady(absl::Now() + absl::Seconds(60)); }).detach();
+    reply->set_nccl_unique_id(*id);
+  }
   links_[link_id] = link;
-  // The join completes, and the peers connect, while the prefill worker joins on its side.
-  std::thread([link] { (void)link->nccl->WaitReady(absl::Now() + absl::Seconds(60)); }).detach();
   reply->set_link_id(link_id);
-  reply->set_nccl_unique_id(*id);
-  LogInfo("NCCL link opened", {{"link", link_id}, {"prefill_worker", request->prefill_worker_id()}});
+  LogInfo("GPU link opened",
+          {{"link", link_id}, {"kind", link->device->kind()}, {"prefill_worker", request->prefill_worker_id()}});
   return grpc::Status::OK;
 }
 
@@ -368,26 +389,26 @@ absl::StatusOr<SequenceState> DecodeWorker::ReceiveBytes(grpc::ServerContext* co
   return state_reader.Take();
 }
 
-absl::StatusOr<SequenceState> DecodeWorker::ReceiveOverNccl(grpc::ServerContext* context,
+absl::StatusOr<SequenceState> DecodeWorker::ReceiveOverLink(grpc::ServerContext* context,
                                                             grpc::ServerReader<sala::v1::StateChunk>* reader,
                                                             sala::v1::StateChunk& chunk, Sequence& seq,
                                                             int64_t& bytes) {
-  const sala::v1::NcclSegment first = chunk.nccl();
+  const sala::v1::DeviceSegment first = chunk.device();
   const std::string hash = engine_->config().layout_hash_hex();
   if (first.layout_hash() != hash)
     return absl::FailedPreconditionError(
         absl::StrCat("state of model layout ", first.layout_hash(), " does not fit this worker's ", hash));
   if (first.expected_tokens() <= 0 || first.expected_tokens() > engine_->max_context_tokens())
     return absl::InvalidArgumentError(absl::StrCat("a state of ", first.expected_tokens(), " tokens"));
-  std::shared_ptr<NcclPeerLink> link;
+  std::shared_ptr<PeerLink> link;
   {
     std::lock_guard<std::mutex> lock(links_mu_);
     auto it = links_.find(first.link_id());
-    if (it == links_.end()) return absl::NotFoundError(absl::StrCat("no NCCL link '", first.link_id(), "' here"));
+    if (it == links_.end()) return absl::NotFoundError(absl::StrCat("no GPU link '", first.link_id(), "' here"));
     link = it->second;
   }
   std::unique_lock<std::mutex> busy(link->busy, std::try_to_lock);
-  if (!busy.owns_lock()) return absl::AbortedError("the NCCL link is busy with another transfer");
+  if (!busy.owns_lock()) return absl::AbortedError("the GPU link is busy with another transfer");
   link->last_used_ns = absl::GetCurrentTimeNanos();
   absl::Time deadline;
   {
@@ -395,19 +416,19 @@ absl::StatusOr<SequenceState> DecodeWorker::ReceiveOverNccl(grpc::ServerContext*
     deadline = seq.lease_deadline;
   }
   auto drop_link = [&] {
-    link->nccl->Abort();
+    link->device->Abort();
     std::lock_guard<std::mutex> lock(links_mu_);
     links_.erase(first.link_id());
   };
-  absl::Status status = link->nccl->WaitReady(deadline);
-  const double busy_before = status.ok() ? link->nccl->busy_seconds() : 0;
+  absl::Status status = link->device->WaitReady(deadline);
+  const double busy_before = status.ok() ? link->device->busy_seconds() : 0;
   SequenceState state = engine_->NewSequence();
   // Room for the prompt and the answer at once; the blocks land straight in the state.
   if (status.ok())
     status = engine_->backend().Reserve(
         state, std::min(first.expected_tokens() + seq.params.max_new_tokens, engine_->max_context_tokens()));
   while (status.ok()) {
-    const sala::v1::NcclSegment& seg = chunk.nccl();
+    const sala::v1::DeviceSegment& seg = chunk.device();
     if (seg.to_tokens() > first.expected_tokens()) {
       status = absl::InvalidArgumentError("the state grows past its announced size");
       break;
@@ -425,7 +446,7 @@ absl::StatusOr<SequenceState> DecodeWorker::ReceiveOverNccl(grpc::ServerContext*
         status = absl::DataLossError(absl::StrCat("a step of ", seg.bytes(), " bytes where this layout has ", expect));
         break;
       }
-      auto n = link->nccl->Recv(*spans);
+      auto n = link->device->Recv(*spans);
       if (!n.ok()) {
         status = n.status();
         break;
@@ -434,10 +455,11 @@ absl::StatusOr<SequenceState> DecodeWorker::ReceiveOverNccl(grpc::ServerContext*
     }
     if (chunk.last()) break;
     status = NextChunk(context, reader, seq, chunk);
-    if (status.ok() && !chunk.has_nccl()) status = absl::InvalidArgumentError("an NCCL transfer step without its descriptor");
+    if (status.ok() && !chunk.has_device())
+      status = absl::InvalidArgumentError("a GPU transfer step without its descriptor");
   }
   if (status.ok())
-    status = link->nccl->Wait(deadline, [&] { return context->IsCancelled() || Cancelled(seq); });
+    status = link->device->Wait(deadline, [&] { return context->IsCancelled() || Cancelled(seq); });
   if (status.ok() && !(chunk.last() && state.tokens == first.expected_tokens()))
     status = absl::DataLossError(absl::StrCat("the state ended at ", state.tokens, " of ", first.expected_tokens(),
                                               " tokens"));
@@ -446,8 +468,8 @@ absl::StatusOr<SequenceState> DecodeWorker::ReceiveOverNccl(grpc::ServerContext*
     return status;
   }
   // Receives are posted once the sender's data is ready, so their time is the wire's.
-  const double wire = link->nccl->busy_seconds() - busy_before;
-  LogInfo("state received", {{"session", seq.session_id}, {"transport", "nccl"}, {"link", first.link_id()},
+  const double wire = link->device->busy_seconds() - busy_before;
+  LogInfo("state received", {{"session", seq.session_id}, {"transport", link->device->kind()}, {"link", first.link_id()},
                              {"tokens", std::to_string(state.tokens)}, {"state_bytes", std::to_string(bytes)},
                              {"wire_seconds", absl::StrFormat("%.4f", wire)},
                              {"wire_gb_per_s", absl::StrFormat("%.1f", wire > 0 ? bytes / wire / 1e9 : 0.0)}});
@@ -470,7 +492,7 @@ grpc::Status DecodeWorker::TransferState(grpc::ServerContext* context,
     seq = it->second;
   }
   int64_t bytes = 0;
-  auto state = chunk.has_nccl() ? ReceiveOverNccl(context, reader, chunk, *seq, bytes)
+  auto state = chunk.has_device() ? ReceiveOverLink(context, reader, chunk, *seq, bytes)
                                 : ReceiveBytes(context, reader, chunk, *seq, bytes);
   Metrics::Get().transfer_bytes.Increment(double(bytes));
   std::lock_guard<std::mutex> lock(mu_);

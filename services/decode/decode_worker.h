@@ -10,7 +10,6 @@
 #include <thread>
 
 #include "sala/engine.h"
-#include "sala/nccl_link.h"
 #include "sala/v1/worker.grpc.pb.h"
 
 namespace sala::decode {
@@ -19,6 +18,9 @@ struct DecodeOptions {
   int max_running_requests = 32;
   int64_t state_memory_bytes = int64_t(4) << 30;
   double kept_session_ttl_seconds = 600;  // a kept session not continued within this is freed
+  // Device memory of the staging ring offered to each prefill worker on this host (copy
+  // links); 0 offers NCCL links only.
+  int64_t copy_ring_bytes = int64_t(128) << 20;
 };
 
 class DecodeWorker final : public sala::v1::DecodeWorker::Service {
@@ -31,8 +33,8 @@ class DecodeWorker final : public sala::v1::DecodeWorker::Service {
                       grpc::ServerWriter<sala::v1::DecodeEvent>* writer) override;
   grpc::Status TransferState(grpc::ServerContext* context, grpc::ServerReader<sala::v1::StateChunk>* reader,
                              sala::v1::TransferAck* ack) override;
-  grpc::Status OpenNcclLink(grpc::ServerContext* context, const sala::v1::NcclLinkRequest* request,
-                            sala::v1::NcclLinkReply* reply) override;
+  grpc::Status OpenDeviceLink(grpc::ServerContext* context, const sala::v1::DeviceLinkRequest* request,
+                              sala::v1::DeviceLinkReply* reply) override;
   grpc::Status Abort(grpc::ServerContext* context, const sala::v1::AbortRequest* request,
                      sala::v1::AbortResponse* response) override;
   grpc::Status GetWorkerInfo(grpc::ServerContext* context, const sala::v1::WorkerInfoRequest* request,
@@ -45,9 +47,9 @@ class DecodeWorker final : public sala::v1::DecodeWorker::Service {
 
  private:
   struct Sequence;
-  struct NcclPeerLink;
-  // The state over an NCCL link; `chunk` is the stream's first message.
-  absl::StatusOr<SequenceState> ReceiveOverNccl(grpc::ServerContext* context,
+  struct PeerLink;
+  // The state over a GPU link; `chunk` is the stream's first message.
+  absl::StatusOr<SequenceState> ReceiveOverLink(grpc::ServerContext* context,
                                                 grpc::ServerReader<sala::v1::StateChunk>* reader,
                                                 sala::v1::StateChunk& chunk, Sequence& seq, int64_t& bytes);
   // The state as a byte stream through host memory.
@@ -80,7 +82,8 @@ class DecodeWorker final : public sala::v1::DecodeWorker::Service {
   uint64_t arrival_ = 0;
   bool draining_ = false, stop_ = false;
   std::mutex links_mu_;
-  std::map<std::string, std::shared_ptr<NcclPeerLink>> links_;  // by link id
+  std::map<std::string, std::shared_ptr<PeerLink>> links_;  // by link id
+  const std::string host_id_;  // offered copy rings to prefill workers with the same
   std::thread thread_;
 };
 

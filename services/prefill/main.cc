@@ -2,9 +2,9 @@
 #include <iostream>
 
 #include "absl/flags/flag.h"
+#include "device_state_transport.h"
 #include "flags.h"
 #include "grpc_state_transport.h"
-#include "nccl_state_transport.h"
 #include "log.h"
 #include "metrics.h"
 #include "prefill_worker.h"
@@ -12,8 +12,9 @@
 #include "worker_main.h"
 
 ABSL_FLAG(std::string, state_transport, "auto",
-          "how states reach decode workers: nccl (GPU to GPU), grpc (through host memory), or auto "
-          "(nccl where both workers have a GPU path, grpc otherwise)");
+          "how states reach decode workers: gpu (GPU to GPU: copy engines to a decode worker on this host, "
+          "NCCL to others), nccl (GPU to GPU, NCCL only), grpc (through host memory), or auto (gpu where "
+          "both workers have a GPU path, grpc otherwise)");
 
 int main(int argc, char** argv) {
   sala::service::BlockTerminationSignals();
@@ -24,8 +25,8 @@ int main(int argc, char** argv) {
   sala::service::SetLogService("prefill", id);
   sala::service::Metrics::Init("prefill");
   const std::string mode = absl::GetFlag(FLAGS_state_transport);
-  if (mode != "auto" && mode != "nccl" && mode != "grpc") {
-    sala::service::LogError("--state_transport must be auto, nccl or grpc", {{"value", mode}});
+  if (mode != "auto" && mode != "gpu" && mode != "nccl" && mode != "grpc") {
+    sala::service::LogError("--state_transport must be auto, gpu, nccl or grpc", {{"value", mode}});
     return 2;
   }
   auto engine = sala::service::LoadEngineFromFlags();
@@ -36,7 +37,9 @@ int main(int argc, char** argv) {
   sala::Engine& e = **engine;
   std::unique_ptr<sala::StateTransport> transport;
   if (mode == "grpc") transport = std::make_unique<sala::service::GrpcStateTransport>(e);
-  else transport = std::make_unique<sala::service::NcclStateTransport>(e, id, /*fallback=*/mode == "auto");
+  else
+    transport = std::make_unique<sala::service::DeviceStateTransport>(
+        e, id, sala::service::DeviceTransportOptions{.copy_engines = mode != "nccl", .fallback = mode == "auto"});
   sala::prefill::PrefillWorker worker(std::move(*engine), std::move(transport), id,
                                       sala::service::AdvertisedAddressFromFlags(),
                                       sala::service::ModelNameFromFlags());

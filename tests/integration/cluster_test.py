@@ -423,13 +423,14 @@ class FailureTest(unittest.TestCase):
 
     def test_state_transport_is_chosen_per_worker_flag(self):
         ids = csv(random_ids(300, seed=95))
-        # CPU workers have no GPU path: NCCL required is a clean, explained failure...
-        with make_cluster(prefill=1, decode=1, prefill_args=["--state_transport=nccl"]) as c:
-            code, _, err = client(c, "complete", f"--token-ids={ids}", "--max-new-tokens=2")
-            self.assertNotEqual(code, 0)
-            self.assertIn("no GPU path", err)
-            self.assertTrue(wait_for(lambda: metrics(c.prefills[0].metrics_url)["sala_num_requests_running"] == 0))
-            self.assertTrue(wait_for(lambda: metrics(c.decodes[0].metrics_url)["sala_state_memory_usage_ratio"] == 0))
+        # CPU workers have no GPU path: a GPU link required is a clean, explained failure...
+        for mode in ("gpu", "nccl"):
+            with make_cluster(prefill=1, decode=1, prefill_args=[f"--state_transport={mode}"]) as c:
+                code, _, err = client(c, "complete", f"--token-ids={ids}", "--max-new-tokens=2")
+                self.assertNotEqual(code, 0)
+                self.assertIn("no GPU path", err)
+                self.assertTrue(wait_for(lambda: metrics(c.prefills[0].metrics_url)["sala_num_requests_running"] == 0))
+                self.assertTrue(wait_for(lambda: metrics(c.decodes[0].metrics_url)["sala_state_memory_usage_ratio"] == 0))
         # ...and the host path, asked for by name, serves.
         with make_cluster(prefill=1, decode=1, prefill_args=["--state_transport=grpc"]) as c:
             code, lines, err = client(c, "complete", f"--token-ids={ids}", "--max-new-tokens=4", "--ignore-eos", "--json")

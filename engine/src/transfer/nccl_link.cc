@@ -15,70 +15,32 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "link_util.h"
+#include "sala/status_macros.h"
 
 namespace sala {
 namespace {
 
-absl::Status CudaError(cudaError_t e, const char* what) {
-  return absl::InternalError(absl::StrCat(what, ": ", cudaGetErrorString(e)));
-}
+using link::CudaError;
+using link::Drained;
+using link::kPoll;
+using link::OnDevice;
 
-#define LINK_CUDA(expr)                                   \
-  do {                                                    \
-    if (cudaError_t e_ = (expr); e_ != cudaSuccess) return CudaError(e_, #expr); \
-  } while (0)
-
-// How long the kernels of an aborted link may take to leave.
-constexpr absl::Duration kDrainTimeout = absl::Seconds(10);
-
-// Polls `query` (cudaStreamQuery / cudaEventQuery) until the work is done, for kDrainTimeout
-// at most: an aborted communicator frees its kernels, but a wait must end regardless.
-template <typename Query>
-bool Drained(Query query) {
-  const absl::Time deadline = absl::Now() + kDrainTimeout;
-  for (;;) {
-    const cudaError_t e = query();
-    if (e != cudaErrorNotReady) return true;
-    if (absl::Now() > deadline) return false;
-    absl::SleepFor(absl::Milliseconds(1));
-  }
-}
-
-// Makes the link's device current for a scope and then restores the caller's: a link may be
-// used or destroyed from any thread.
-class OnDevice {
- public:
-  explicit OnDevice(int device) {
-    if (cudaGetDevice(&previous_) != cudaSuccess) previous_ = -1;
-    if (previous_ != device) cudaSetDevice(device);
-  }
-  ~OnDevice() {
-    int now = -1;
-    if (previous_ >= 0 && cudaGetDevice(&now) == cudaSuccess && now != previous_) cudaSetDevice(previous_);
-  }
-
- private:
-  int previous_ = -1;
-};
-
-// The link's polling interval: short next to a transfer, long next to a CPU's time slice.
-constexpr absl::Duration kPoll = absl::Microseconds(200);
 // Queueing a group on a connected link is host work of microseconds; far longer means a stuck peer.
 constexpr absl::Duration kEnqueueTimeout = absl::Seconds(30);
 
-class NcclLinkImpl final : public NcclLink {
+class NcclLinkImpl final : public DeviceLink {
  public:
   NcclLinkImpl(ncclComm_t comm, int rank, int device, cudaStream_t stream, cudaEvent_t after_compute)
       : comm_(comm), rank_(rank), device_(device), stream_(stream), after_compute_(after_compute) {}
+
+  const char* kind() const override { return "nccl"; }
 
   ~NcclLinkImpl() override {
     Abort();  // frees the communicator without needing the peer
     OnDevice on(device_);
     if (!Drained([&] { return cudaStreamQuery(stream_); })) return;  // leaks rather than hangs
-    for (auto& [a, b] : timed_) {
-      cudaEventDestroy(a);
-      cudaEventDestroy(b);
-    }
+    timer_.reset();
     cudaEventDestroy(after_compute_);
     cudaStreamDestroy(stream_);
     if (probe_) cudaFree(probe_);
@@ -181,19 +143,7 @@ class NcclLinkImpl final : public NcclLink {
   double busy_seconds() override {
     std::lock_guard<std::mutex> lock(mu_);
     OnDevice on(device_);
-    std::vector<std::pair<cudaEvent_t, cudaEvent_t>> pending;
-    for (auto& [a, b] : timed_) {
-      float ms = 0;
-      if (cudaEventQuery(b) == cudaSuccess && cudaEventElapsedTime(&ms, a, b) == cudaSuccess) {
-        busy_ += ms / 1e3;
-        cudaEventDestroy(a);
-        cudaEventDestroy(b);
-      } else {
-        pending.emplace_back(a, b);
-      }
-    }
-    timed_ = std::move(pending);
-    return busy_;
+    return timer_->Seconds();
   }
 
   void Abort() override {
@@ -226,14 +176,7 @@ class NcclLinkImpl final : public NcclLink {
       LINK_CUDA(cudaEventRecord(after_compute_, cudaStreamLegacy));
       LINK_CUDA(cudaStreamWaitEvent(stream_, after_compute_, 0));
     }
-    cudaEvent_t start, end;
-    LINK_CUDA(cudaEventCreate(&start));
-    if (cudaError_t e = cudaEventCreate(&end); e != cudaSuccess) {
-      cudaEventDestroy(start);
-      return CudaError(e, "cudaEventCreate");
-    }
-    timed_.emplace_back(start, end);
-    LINK_CUDA(cudaEventRecord(start, stream_));
+    SALA_RETURN_IF_ERROR(timer_->Start(stream_));
     int64_t bytes = 0;
     ncclResult_t r = ncclGroupStart();
     for (const DeviceSpan& s : spans) {
@@ -262,7 +205,7 @@ class NcclLinkImpl final : public NcclLink {
       AbortLocked();
       return s;
     }
-    LINK_CUDA(cudaEventRecord(end, stream_));
+    SALA_RETURN_IF_ERROR(timer_->End(stream_));
     return bytes;
   }
 
@@ -274,8 +217,7 @@ class NcclLinkImpl final : public NcclLink {
   std::atomic<bool> aborted_{false};
   bool ready_ = false, connecting_ = false;
   void* probe_ = nullptr;  // the one byte that connects the peers
-  std::vector<std::pair<cudaEvent_t, cudaEvent_t>> timed_;  // start and end of each group
-  double busy_ = 0;
+  std::unique_ptr<link::WireTimer> timer_ = std::make_unique<link::WireTimer>();  // each group
 };
 
 }  // namespace
@@ -296,7 +238,7 @@ absl::StatusOr<std::string> NcclLink::NewUniqueId() {
   return std::string(reinterpret_cast<const char*>(&id), sizeof(id));
 }
 
-absl::StatusOr<std::unique_ptr<NcclLink>> NcclLink::Join(const std::string& unique_id, int rank) {
+absl::StatusOr<std::unique_ptr<DeviceLink>> NcclLink::Join(const std::string& unique_id, int rank) {
   if (unique_id.size() != sizeof(ncclUniqueId))
     return absl::InvalidArgumentError(absl::StrCat("an NCCL unique id has ", sizeof(ncclUniqueId), " bytes, not ",
                                                    unique_id.size()));
@@ -325,7 +267,7 @@ absl::StatusOr<std::unique_ptr<NcclLink>> NcclLink::Join(const std::string& uniq
     cudaStreamDestroy(stream);
     return absl::UnavailableError(absl::StrCat("ncclCommInitRankConfig: ", ncclGetErrorString(r)));
   }
-  return std::unique_ptr<NcclLink>(new NcclLinkImpl(comm, rank, device, stream, after_compute));
+  return std::unique_ptr<DeviceLink>(new NcclLinkImpl(comm, rank, device, stream, after_compute));
 }
 
 }  // namespace sala
@@ -340,7 +282,7 @@ absl::StatusOr<std::string> NcclLink::NewUniqueId() {
   return absl::FailedPreconditionError("this build has no NCCL");
 }
 
-absl::StatusOr<std::unique_ptr<NcclLink>> NcclLink::Join(const std::string&, int) {
+absl::StatusOr<std::unique_ptr<DeviceLink>> NcclLink::Join(const std::string&, int) {
   return absl::FailedPreconditionError("this build has no NCCL");
 }
 

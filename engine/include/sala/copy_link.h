@@ -1,0 +1,47 @@
+// The copy-engine kind of DeviceLink, for two GPUs of one host: bytes move on the GPUs' copy
+// engines, which need no SMs, so a transfer runs at the link's speed while the sending GPU
+// computes (NCCL's kernels wait for SMs behind the prefill's).
+//
+// The receiver owns a ring of staging slots in its device memory and offers it (a CUDA IPC
+// handle); the sender maps it. Each step's bytes are cut into pieces of at most one slot: the
+// sender copies a piece into the next slot over NVLink, the receiver copies it on into its own
+// spans. Two counters beside the ring hand slots over (pieces filled, pieces drained); each is
+// written by a copy stream after the piece's data and polled by the other end's host, so no GPU
+// work ever waits on the peer and an abort leaves nothing stuck on a device.
+//
+// A ring whose link went away is freed only after a quarantine, so that a sender that has not
+// yet heard of the abort writes into memory nobody else uses.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "sala/device_link.h"
+
+namespace sala {
+
+// What a receiver offers and a sender needs to map its ring.
+struct CopyRing {
+  std::string ipc_handle;  // cudaIpcMemHandle_t of the ring
+  int64_t slot_bytes = 0;
+  int32_t slots = 0;
+  // The receiving process, so that a sender in the same process (a test) uses the pointer
+  // itself: CUDA IPC does not open a process's own handles.
+  std::string process_id;
+  uint64_t address = 0;
+};
+
+class CopyLink {
+ public:
+  // Identifies this host (its boot id): peers with the same one may try a copy link.
+  static std::string HostId();
+  // The receiving end: a ring of `slots` slots of `slot_bytes` on the current device, and what
+  // to hand the sender.
+  static absl::StatusOr<std::pair<std::unique_ptr<DeviceLink>, CopyRing>> Listen(int64_t slot_bytes, int32_t slots);
+  // The sending end on the current device: maps the receiver's ring. Fails where the two GPUs
+  // cannot reach each other (or the processes cannot share memory); use NCCL then.
+  static absl::StatusOr<std::unique_ptr<DeviceLink>> Connect(const CopyRing& ring);
+};
+
+}  // namespace sala
