@@ -131,9 +131,9 @@ int main(int argc, char** argv) {
     links.push_back({"nccl_link", std::move(sender), receiver_future.get()});
   }
   {
-    // The decode worker's default ring: 16 slots of 8 MiB.
+    // The decode worker's default ring: 8 slots of 16 MiB.
     CHECK_CUDA(cudaSetDevice(1));
-    auto listening = sala::CopyLink::Listen(int64_t(8) << 20, 16);
+    auto listening = sala::CopyLink::Listen(int64_t(16) << 20, 8);
     CHECK_CUDA(cudaSetDevice(0));
     auto sender = listening.ok() ? sala::CopyLink::Connect(listening->second)
                                  : absl::StatusOr<std::unique_ptr<sala::DeviceLink>>(listening.status());

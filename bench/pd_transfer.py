@@ -74,6 +74,7 @@ def main():
                     help="the prefill worker's --state_transport: gpu (copy engines on one host) or nccl")
     ap.add_argument("--skip-kill", action="store_true", help="leave out the kill-during-transfer run")
     ap.add_argument("--skip-single-gpu", action="store_true", help="leave out the single-GPU comparison")
+    ap.add_argument("--skip-floor", action="store_true", help="leave out the NCCL floor (sala-nccl-bandwidth)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     bundle = os.path.abspath(args.bundle)
@@ -93,15 +94,16 @@ def main():
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
 
-    log("== NCCL floor")
-    floor_path = os.path.join(work, "nccl.json")
-    subprocess.run([os.path.join(binaries, "sala-nccl-bandwidth"), "--total_gib=8", f"--out={floor_path}"],
-                   check=True, stdout=subprocess.DEVNULL, timeout=180)
-    with open(floor_path) as f:
-        result["nccl_floor"] = json.load(f)
-    result["gpu"] = result["nccl_floor"]["gpu"]
-    log(json.dumps(result["nccl_floor"]["sizes"]))
-    log(json.dumps(result["nccl_floor"].get("prefill_chunk")))
+    if not args.skip_floor:
+        log("== NCCL floor")
+        floor_path = os.path.join(work, "nccl.json")
+        subprocess.run([os.path.join(binaries, "sala-nccl-bandwidth"), "--total_gib=8", f"--out={floor_path}"],
+                       check=True, stdout=subprocess.DEVNULL, timeout=180)
+        with open(floor_path) as f:
+            result["nccl_floor"] = json.load(f)
+        result["gpu"] = result["nccl_floor"]["gpu"]
+        log(json.dumps(result["nccl_floor"]["sizes"]))
+        log(json.dumps(result["nccl_floor"].get("prefill_chunk")))
 
     prompts = {}
     for n in sorted(set(lengths + [args.kill_length, 32768])):
@@ -171,8 +173,9 @@ def main():
         run["tokens_equal_single_gpu"] = ref["tokens"] == run["tokens"]
         run["ttft_ratio_vs_single_gpu"] = run["ttft_seconds"] / run["single_gpu_ttft_seconds"]
         run["exposed_fraction_of_ttft"] = run["transfer_exposed_seconds"] / run["ttft_seconds"]
-        floor = max(s["nccl_send_recv_gb_per_s"] for s in result["nccl_floor"]["sizes"])
-        run["receiver_wire_fraction_of_nccl"] = run["receiver_wire_gb_per_s"] / floor
+        if "nccl_floor" in result:
+            floor = max(s["nccl_send_recv_gb_per_s"] for s in result["nccl_floor"]["sizes"])
+            run["receiver_wire_fraction_of_nccl"] = run["receiver_wire_gb_per_s"] / floor
         log(json.dumps({k: v for k, v in run.items() if k != "tokens"}))
         save()
     kill = result.get("kill_during_transfer")

@@ -175,11 +175,13 @@ absl::StatusOr<std::shared_ptr<DeviceStateTransport::Link>> DeviceStateTransport
       if (request.host_id().empty()) return absl::InternalError("the decode worker offered a copy ring unasked");
       const sala::v1::CopyRing& r = reply.copy_ring();
       device = CopyLink::Connect(
-          {r.ipc_handle(), r.slot_bytes(), r.slots(), r.process_id(), r.address()});
+          {r.socket_name(), r.slot_bytes(), r.slots(), r.mapped_bytes(), r.process_id(), r.address()});
       if (!device.ok()) {
         LogWarning("no copy link: state transfers use NCCL",
                    {{"decode_worker", target}, {"reason", std::string(device.status().message())}});
-        peer.nccl_until = absl::Now() + kNcclFor;
+        // GPUs without peer access stay so; other failures may pass.
+        peer.nccl_until = device.status().code() == absl::StatusCode::kFailedPrecondition ? absl::InfiniteFuture()
+                                                                                          : absl::Now() + kNcclFor;
         continue;
       }
     } else {

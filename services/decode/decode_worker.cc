@@ -304,7 +304,7 @@ namespace {
 constexpr absl::Duration kIdleLinkLifetime = absl::Minutes(10);
 // The slots of a copy ring: a few MiB take tens of microseconds on NVLink, long next to the
 // hosts' hand-over of a slot, short next to a prefill chunk's rows.
-constexpr int64_t kCopySlotBytes = int64_t(8) << 20;
+constexpr int64_t kCopySlotBytes = int64_t(16) << 20;
 }  // namespace
 
 grpc::Status DecodeWorker::OpenDeviceLink(grpc::ServerContext*, const sala::v1::DeviceLinkRequest* request,
@@ -341,7 +341,8 @@ grpc::Status DecodeWorker::OpenDeviceLink(grpc::ServerContext*, const sala::v1::
     if (!ring.ok()) return service::ToGrpcStatus(ring.status());
     link->device = std::move(ring->first);
     sala::v1::CopyRing& r = *reply->mutable_copy_ring();
-    r.set_ipc_handle(ring->second.ipc_handle);
+    r.set_socket_name(ring->second.socket_name);
+    r.set_mapped_bytes(ring->second.mapped_bytes);
     r.set_slot_bytes(ring->second.slot_bytes);
     r.set_slots(ring->second.slots);
     r.set_process_id(ring->second.process_id);

@@ -137,6 +137,43 @@ TEST_P(DeviceLinkTest, SpansArriveIntactAndInOrder) {
   cudaFree(src);
 }
 
+// A state's buffers are separate allocations that often lie side by side (a layer's compressed
+// keys after the previous layer's): one step over them must not become one copy across them.
+TEST_P(DeviceLinkTest, SeparateAllocationsSideBySideArriveIntact) {
+  Connect();
+  constexpr size_t kBuffers = 8, kBytes = size_t(2) << 20;
+  std::vector<unsigned char> host(kBuffers * kBytes);
+  for (size_t i = 0; i < host.size(); ++i) host[i] = static_cast<unsigned char>((i * 40503u) >> 7);
+  std::vector<void*> buffers(kBuffers);
+  std::vector<DeviceSpan> out;
+  cudaSetDevice(p_.send_device);
+  int adjacent = 0;
+  for (size_t b = 0; b < kBuffers; ++b) {
+    ASSERT_EQ(cudaMalloc(&buffers[b], kBytes), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(buffers[b], host.data() + b * kBytes, kBytes, cudaMemcpyHostToDevice), cudaSuccess);
+    out.push_back({buffers[b], kBytes});
+    adjacent += b > 0 && static_cast<char*>(buffers[b - 1]) + kBytes == buffers[b];
+  }
+  void* dst = nullptr;
+  cudaSetDevice(p_.recv_device);
+  ASSERT_EQ(cudaMalloc(&dst, host.size()), cudaSuccess);
+  std::vector<DeviceSpan> in = {{dst, host.size()}};
+  ASSERT_TRUE(p_.receiver->Recv(in).ok());
+  cudaSetDevice(p_.send_device);
+  ASSERT_TRUE(p_.sender->Send(out).ok());
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  ASSERT_TRUE(p_.sender->Wait(deadline).ok());
+  ASSERT_TRUE(p_.receiver->Wait(deadline).ok());
+  std::vector<unsigned char> back(host.size());
+  cudaSetDevice(p_.recv_device);
+  ASSERT_EQ(cudaMemcpy(back.data(), dst, back.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_TRUE(back == host);
+  cudaFree(dst);
+  cudaSetDevice(p_.send_device);
+  for (void* b : buffers) cudaFree(b);
+  RecordProperty("adjacent_buffers", adjacent);
+}
+
 TEST_P(DeviceLinkTest, ReceiverWithoutSenderTimesOutAndAborts) {
   Connect();
   void* dst = nullptr;
@@ -184,9 +221,12 @@ TEST(CopyLinkTest, RefusesBadRings) {
   CopyRing ring;
   ring.slot_bytes = int64_t(1) << 20;
   ring.slots = 4;
-  ring.ipc_handle = "short";
+  ring.mapped_bytes = int64_t(1) << 20;  // smaller than its slots
+  ring.socket_name = "sala-no-such-ring";
   ring.process_id = "another process";
   EXPECT_EQ(CopyLink::Connect(ring).status().code(), absl::StatusCode::kInvalidArgument);
+  ring.mapped_bytes = int64_t(6) << 20;
+  EXPECT_EQ(CopyLink::Connect(ring).status().code(), absl::StatusCode::kUnavailable);  // nobody serves it
   EXPECT_FALSE(CopyLink::HostId().empty());
 }
 

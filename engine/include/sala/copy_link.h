@@ -2,15 +2,15 @@
 // engines, which need no SMs, so a transfer runs at the link's speed while the sending GPU
 // computes (NCCL's kernels wait for SMs behind the prefill's).
 //
-// The receiver owns a ring of staging slots in its device memory and offers it (a CUDA IPC
-// handle); the sender maps it. Each step's bytes are cut into pieces of at most one slot: the
+// The receiver owns a ring of staging slots in its device memory and offers it (a cuMem
+// allocation whose file descriptor it hands over a Unix socket); the sender maps it. Each step's bytes are cut into pieces of at most one slot: the
 // sender copies a piece into the next slot over NVLink, the receiver copies it on into its own
 // spans. Two counters beside the ring hand slots over (pieces filled, pieces drained); each is
 // written by a copy stream after the piece's data and polled by the other end's host, so no GPU
 // work ever waits on the peer and an abort leaves nothing stuck on a device.
 //
-// A ring whose link went away is freed only after a quarantine, so that a sender that has not
-// yet heard of the abort writes into memory nobody else uses.
+// The ring's memory lives until both ends have unmapped it, so a sender that has not yet heard
+// of an abort writes into memory nobody else uses.
 #pragma once
 
 #include <memory>
@@ -23,11 +23,14 @@ namespace sala {
 
 // What a receiver offers and a sender needs to map its ring.
 struct CopyRing {
-  std::string ipc_handle;  // cudaIpcMemHandle_t of the ring
+  // The abstract Unix socket that hands the ring's memory (a file descriptor) to a sender of
+  // this user in this network namespace.
+  std::string socket_name;
   int64_t slot_bytes = 0;
   int32_t slots = 0;
-  // The receiving process, so that a sender in the same process (a test) uses the pointer
-  // itself: CUDA IPC does not open a process's own handles.
+  int64_t mapped_bytes = 0;  // the ring and its counters, rounded up to the allocation granularity
+  // The receiving process (a random id) and the ring's address in it: a sender in the same
+  // process opens that mapping to its GPU instead.
   std::string process_id;
   uint64_t address = 0;
 };
@@ -39,8 +42,9 @@ class CopyLink {
   // The receiving end: a ring of `slots` slots of `slot_bytes` on the current device, and what
   // to hand the sender.
   static absl::StatusOr<std::pair<std::unique_ptr<DeviceLink>, CopyRing>> Listen(int64_t slot_bytes, int32_t slots);
-  // The sending end on the current device: maps the receiver's ring. Fails where the two GPUs
-  // cannot reach each other (or the processes cannot share memory); use NCCL then.
+  // The sending end on the current device: maps the receiver's ring. Fails where the processes
+  // cannot share memory or the two GPUs cannot reach each other; use NCCL then. The failure is
+  // FAILED_PRECONDITION where it will not change while this process runs (no peer access).
   static absl::StatusOr<std::unique_ptr<DeviceLink>> Connect(const CopyRing& ring);
 };
 

@@ -4,69 +4,14 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <type_traits>
 
 #include "absl/strings/str_cat.h"
 #include "cuda_common.h"
+#include "driver_api.h"
 #include "sala/status_macros.h"
 
 namespace sala::cuda {
 namespace {
-
-// The driver's virtual memory calls, looked up through the runtime: binaries then need no
-// libcuda at link time and still start on machines without a GPU driver.
-struct Driver {
-  decltype(&cuMemGetAllocationGranularity) granularity = nullptr;
-  decltype(&cuMemAddressReserve) reserve = nullptr;
-  decltype(&cuMemAddressFree) address_free = nullptr;
-  decltype(&cuMemCreate) create = nullptr;
-  decltype(&cuMemRelease) release = nullptr;
-  decltype(&cuMemMap) map = nullptr;
-  decltype(&cuMemUnmap) unmap = nullptr;
-  decltype(&cuMemSetAccess) set_access = nullptr;
-};
-
-absl::StatusOr<Driver> LoadDriver() {
-  Driver d;
-  auto get = [](const char* name, auto& fn) -> absl::Status {
-    void* p = nullptr;
-    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
-    const cudaError_t e = cudaGetDriverEntryPointByVersion(name, &p, 12000, cudaEnableDefault, &found);
-    if (e != cudaSuccess || found != cudaDriverEntryPointSuccess || p == nullptr)
-      return absl::FailedPreconditionError(absl::StrCat("the CUDA driver does not provide ", name));
-    fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(p);
-    return absl::OkStatus();
-  };
-  SALA_RETURN_IF_ERROR(get("cuMemGetAllocationGranularity", d.granularity));
-  SALA_RETURN_IF_ERROR(get("cuMemAddressReserve", d.reserve));
-  SALA_RETURN_IF_ERROR(get("cuMemAddressFree", d.address_free));
-  SALA_RETURN_IF_ERROR(get("cuMemCreate", d.create));
-  SALA_RETURN_IF_ERROR(get("cuMemRelease", d.release));
-  SALA_RETURN_IF_ERROR(get("cuMemMap", d.map));
-  SALA_RETURN_IF_ERROR(get("cuMemUnmap", d.unmap));
-  SALA_RETURN_IF_ERROR(get("cuMemSetAccess", d.set_access));
-  return d;
-}
-
-absl::StatusOr<const Driver*> GetDriver() {
-  static const absl::StatusOr<Driver> driver = LoadDriver();
-  if (!driver.ok()) return driver.status();
-  return &*driver;
-}
-
-absl::Status DriverStatus(CUresult r, const char* what) {
-  if (r == CUDA_SUCCESS) return absl::OkStatus();
-  if (r == CUDA_ERROR_OUT_OF_MEMORY) return absl::ResourceExhaustedError(absl::StrCat(what, ": out of device memory"));
-  return absl::InternalError(absl::StrCat(what, ": CUDA driver error ", int(r)));
-}
-
-CUmemAllocationProp DeviceProp(int device) {
-  CUmemAllocationProp prop{};
-  prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
-  prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-  prop.location.id = device;
-  return prop;
-}
 
 size_t RoundUp(size_t x, size_t to) { return (x + to - 1) / to * to; }
 
@@ -74,10 +19,10 @@ size_t RoundUp(size_t x, size_t to) { return (x + to - 1) / to * to; }
 
 absl::StatusOr<std::shared_ptr<KvPool>> KvPool::Create(int slots, size_t row_elems, size_t max_bytes) {
   if (slots <= 0 || row_elems == 0) return absl::InvalidArgumentError("a KV pool needs sparse layers with rows");
-  SALA_ASSIGN_OR_RETURN(const Driver* drv, GetDriver());
+  SALA_ASSIGN_OR_RETURN(const DriverApi* drv, GetDriverApi());
   std::shared_ptr<KvPool> pool(new KvPool(slots, row_elems));
   SALA_CUDA_RETURN_IF_ERROR(cudaGetDevice(&pool->device_));
-  const CUmemAllocationProp prop = DeviceProp(pool->device_);
+  const CUmemAllocationProp prop = DeviceMemoryProp(pool->device_);
   SALA_RETURN_IF_ERROR(DriverStatus(drv->granularity(&pool->granularity_, &prop, CU_MEM_ALLOC_GRANULARITY_RECOMMENDED),
                                     "cuMemGetAllocationGranularity"));
   if (max_bytes == 0) {
@@ -93,7 +38,7 @@ absl::StatusOr<std::shared_ptr<KvPool>> KvPool::Create(int slots, size_t row_ele
 }
 
 KvPool::~KvPool() {
-  auto drv = GetDriver();
+  auto drv = GetDriverApi();
   if (!drv.ok() || base_ == nullptr) return;
   // Nothing may still read the pages: the sequences that held them are gone, but their last
   // kernels may not be.
@@ -113,8 +58,8 @@ absl::Status KvPool::BackUpTo(size_t bytes) {
   if (bytes > reserved_)
     return absl::ResourceExhaustedError(absl::StrCat("the KV pool is full: ", reserved_ >> 20, " MiB in ",
                                                      reserved_ / page_bytes(), " pages"));
-  SALA_ASSIGN_OR_RETURN(const Driver* drv, GetDriver());
-  const CUmemAllocationProp prop = DeviceProp(device_);
+  SALA_ASSIGN_OR_RETURN(const DriverApi* drv, GetDriverApi());
+  const CUmemAllocationProp prop = DeviceMemoryProp(device_);
   // Grown geometrically (a quarter at a time, 64 MiB at least) so that a long context maps
   // few pieces; what the device cannot give at that size it may still give exactly.
   const size_t need = RoundUp(bytes - backed_, granularity_);

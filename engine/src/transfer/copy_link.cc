@@ -1,5 +1,8 @@
 #include "sala/copy_link.h"
 
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <fstream>
@@ -10,18 +13,23 @@
 
 #ifdef SALA_HAVE_CUDA
 
+#include <cuda.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <condition_variable>
+#include <cstddef>
 #include <cstring>
 #include <deque>
 #include <mutex>
 #include <thread>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/time/clock.h"
+#include "cuda/driver_api.h"
 #include "link_util.h"
 #include "sala/status_macros.h"
 
@@ -36,12 +44,29 @@ using link::OnDevice;
 // the sender's copy stream) and pieces drained (written by the receiver's).
 constexpr int64_t kCounterStride = 256;
 enum Counter { kFilled = 0, kDrained = 1 };
-// How long the hosts wait between two reads of a counter: a piece of a few MiB takes tens of
-// microseconds on NVLink, and the ring keeps the sender that many pieces ahead.
-constexpr absl::Duration kCounterPoll = absl::Microseconds(20);
-// How long a ring outlives its link: a sender stops writing once the ring stops draining (at
-// most a ring's worth of pieces later) or once it hears of the abort, within seconds.
-constexpr absl::Duration kRingQuarantine = absl::Seconds(60);
+// A host reads a counter (an 8-byte copy, ~10 us) back to back for this many reads after the
+// last change, then sleeps between reads: a piece takes tens of microseconds on NVLink, while a
+// sleep lasts at least the kernel's timer slack (~50 us).
+constexpr int kSpinningReads = 200;
+constexpr absl::Duration kCounterPoll = absl::Microseconds(50);
+// What a pointer is, for errors: "device 1", "host", "unknown".
+std::string DescribePointer(const void* p) {
+  cudaPointerAttributes attr;
+  if (cudaPointerGetAttributes(&attr, p) != cudaSuccess) {
+    cudaGetLastError();
+    return absl::StrCat(absl::Hex(reinterpret_cast<uintptr_t>(p)), " (unknown to CUDA)");
+  }
+  switch (attr.type) {
+    case cudaMemoryTypeDevice:
+      return absl::StrCat(absl::Hex(reinterpret_cast<uintptr_t>(p)), " (device ", attr.device, ")");
+    case cudaMemoryTypeHost:
+      return absl::StrCat(absl::Hex(reinterpret_cast<uintptr_t>(p)), " (pinned host)");
+    case cudaMemoryTypeManaged:
+      return absl::StrCat(absl::Hex(reinterpret_cast<uintptr_t>(p)), " (managed)");
+    default:
+      return absl::StrCat(absl::Hex(reinterpret_cast<uintptr_t>(p)), " (pageable host)");
+  }
+}
 
 // Random, not the pid: pids repeat across containers of one host.
 const std::string& ThisProcess() {
@@ -53,32 +78,162 @@ const std::string& ThisProcess() {
   return id;
 }
 
-struct QuarantinedRing {
-  void* ring;
-  int device;
-  absl::Time freed_at;
+// A connection's wait for the ring's file descriptor.
+constexpr absl::Duration kHandOverTimeout = absl::Seconds(10);
+
+// Hands the ring's memory (a file descriptor of its cuMem allocation) to senders that connect
+// to an abstract Unix socket, as long as the receiver's link lives. Only processes of this
+// user are served.
+class RingServer {
+ public:
+  static absl::StatusOr<std::unique_ptr<RingServer>> Start(int memory_fd, int64_t mapped_bytes) {
+    auto server = std::unique_ptr<RingServer>(new RingServer(memory_fd, mapped_bytes));
+    server->name_ = absl::StrCat("sala-copy-ring-", ThisProcess(), "-", Counter());
+    server->socket_ = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (server->socket_ < 0) return absl::UnavailableError(absl::StrCat("socket: ", strerror(errno)));
+    sockaddr_un addr = Address(server->name_);
+    if (bind(server->socket_, reinterpret_cast<sockaddr*>(&addr), AddressLength(server->name_)) != 0 ||
+        listen(server->socket_, 4) != 0)
+      return absl::UnavailableError(absl::StrCat("the copy ring's socket: ", strerror(errno)));
+    server->thread_ = std::thread([s = server.get()] { s->Serve(); });
+    return server;
+  }
+
+  ~RingServer() {
+    stop_ = true;
+    if (thread_.joinable()) thread_.join();
+    if (socket_ >= 0) close(socket_);
+    close(memory_fd_);
+  }
+
+  const std::string& name() const { return name_; }
+
+  // The sender's end: the ring's file descriptor from the server called `name`.
+  static absl::StatusOr<int> Fetch(const std::string& name, int64_t mapped_bytes) {
+    const int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return absl::UnavailableError(absl::StrCat("socket: ", strerror(errno)));
+    absl::Cleanup closer = [fd] { close(fd); };
+    const timeval timeout = absl::ToTimeval(kHandOverTimeout);
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+    sockaddr_un addr = Address(name);
+    if (connect(fd, reinterpret_cast<sockaddr*>(&addr), AddressLength(name)) != 0)
+      return absl::UnavailableError(absl::StrCat("cannot reach the decode worker's copy ring (", strerror(errno),
+                                                 "): it is not in this network namespace"));
+    int64_t bytes = 0;
+    iovec data{&bytes, sizeof(bytes)};
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+    msghdr msg{};
+    msg.msg_iov = &data;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof(control);
+    if (recvmsg(fd, &msg, MSG_CMSG_CLOEXEC) != ssize_t(sizeof(bytes)))
+      return absl::UnavailableError("the decode worker did not hand over its copy ring");
+    const cmsghdr* c = CMSG_FIRSTHDR(&msg);
+    if (c == nullptr || c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+      return absl::UnavailableError("the decode worker did not hand over its copy ring");
+    int memory_fd = -1;
+    std::memcpy(&memory_fd, CMSG_DATA(c), sizeof(int));
+    if (bytes != mapped_bytes) {
+      close(memory_fd);
+      return absl::InvalidArgumentError(absl::StrCat("a copy ring of ", bytes, " bytes where ", mapped_bytes,
+                                                     " were announced"));
+    }
+    return memory_fd;
+  }
+
+ private:
+  RingServer(int memory_fd, int64_t mapped_bytes) : memory_fd_(memory_fd), mapped_bytes_(mapped_bytes) {}
+
+  static int Counter() {
+    static std::atomic<int> n{0};
+    return n++;
+  }
+  // An abstract address: no file to clean up, gone with the socket.
+  static sockaddr_un Address(const std::string& name) {
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::memcpy(addr.sun_path + 1, name.data(), std::min(name.size(), sizeof(addr.sun_path) - 2));
+    return addr;
+  }
+  static socklen_t AddressLength(const std::string& name) {
+    return socklen_t(offsetof(sockaddr_un, sun_path) + 1 + std::min(name.size(), sizeof(sockaddr_un::sun_path) - 2));
+  }
+
+  void Serve() {
+    while (!stop_) {
+      pollfd p{socket_, POLLIN, 0};
+      if (poll(&p, 1, 100) <= 0) continue;
+      const int conn = accept4(socket_, nullptr, nullptr, SOCK_CLOEXEC);
+      if (conn < 0) continue;
+      ucred peer{};
+      socklen_t len = sizeof(peer);
+      if (getsockopt(conn, SOL_SOCKET, SO_PEERCRED, &peer, &len) == 0 && peer.uid == geteuid()) {
+        iovec data{&mapped_bytes_, sizeof(mapped_bytes_)};
+        alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+        msghdr msg{};
+        msg.msg_iov = &data;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control;
+        msg.msg_controllen = sizeof(control);
+        cmsghdr* c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int));
+        std::memcpy(CMSG_DATA(c), &memory_fd_, sizeof(int));
+        (void)sendmsg(conn, &msg, MSG_NOSIGNAL);
+      }
+      close(conn);
+    }
+  }
+
+  const int memory_fd_;
+  int64_t mapped_bytes_;
+  std::string name_;
+  int socket_ = -1;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
 };
-std::mutex quarantine_mu;
-std::vector<QuarantinedRing>& Quarantine() {
-  static auto* rings = new std::vector<QuarantinedRing>();
-  return *rings;
+
+// Lets `device` read and write [va, va + bytes).
+absl::Status AllowAccess(CUdeviceptr va, size_t bytes, int device) {
+  SALA_ASSIGN_OR_RETURN(const cuda::DriverApi* drv, cuda::GetDriverApi());
+  CUmemAccessDesc access{};
+  access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+  access.location.id = device;
+  access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+  if (const CUresult r = drv->set_access(va, bytes, &access, 1); r != CUDA_SUCCESS)
+    return absl::FailedPreconditionError(absl::StrCat("this GPU cannot map the decode GPU's copy ring (cuMemSetAccess: "
+                                                      "CUDA driver error ", int(r), "; no peer access between them?)"));
+  return absl::OkStatus();
 }
 
-// Frees the rings whose quarantine is over.
-void FreeQuarantinedRings() {
-  std::lock_guard<std::mutex> lock(quarantine_mu);
-  auto& rings = Quarantine();
-  const absl::Time now = absl::Now();
-  for (auto it = rings.begin(); it != rings.end();) {
-    if (now < it->freed_at) {
-      ++it;
-      continue;
-    }
-    OnDevice on(it->device);
-    cudaFree(it->ring);
-    it = rings.erase(it);
+// A mapping of a ring's memory in this process: the receiver's own allocation, or the sender's
+// import of it. The memory lives on until every process has unmapped it, so a sender that has
+// not yet heard of an abort writes into memory nobody else uses.
+struct RingMapping {
+  CUdeviceptr va = 0;
+  size_t bytes = 0;
+  CUmemGenericAllocationHandle handle = 0;  // released once mapped
+  ~RingMapping() {
+    auto drv = cuda::GetDriverApi();
+    if (!drv.ok()) return;
+    if (va && mapped) (*drv)->unmap(va, bytes);
+    if (va) (*drv)->address_free(va, bytes);
+    if (handle) (*drv)->release(handle);
   }
-}
+  // Maps `handle` at a fresh address, readable and writable by `device`.
+  absl::Status Map(int device) {
+    SALA_ASSIGN_OR_RETURN(const cuda::DriverApi* drv, cuda::GetDriverApi());
+    SALA_RETURN_IF_ERROR(cuda::DriverStatus(drv->reserve(&va, bytes, 0, 0, 0), "cuMemAddressReserve (copy ring)"));
+    SALA_RETURN_IF_ERROR(cuda::DriverStatus(drv->map(va, bytes, 0, handle, 0), "cuMemMap (copy ring)"));
+    mapped = true;
+    drv->release(handle);
+    handle = 0;
+    return AllowAccess(va, bytes, device);
+  }
+  bool mapped = false;
+};
 
 class CopyLinkImpl final : public DeviceLink {
  public:
@@ -87,21 +242,22 @@ class CopyLinkImpl final : public DeviceLink {
     char* base = nullptr;
     int64_t slot_bytes = 0;
     int32_t slots = 0;
-    bool owned = false;       // the receiver's allocation
-    bool ipc_mapped = false;  // opened from another process's handle
+    std::unique_ptr<RingMapping> mapping;  // null where another link of this process owns it
+    std::unique_ptr<RingServer> server;    // the receiver's
   };
 
   static absl::StatusOr<std::unique_ptr<CopyLinkImpl>> Make(Role role, Ring ring) {
     int device = 0;
     LINK_CUDA(cudaGetDevice(&device));
-    auto link = std::unique_ptr<CopyLinkImpl>(new CopyLinkImpl(role, device, ring));
+    SALA_ASSIGN_OR_RETURN(const cuda::DriverApi* drv, cuda::GetDriverApi());
+    auto link = std::unique_ptr<CopyLinkImpl>(
+        new CopyLinkImpl(role, device, std::move(ring), drv->write_value64, drv->pointer_attribute));
+    const Ring& r = link->ring_;
     LINK_CUDA(cudaStreamCreateWithFlags(&link->stream_, cudaStreamNonBlocking));
     LINK_CUDA(cudaStreamCreateWithFlags(&link->poll_stream_, cudaStreamNonBlocking));
-    // One counter value per slot (a slot's value is rewritten only after its piece cycled the
-    // ring, so its copy has run by then), and one word that polls land in.
-    LINK_CUDA(cudaHostAlloc(&link->host_words_, (ring.slots + 1) * sizeof(uint64_t), cudaHostAllocDefault));
+    LINK_CUDA(cudaHostAlloc(&link->polled_, sizeof(uint64_t), cudaHostAllocDefault));
     if (role == Role::kReceiver) {
-      LINK_CUDA(cudaMemsetAsync(ring.base + ring.slots * ring.slot_bytes, 0, 2 * kCounterStride, link->stream_));
+      LINK_CUDA(cudaMemsetAsync(r.base + r.slots * r.slot_bytes, 0, 2 * kCounterStride, link->stream_));
       LINK_CUDA(cudaStreamSynchronize(link->stream_));
     }
     link->pump_ = std::thread([l = link.get()] { l->Pump(); });
@@ -117,12 +273,9 @@ class CopyLinkImpl final : public DeviceLink {
     timer_.reset();
     if (stream_) cudaStreamDestroy(stream_);
     if (poll_stream_) cudaStreamDestroy(poll_stream_);
-    if (host_words_) cudaFreeHost(host_words_);
-    if (ring_.ipc_mapped) cudaIpcCloseMemHandle(ring_.base);
-    if (ring_.owned) {
-      std::lock_guard<std::mutex> lock(quarantine_mu);
-      Quarantine().push_back({ring_.base, device_, absl::Now() + kRingQuarantine});
-    }
+    if (polled_) cudaFreeHost(polled_);
+    ring_.server.reset();
+    ring_.mapping.reset();
   }
 
   const char* kind() const override { return "copy"; }
@@ -190,18 +343,32 @@ class CopyLinkImpl final : public DeviceLink {
     cudaEvent_t ready = nullptr;
   };
 
-  CopyLinkImpl(Role role, int device, Ring ring) : role_(role), device_(device), ring_(ring) {}
+  CopyLinkImpl(Role role, int device, Ring ring, decltype(&cuStreamWriteValue64) write_value,
+               decltype(&cuPointerGetAttribute) pointer_attribute)
+      : role_(role),
+        device_(device),
+        ring_(std::move(ring)),
+        write_value_(write_value),
+        pointer_attribute_(pointer_attribute) {}
 
   char* CounterAt(Counter c) const { return ring_.base + ring_.slots * ring_.slot_bytes + c * kCounterStride; }
 
   absl::StatusOr<int64_t> Queue(std::span<const DeviceSpan> spans, Role role) {
     if (role != role_) return absl::InternalError("the sender sends and the receiver receives");
     Step step;
+    CUdeviceptr last_range = 0;
     for (const DeviceSpan& s : spans) {
       if (s.bytes == 0) continue;
+      // Spans side by side merge into one copy, but only within one allocation: a copy may not
+      // run from one cudaMalloc into the next, however close they lie.
+      CUdeviceptr range = 0;
+      if (pointer_attribute_(&range, CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, reinterpret_cast<CUdeviceptr>(s.data)) !=
+          CUDA_SUCCESS)
+        range = reinterpret_cast<CUdeviceptr>(s.data);  // unknown to the driver: never merged
       DeviceSpan* last = step.spans.empty() ? nullptr : &step.spans.back();
-      if (last && static_cast<char*>(last->data) + last->bytes == s.data) last->bytes += s.bytes;
+      if (last && static_cast<char*>(last->data) + last->bytes == s.data && range == last_range) last->bytes += s.bytes;
       else step.spans.push_back(s);
+      last_range = range;
       step.bytes += int64_t(s.bytes);
     }
     std::lock_guard<std::mutex> lock(mu_);
@@ -248,16 +415,38 @@ class CopyLinkImpl final : public DeviceLink {
 
   // Until the peer's counter reaches `target`, or the link is aborted.
   absl::Status AwaitCounter(Counter c, uint64_t target) {
-    while (seen_[c] < target) {
+    for (int misses = 0; seen_[c] < target; ++misses) {
       if (aborted_) return absl::UnavailableError("copy link was aborted");
-      uint64_t* word = &host_words_[ring_.slots];
-      LINK_CUDA(cudaMemcpyAsync(word, CounterAt(c), sizeof(uint64_t), cudaMemcpyDefault, poll_stream_));
+      LINK_CUDA(cudaMemcpyAsync(polled_, CounterAt(c), sizeof(uint64_t), cudaMemcpyDefault, poll_stream_));
       LINK_CUDA(cudaStreamSynchronize(poll_stream_));
-      const uint64_t value = *static_cast<volatile uint64_t*>(word);
-      seen_[c] = std::max(seen_[c], value);
-      if (seen_[c] < target) absl::SleepFor(kCounterPoll);
+      const uint64_t value = *static_cast<volatile uint64_t*>(polled_);
+      if (value > seen_[c]) {
+        seen_[c] = value;
+        misses = 0;
+      }
+      if (seen_[c] >= target) break;
+      if (misses < kSpinningReads) std::this_thread::yield();
+      else absl::SleepFor(kCounterPoll);
     }
     return absl::OkStatus();
+  }
+
+  // Queues the copies of one piece as one batch (the copy engines take many small copies
+  // batched at the rate of one large one, and one at a time at a third of it).
+  absl::Status CopyPiece(std::vector<void*>& dsts, std::vector<const void*>& srcs, std::vector<size_t>& sizes) {
+    cudaMemcpyAttributes attr{};
+    attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+    attr.flags = cudaMemcpyFlagPreferOverlapWithCompute;
+    size_t first = 0;
+    const cudaError_t e = cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), sizes.size(), &attr, &first, 1, stream_);
+    if (e == cudaSuccess) return absl::OkStatus();
+    cudaGetLastError();
+    std::string copies;
+    for (size_t i = 0; i < sizes.size() && i < 3; ++i)
+      absl::StrAppend(&copies, i ? "; " : "", sizes[i], " bytes from ", DescribePointer(srcs[i]), " to ",
+                      DescribePointer(dsts[i]));
+    return absl::InternalError(absl::StrCat("copy-engine transfer of ", sizes.size(), " copies (", copies,
+                                            sizes.size() > 3 ? "; ..." : "", "): ", cudaGetErrorString(e)));
   }
 
   // Moves one step piece by piece through the ring.
@@ -280,11 +469,16 @@ class CopyLinkImpl final : public DeviceLink {
       }
       const int64_t piece = std::min(left, ring_.slot_bytes);
       char* staged = ring_.base + slot * ring_.slot_bytes;
+      dsts_.clear();
+      srcs_.clear();
+      sizes_.clear();
       for (int64_t at = 0; at < piece;) {
         const DeviceSpan& s = step.spans[span];
         const size_t len = std::min(s.bytes - in_span, size_t(piece - at));
         char* mine = static_cast<char*>(s.data) + in_span;
-        LINK_CUDA(cudaMemcpyAsync(send ? staged + at : mine, send ? mine : staged + at, len, cudaMemcpyDefault, stream_));
+        dsts_.push_back(send ? staged + at : mine);
+        srcs_.push_back(send ? mine : staged + at);
+        sizes_.push_back(len);
         at += int64_t(len);
         in_span += len;
         if (in_span == s.bytes) {
@@ -292,9 +486,12 @@ class CopyLinkImpl final : public DeviceLink {
           in_span = 0;
         }
       }
-      host_words_[slot] = n + 1;
-      LINK_CUDA(cudaMemcpyAsync(CounterAt(send ? kFilled : kDrained), &host_words_[slot], sizeof(uint64_t),
-                                cudaMemcpyDefault, stream_));
+      SALA_RETURN_IF_ERROR(CopyPiece(dsts_, srcs_, sizes_));
+      // The default flags fence the piece's copies before the write.
+      if (const CUresult r = write_value_(stream_, reinterpret_cast<CUdeviceptr>(CounterAt(send ? kFilled : kDrained)),
+                                          n + 1, CU_STREAM_WRITE_VALUE_DEFAULT);
+          r != CUDA_SUCCESS)
+        return absl::InternalError(absl::StrCat("cuStreamWriteValue64 (copy ring counter): CUDA driver error ", int(r)));
       pieces_ = n + 1;
       left -= piece;
     }
@@ -304,14 +501,20 @@ class CopyLinkImpl final : public DeviceLink {
 
   const Role role_;
   const int device_;
-  const Ring ring_;
+  Ring ring_;
+  const decltype(&cuStreamWriteValue64) write_value_;
+  const decltype(&cuPointerGetAttribute) pointer_attribute_;
   cudaStream_t stream_ = nullptr;       // the copies and counter writes, in piece order
   cudaStream_t poll_stream_ = nullptr;  // reads of the peer's counter
-  uint64_t* host_words_ = nullptr;      // pinned: [slots] counter values, then the polled word
+  uint64_t* polled_ = nullptr;          // pinned: where a read of a counter lands
   std::thread pump_;
-  // Pump thread only: pieces moved over the link's life, the counters' last values read.
+  // Pump thread only: pieces moved over the link's life, the counters' last values read, and
+  // the copies of the piece being queued.
   uint64_t pieces_ = 0;
   uint64_t seen_[2] = {0, 0};
+  std::vector<void*> dsts_;
+  std::vector<const void*> srcs_;
+  std::vector<size_t> sizes_;
 
   std::mutex mu_;
   std::condition_variable cv_;
@@ -333,65 +536,77 @@ absl::Status CheckGeometry(int64_t slot_bytes, int32_t slots) {
 
 absl::StatusOr<std::pair<std::unique_ptr<DeviceLink>, CopyRing>> CopyLink::Listen(int64_t slot_bytes, int32_t slots) {
   SALA_RETURN_IF_ERROR(CheckGeometry(slot_bytes, slots));
-  FreeQuarantinedRings();
-  void* base = nullptr;
-  if (cudaError_t e = cudaMalloc(&base, slots * slot_bytes + 2 * kCounterStride); e != cudaSuccess) {
-    cudaGetLastError();
-    return absl::ResourceExhaustedError(absl::StrCat("no device memory for a copy ring: ", cudaGetErrorString(e)));
-  }
-  cudaIpcMemHandle_t handle;
-  if (cudaError_t e = cudaIpcGetMemHandle(&handle, base); e != cudaSuccess) {
-    cudaGetLastError();
-    cudaFree(base);
-    return absl::UnavailableError(absl::StrCat("cudaIpcGetMemHandle: ", cudaGetErrorString(e)));
-  }
-  // From here the link owns the ring.
-  auto link = CopyLinkImpl::Make(CopyLinkImpl::Role::kReceiver,
-                                 {static_cast<char*>(base), slot_bytes, slots, /*owned=*/true, /*ipc_mapped=*/false});
-  if (!link.ok()) return link.status();
+  SALA_ASSIGN_OR_RETURN(const cuda::DriverApi* drv, cuda::GetDriverApi());
+  int device = 0;
+  LINK_CUDA(cudaGetDevice(&device));
+  // The ring and its counters in one allocation that other processes can import (cuMem with a
+  // file descriptor: unlike CUDA IPC handles it needs the sender to see only its own GPU, and
+  // the sender maps it at an address of its own choosing).
+  const CUmemAllocationProp prop = cuda::DeviceMemoryProp(device, /*shareable=*/true);
+  size_t granularity = 0;
+  SALA_RETURN_IF_ERROR(cuda::DriverStatus(drv->granularity(&granularity, &prop, CU_MEM_ALLOC_GRANULARITY_RECOMMENDED),
+                                          "cuMemGetAllocationGranularity"));
+  auto mapping = std::make_unique<RingMapping>();
+  mapping->bytes = (size_t(slots) * slot_bytes + 2 * kCounterStride + granularity - 1) / granularity * granularity;
+  SALA_RETURN_IF_ERROR(cuda::DriverStatus(drv->create(&mapping->handle, mapping->bytes, &prop, 0), "cuMemCreate (copy ring)"));
+  int memory_fd = -1;
+  SALA_RETURN_IF_ERROR(cuda::DriverStatus(
+      drv->export_handle(&memory_fd, mapping->handle, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
+      "cuMemExportToShareableHandle (copy ring)"));
+  absl::Cleanup close_fd = [&] { if (memory_fd >= 0) close(memory_fd); };
+  SALA_RETURN_IF_ERROR(mapping->Map(device));
+  auto server = RingServer::Start(memory_fd, int64_t(mapping->bytes));
+  memory_fd = -1;  // the server's now, even one that failed to start
+  if (!server.ok()) return server.status();
   CopyRing ring;
-  ring.ipc_handle.assign(reinterpret_cast<const char*>(&handle), sizeof(handle));
+  ring.socket_name = (*server)->name();
   ring.slot_bytes = slot_bytes;
   ring.slots = slots;
+  ring.mapped_bytes = int64_t(mapping->bytes);
   ring.process_id = ThisProcess();
-  ring.address = reinterpret_cast<uint64_t>(base);
-  return std::pair<std::unique_ptr<DeviceLink>, CopyRing>(std::move(*link), std::move(ring));
+  ring.address = uint64_t(mapping->va);
+  CopyLinkImpl::Ring r;
+  r.base = reinterpret_cast<char*>(mapping->va);
+  r.slot_bytes = slot_bytes;
+  r.slots = slots;
+  r.mapping = std::move(mapping);
+  r.server = std::move(*server);
+  SALA_ASSIGN_OR_RETURN(auto link, CopyLinkImpl::Make(CopyLinkImpl::Role::kReceiver, std::move(r)));
+  return std::pair<std::unique_ptr<DeviceLink>, CopyRing>(std::move(link), std::move(ring));
 }
 
 absl::StatusOr<std::unique_ptr<DeviceLink>> CopyLink::Connect(const CopyRing& ring) {
   SALA_RETURN_IF_ERROR(CheckGeometry(ring.slot_bytes, ring.slots));
+  if (ring.mapped_bytes < ring.slots * ring.slot_bytes + 2 * kCounterStride)
+    return absl::InvalidArgumentError(absl::StrCat("a copy ring of ", ring.slots, " slots of ", ring.slot_bytes,
+                                                   " bytes in ", ring.mapped_bytes, " bytes"));
   int device = 0;
   LINK_CUDA(cudaGetDevice(&device));
-  void* base = nullptr;
-  const bool same_process = ring.process_id == ThisProcess();
-  if (same_process) {
-    base = reinterpret_cast<void*>(ring.address);
-    cudaPointerAttributes attr;
-    LINK_CUDA(cudaPointerGetAttributes(&attr, base));
-    if (attr.type != cudaMemoryTypeDevice) return absl::InvalidArgumentError("a copy ring outside device memory");
-    int can = 0;
-    if (attr.device != device && cudaDeviceCanAccessPeer(&can, device, attr.device) == cudaSuccess && can) {
-      if (cudaError_t e = cudaDeviceEnablePeerAccess(attr.device, 0);
-          e != cudaSuccess && e != cudaErrorPeerAccessAlreadyEnabled)
-        return CudaError(e, "cudaDeviceEnablePeerAccess");
-      cudaGetLastError();
-    }
+  CopyLinkImpl::Ring r;
+  r.slot_bytes = ring.slot_bytes;
+  r.slots = ring.slots;
+  if (ring.process_id == ThisProcess()) {
+    // Both ends in this process (tests, benchmarks): the receiver's mapping, opened to this GPU.
+    SALA_RETURN_IF_ERROR(AllowAccess(CUdeviceptr(ring.address), size_t(ring.mapped_bytes), device));
+    r.base = reinterpret_cast<char*>(ring.address);
   } else {
-    cudaIpcMemHandle_t handle;
-    if (ring.ipc_handle.size() != sizeof(handle))
-      return absl::InvalidArgumentError(absl::StrCat("a CUDA IPC handle has ", sizeof(handle), " bytes, not ",
-                                                     ring.ipc_handle.size()));
-    std::memcpy(&handle, ring.ipc_handle.data(), sizeof(handle));
-    if (cudaError_t e = cudaIpcOpenMemHandle(&base, handle, cudaIpcMemLazyEnablePeerAccess); e != cudaSuccess) {
-      cudaGetLastError();
-      return absl::UnavailableError(absl::StrCat("cannot map the decode GPU's copy ring (cudaIpcOpenMemHandle: ",
-                                                 cudaGetErrorString(e), ")"));
-    }
+    SALA_ASSIGN_OR_RETURN(const cuda::DriverApi* drv, cuda::GetDriverApi());
+    SALA_ASSIGN_OR_RETURN(const int memory_fd, RingServer::Fetch(ring.socket_name, ring.mapped_bytes));
+    auto mapping = std::make_unique<RingMapping>();
+    mapping->bytes = size_t(ring.mapped_bytes);
+    const CUresult imported = drv->import_handle(&mapping->handle, reinterpret_cast<void*>(intptr_t(memory_fd)),
+                                                 CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR);
+    close(memory_fd);
+    if (imported != CUDA_SUCCESS)
+      return absl::FailedPreconditionError(
+          absl::StrCat("cannot import the decode GPU's copy ring (cuMemImportFromShareableHandle: CUDA driver error ",
+                       int(imported), ")"));
+    SALA_RETURN_IF_ERROR(mapping->Map(device));
+    r.base = reinterpret_cast<char*>(mapping->va);
+    r.mapping = std::move(mapping);
   }
-  auto link = CopyLinkImpl::Make(CopyLinkImpl::Role::kSender, {static_cast<char*>(base), ring.slot_bytes, ring.slots,
-                                                               /*owned=*/false, /*ipc_mapped=*/!same_process});
-  if (!link.ok()) return link.status();
-  return std::unique_ptr<DeviceLink>(std::move(*link));
+  SALA_ASSIGN_OR_RETURN(auto link, CopyLinkImpl::Make(CopyLinkImpl::Role::kSender, std::move(r)));
+  return std::unique_ptr<DeviceLink>(std::move(link));
 }
 
 }  // namespace sala
