@@ -104,7 +104,8 @@ class Cluster:
         self.chunk_size = chunk_size
         self.router_args, self.worker_args, self.decode_args = list(router_args), list(worker_args), list(decode_args)
         self.prefill_args = list(prefill_args)
-        # GPUs handed out to workers in turn (prefill workers first), one CUDA_VISIBLE_DEVICES each.
+        # GPUs handed out to workers in turn (prefill workers first): a worker computes on its own,
+        # the first of its CUDA_VISIBLE_DEVICES.
         self.gpus = list(gpus or [])
         self.redis = None
         self.router = None
@@ -147,7 +148,10 @@ class Cluster:
         if self.gpus:
             # A replacement worker (index past the count) takes the GPU of the one it replaces.
             turn = index % self.n_prefill if role == "prefill" else self.n_prefill + index % self.n_decode
-            env = {"CUDA_VISIBLE_DEVICES": str(self.gpus[turn % len(self.gpus)])}
+            # The worker's own GPU first (the one it computes on), then the others: a GPU the
+            # process can see is one its copy engines reach over NVLink.
+            own = turn % len(self.gpus)
+            env = {"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in self.gpus[own:] + self.gpus[:own])}
         p = Process(f"{role}-{index}", cmd, self.log_dir, env)
         p.address, p.metrics_url = f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics}/metrics"
         return p
