@@ -25,6 +25,8 @@ class DeviceLink {
   virtual absl::Status WaitReady(absl::Time deadline) = 0;
   // Queues sends (sender) or receives (receiver) of `spans`, in order, behind the work already
   // queued on the default stream; returns without waiting for the data. Returns the bytes queued.
+  // The spans' memory must stay allocated until Wait returns or the link is destroyed (a copy
+  // link reads it from its own thread later).
   virtual absl::StatusOr<int64_t> Send(std::span<const DeviceSpan> spans) = 0;
   virtual absl::StatusOr<int64_t> Recv(std::span<const DeviceSpan> spans) = 0;
   // Until everything queued has moved. Aborts the link when `deadline` passes or `give_up`
