@@ -74,7 +74,8 @@ def main():
                     help="the prefill worker's --state_transport: gpu (copy engines on one host) or nccl")
     ap.add_argument("--skip-kill", action="store_true", help="leave out the kill-during-transfer run")
     ap.add_argument("--skip-single-gpu", action="store_true", help="leave out the single-GPU comparison")
-    ap.add_argument("--skip-floor", action="store_true", help="leave out the NCCL floor (sala-nccl-bandwidth)")
+    ap.add_argument("--skip-floor", action="store_true",
+                    help="leave out the NCCL floor (sala-nccl-bandwidth): no fraction of it is then computed")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     bundle = os.path.abspath(args.bundle)
@@ -94,7 +95,10 @@ def main():
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
 
-    if not args.skip_floor:
+    if args.skip_floor:  # the GPU's name all the same; no reference is measured
+        result["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
+                                       capture_output=True, text=True).stdout.strip()
+    else:
         log("== NCCL floor")
         floor_path = os.path.join(work, "nccl.json")
         subprocess.run([os.path.join(binaries, "sala-nccl-bandwidth"), "--total_gib=8", f"--out={floor_path}"],

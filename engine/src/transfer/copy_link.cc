@@ -81,6 +81,22 @@ const std::string& ThisProcess() {
 // A connection's wait for the ring's file descriptor.
 constexpr absl::Duration kHandOverTimeout = absl::Seconds(10);
 
+// The hand-over message: the ring's size, with the file descriptor of its memory beside it.
+struct RingMessage {
+  int64_t mapped_bytes = 0;
+  iovec data{&mapped_bytes, sizeof(mapped_bytes)};
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+  msghdr msg{};
+  RingMessage() {
+    msg.msg_iov = &data;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof(control);
+  }
+  RingMessage(const RingMessage&) = delete;
+  RingMessage& operator=(const RingMessage&) = delete;
+};
+
 // Hands the ring's memory (a file descriptor of its cuMem allocation) to senders that connect
 // to an abstract Unix socket, as long as the receiver's link lives. Only processes of this
 // user are served.
@@ -119,17 +135,11 @@ class RingServer {
     if (connect(fd, reinterpret_cast<sockaddr*>(&addr), AddressLength(name)) != 0)
       return absl::UnavailableError(absl::StrCat("cannot reach the decode worker's copy ring (", strerror(errno),
                                                  "): it is not in this network namespace"));
-    int64_t bytes = 0;
-    iovec data{&bytes, sizeof(bytes)};
-    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
-    msghdr msg{};
-    msg.msg_iov = &data;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control;
-    msg.msg_controllen = sizeof(control);
-    if (recvmsg(fd, &msg, MSG_CMSG_CLOEXEC) != ssize_t(sizeof(bytes)))
+    RingMessage m;
+    if (recvmsg(fd, &m.msg, MSG_CMSG_CLOEXEC) != ssize_t(sizeof(m.mapped_bytes)))
       return absl::UnavailableError("the decode worker did not hand over its copy ring");
-    const cmsghdr* c = CMSG_FIRSTHDR(&msg);
+    const int64_t bytes = m.mapped_bytes;
+    const cmsghdr* c = CMSG_FIRSTHDR(&m.msg);
     if (c == nullptr || c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
       return absl::UnavailableError("the decode worker did not hand over its copy ring");
     int memory_fd = -1;
@@ -169,26 +179,21 @@ class RingServer {
       ucred peer{};
       socklen_t len = sizeof(peer);
       if (getsockopt(conn, SOL_SOCKET, SO_PEERCRED, &peer, &len) == 0 && peer.uid == geteuid()) {
-        iovec data{&mapped_bytes_, sizeof(mapped_bytes_)};
-        alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
-        msghdr msg{};
-        msg.msg_iov = &data;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control;
-        msg.msg_controllen = sizeof(control);
-        cmsghdr* c = CMSG_FIRSTHDR(&msg);
+        RingMessage m;
+        m.mapped_bytes = mapped_bytes_;
+        cmsghdr* c = CMSG_FIRSTHDR(&m.msg);
         c->cmsg_level = SOL_SOCKET;
         c->cmsg_type = SCM_RIGHTS;
         c->cmsg_len = CMSG_LEN(sizeof(int));
         std::memcpy(CMSG_DATA(c), &memory_fd_, sizeof(int));
-        (void)sendmsg(conn, &msg, MSG_NOSIGNAL);
+        (void)sendmsg(conn, &m.msg, MSG_NOSIGNAL);
       }
       close(conn);
     }
   }
 
   const int memory_fd_;
-  int64_t mapped_bytes_;
+  const int64_t mapped_bytes_;
   std::string name_;
   int socket_ = -1;
   std::atomic<bool> stop_{false};
@@ -304,14 +309,8 @@ class CopyLinkImpl final : public DeviceLink {
           break;
         }
       }
-      if (give_up && give_up()) {
-        status = absl::CancelledError("the copy-engine transfer was given up");
-        break;
-      }
-      if (absl::Now() > deadline) {
-        status = absl::DeadlineExceededError("the copy-engine transfer did not finish in time");
-        break;
-      }
+      status = link::GivenUpOrLate(deadline, give_up, "the copy-engine transfer");
+      if (!status.ok()) break;
       absl::SleepFor(link::kPoll);
     }
     Abort();

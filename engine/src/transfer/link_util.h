@@ -4,6 +4,7 @@
 
 #include <cuda_runtime.h>
 
+#include <functional>
 #include <utility>
 #include <vector>
 
@@ -26,6 +27,14 @@ inline absl::Status CudaError(cudaError_t e, const char* what) {
 constexpr absl::Duration kDrainTimeout = absl::Seconds(10);
 // The links' polling interval: short next to a transfer, long next to a CPU's time slice.
 constexpr absl::Duration kPoll = absl::Microseconds(200);
+
+// What ends a link's wait early: `give_up` (polled) returning true, or `deadline` passing.
+// OK while the wait should go on; `what` names the transfer ("the NCCL transfer").
+inline absl::Status GivenUpOrLate(absl::Time deadline, const std::function<bool()>& give_up, const char* what) {
+  if (give_up && give_up()) return absl::CancelledError(absl::StrCat(what, " was given up"));
+  if (absl::Now() > deadline) return absl::DeadlineExceededError(absl::StrCat(what, " did not finish in time"));
+  return absl::OkStatus();
+}
 
 // Polls `query` (cudaStreamQuery / cudaEventQuery) until the work is done, for kDrainTimeout
 // at most: an aborted link frees its work, but a wait must end regardless.

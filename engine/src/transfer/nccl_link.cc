@@ -125,14 +125,8 @@ class NcclLinkImpl final : public DeviceLink {
           break;
         }
       }
-      if (give_up && give_up()) {
-        status = absl::CancelledError("the NCCL transfer was given up");
-        break;
-      }
-      if (absl::Now() > deadline) {
-        status = absl::DeadlineExceededError("the NCCL transfer did not finish in time");
-        break;
-      }
+      status = link::GivenUpOrLate(deadline, give_up, "the NCCL transfer");
+      if (!status.ok()) break;
       absl::SleepFor(kPoll);
     }
     if (!status.ok()) Abort();  // frees kernels that wait for the peer, so `done` completes
