@@ -147,6 +147,8 @@ def main():
                      "prefill_seconds": float(sent["prefill_seconds"]), "transport": sent["transport"],
                      "state_bytes": int(sent["state_bytes"]),
                      "transfer_exposed_seconds": float(sent["exposed_seconds"]),
+                     "sender_wire_seconds": float(sent["wire_seconds"]),
+                     "sender_wire_gb_per_s": float(sent["wire_gb_per_s"]),
                      "receiver_wire_seconds": float(received["wire_seconds"]),
                      "receiver_wire_gb_per_s": float(received["wire_gb_per_s"])})
         log(json.dumps({k: v for k, v in runs[-1].items() if k != "tokens"}))
@@ -179,6 +181,7 @@ def main():
         run["exposed_fraction_of_ttft"] = run["transfer_exposed_seconds"] / run["ttft_seconds"]
         if "nccl_floor" in result:
             floor = max(s["nccl_send_recv_gb_per_s"] for s in result["nccl_floor"]["sizes"])
+            run["sender_wire_fraction_of_nccl"] = run["sender_wire_gb_per_s"] / floor
             run["receiver_wire_fraction_of_nccl"] = run["receiver_wire_gb_per_s"] / floor
         log(json.dumps({k: v for k, v in run.items() if k != "tokens"}))
         save()

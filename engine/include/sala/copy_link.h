@@ -3,11 +3,14 @@
 // computes (NCCL's kernels wait for SMs behind the prefill's).
 //
 // The receiver owns a ring of staging slots in its device memory and offers it (a cuMem
-// allocation whose file descriptor it hands over a Unix socket); the sender maps it. Each step's bytes are cut into pieces of at most one slot: the
-// sender copies a piece into the next slot over NVLink, the receiver copies it on into its own
-// spans. Two counters beside the ring hand slots over (pieces filled, pieces drained); each is
-// written by a copy stream after the piece's data and polled by the other end's host, so no GPU
-// work ever waits on the peer and an abort leaves nothing stuck on a device.
+// allocation whose file descriptor it hands over a Unix socket); the sender maps it. Each step's
+// bytes are cut into pieces of at most one slot: the sender copies a piece into the next slot
+// over NVLink, the receiver copies it on into its own spans. Two counters beside the ring hand
+// slots over (pieces filled, pieces drained); each is written by a copy stream after the piece's
+// data, and the other end's copy stream waits for it (cuStreamWaitValue64), so the pieces of a
+// step follow each other at the wire's pace without a host in between. Only the receiver's host
+// waits for the first piece of each step, as a step may take the sender seconds to compute.
+// An aborting end overwrites the counter its stream waits on, so nothing stays stuck on a device.
 //
 // The ring's memory lives until both ends have unmapped it, so a sender that has not yet heard
 // of an abort writes into memory nobody else uses.

@@ -34,6 +34,7 @@ absl::StatusOr<DriverApi> LoadDriverApi() {
   SALA_RETURN_IF_ERROR(get("cuMemExportToShareableHandle", d.export_handle));
   SALA_RETURN_IF_ERROR(get("cuMemImportFromShareableHandle", d.import_handle));
   SALA_RETURN_IF_ERROR(get("cuStreamWriteValue64", d.write_value64));
+  SALA_RETURN_IF_ERROR(get("cuStreamWaitValue64", d.wait_value64));
   SALA_RETURN_IF_ERROR(get("cuPointerGetAttribute", d.pointer_attribute));
   return d;
 }

@@ -21,6 +21,7 @@ struct DriverApi {
   decltype(&cuMemExportToShareableHandle) export_handle = nullptr;
   decltype(&cuMemImportFromShareableHandle) import_handle = nullptr;
   decltype(&cuStreamWriteValue64) write_value64 = nullptr;
+  decltype(&cuStreamWaitValue64) wait_value64 = nullptr;
   decltype(&cuPointerGetAttribute) pointer_attribute = nullptr;
 };
 

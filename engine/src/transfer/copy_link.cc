@@ -44,9 +44,11 @@ using link::OnDevice;
 // the sender's copy stream) and pieces drained (written by the receiver's).
 constexpr int64_t kCounterStride = 256;
 enum Counter { kFilled = 0, kDrained = 1 };
-// A host reads a counter (an 8-byte copy, ~10 us) back to back for this many reads after the
-// last change, then sleeps between reads: a piece takes tens of microseconds on NVLink, while a
-// sleep lasts at least the kernel's timer slack (~50 us).
+// What an aborting end writes into the counter its stream may wait on, so that every wait passes.
+constexpr uint64_t kUnblocked = uint64_t(1) << 62;
+// The receiver's host reads the filled counter (an 8-byte copy, ~10 us) back to back for this
+// many reads after the last change, then sleeps between reads. Its wake-up latency stays off the
+// wire: the ring buffers the sender's first pieces meanwhile.
 constexpr int kSpinningReads = 200;
 constexpr absl::Duration kCounterPoll = absl::Microseconds(50);
 // What a pointer is, for errors: "device 1", "host", "unknown".
@@ -255,11 +257,12 @@ class CopyLinkImpl final : public DeviceLink {
     int device = 0;
     LINK_CUDA(cudaGetDevice(&device));
     SALA_ASSIGN_OR_RETURN(const cuda::DriverApi* drv, cuda::GetDriverApi());
-    auto link = std::unique_ptr<CopyLinkImpl>(
-        new CopyLinkImpl(role, device, std::move(ring), drv->write_value64, drv->pointer_attribute));
+    auto link = std::unique_ptr<CopyLinkImpl>(new CopyLinkImpl(role, device, std::move(ring), drv));
     const Ring& r = link->ring_;
+    // Created one after the other, so that they get separate hardware queues: the side stream's
+    // writes must reach the GPU while the copy stream waits on a counter.
     LINK_CUDA(cudaStreamCreateWithFlags(&link->stream_, cudaStreamNonBlocking));
-    LINK_CUDA(cudaStreamCreateWithFlags(&link->poll_stream_, cudaStreamNonBlocking));
+    LINK_CUDA(cudaStreamCreateWithFlags(&link->side_stream_, cudaStreamNonBlocking));
     LINK_CUDA(cudaHostAlloc(&link->polled_, sizeof(uint64_t), cudaHostAllocDefault));
     if (role == Role::kReceiver) {
       LINK_CUDA(cudaMemsetAsync(r.base + r.slots * r.slot_bytes, 0, 2 * kCounterStride, link->stream_));
@@ -274,10 +277,10 @@ class CopyLinkImpl final : public DeviceLink {
     if (pump_.joinable()) pump_.join();
     OnDevice on(device_);
     for (Step& s : steps_) cudaEventDestroy(s.ready);
-    if (stream_ && !Drained([&] { return cudaStreamQuery(stream_); })) return;  // leaks rather than hangs
+    if (stream_ && cudaStreamQuery(stream_) != cudaSuccess) return;  // Abort could not drain it: leaks rather than hangs
     timer_.reset();
     if (stream_) cudaStreamDestroy(stream_);
-    if (poll_stream_) cudaStreamDestroy(poll_stream_);
+    if (side_stream_) cudaStreamDestroy(side_stream_);
     if (polled_) cudaFreeHost(polled_);
     ring_.server.reset();
     ring_.mapping.reset();
@@ -296,10 +299,11 @@ class CopyLinkImpl final : public DeviceLink {
     for (bool queued = true;;) {
       {
         std::lock_guard<std::mutex> lock(mu_);
-        if (!error_.ok()) return error_;
-        if (aborted_) return absl::UnavailableError("copy link was aborted");
+        status = error_;
+        if (status.ok() && aborted_) return absl::UnavailableError("copy link was aborted");
         queued = !steps_.empty() || pumping_;
       }
+      if (!status.ok()) break;  // the pump failed: drain what it queued
       // Everything is queued on the stream: until its copies land.
       if (!queued) {
         const cudaError_t q = cudaStreamQuery(stream_);
@@ -323,12 +327,29 @@ class CopyLinkImpl final : public DeviceLink {
     return timer_->Seconds();
   }
 
+  // Once aborted_ is set under mu_ nothing more is queued; the copy stream is then drained
+  // before Abort returns, so that no copy of this link touches the spans' memory afterwards.
+  // Its waits on the peer's counter pass because this end overwrites that counter (again and
+  // again: a live peer may still write it); the copies behind them move stale bytes, which the
+  // aborted transfer discards.
   void Abort() override {
     {
       std::lock_guard<std::mutex> lock(mu_);
       aborted_ = true;
     }
     cv_.notify_all();
+    if (stream_ == nullptr) return;
+    OnDevice on(device_);
+    const Counter awaited = role_ == Role::kSender ? kDrained : kFilled;
+    // A stream with nothing left touches no counter: a sender in the receiver's process must not
+    // write into a ring that the receiver's link may already have unmapped.
+    Drained([&] {
+      const cudaError_t e = cudaStreamQuery(stream_);
+      if (e == cudaErrorNotReady)
+        drv_->write_value64(side_stream_, reinterpret_cast<CUdeviceptr>(CounterAt(awaited)), kUnblocked,
+                            CU_STREAM_WRITE_VALUE_DEFAULT);
+      return e;
+    });
   }
 
   bool aborted() const override { return aborted_; }
@@ -342,13 +363,8 @@ class CopyLinkImpl final : public DeviceLink {
     cudaEvent_t ready = nullptr;
   };
 
-  CopyLinkImpl(Role role, int device, Ring ring, decltype(&cuStreamWriteValue64) write_value,
-               decltype(&cuPointerGetAttribute) pointer_attribute)
-      : role_(role),
-        device_(device),
-        ring_(std::move(ring)),
-        write_value_(write_value),
-        pointer_attribute_(pointer_attribute) {}
+  CopyLinkImpl(Role role, int device, Ring ring, const cuda::DriverApi* drv)
+      : role_(role), device_(device), ring_(std::move(ring)), drv_(drv) {}
 
   char* CounterAt(Counter c) const { return ring_.base + ring_.slots * ring_.slot_bytes + c * kCounterStride; }
 
@@ -361,7 +377,7 @@ class CopyLinkImpl final : public DeviceLink {
       // Spans side by side merge into one copy, but only within one allocation: a copy may not
       // run from one cudaMalloc into the next, however close they lie.
       CUdeviceptr range = 0;
-      if (pointer_attribute_(&range, CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, reinterpret_cast<CUdeviceptr>(s.data)) !=
+      if (drv_->pointer_attribute(&range, CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, reinterpret_cast<CUdeviceptr>(s.data)) !=
           CUDA_SUCCESS)
         range = reinterpret_cast<CUdeviceptr>(s.data);  // unknown to the driver: never merged
       DeviceSpan* last = step.spans.empty() ? nullptr : &step.spans.back();
@@ -412,18 +428,18 @@ class CopyLinkImpl final : public DeviceLink {
     }
   }
 
-  // Until the peer's counter reaches `target`, or the link is aborted.
-  absl::Status AwaitCounter(Counter c, uint64_t target) {
-    for (int misses = 0; seen_[c] < target; ++misses) {
+  // The receiver's host, until the sender has filled `target` pieces or the link is aborted.
+  absl::Status AwaitFilled(uint64_t target) {
+    for (int misses = 0; seen_filled_ < target; ++misses) {
       if (aborted_) return absl::UnavailableError("copy link was aborted");
-      LINK_CUDA(cudaMemcpyAsync(polled_, CounterAt(c), sizeof(uint64_t), cudaMemcpyDefault, poll_stream_));
-      LINK_CUDA(cudaStreamSynchronize(poll_stream_));
+      LINK_CUDA(cudaMemcpyAsync(polled_, CounterAt(kFilled), sizeof(uint64_t), cudaMemcpyDefault, side_stream_));
+      LINK_CUDA(cudaStreamSynchronize(side_stream_));
       const uint64_t value = *static_cast<volatile uint64_t*>(polled_);
-      if (value > seen_[c]) {
-        seen_[c] = value;
+      if (value > seen_filled_) {
+        seen_filled_ = value;
         misses = 0;
       }
-      if (seen_[c] >= target) break;
+      if (seen_filled_ >= target) break;
       if (misses < kSpinningReads) std::this_thread::yield();
       else absl::SleepFor(kCounterPoll);
     }
@@ -448,9 +464,16 @@ class CopyLinkImpl final : public DeviceLink {
                                             sizes.size() > 3 ? "; ..." : "", "): ", cudaGetErrorString(e)));
   }
 
-  // Moves one step piece by piece through the ring.
+  // Queues one step piece by piece through the ring. The copy stream itself waits for the
+  // peer's counters, so pieces follow each other at the wire's pace with no host in between.
+  // Only the receiver's first piece is awaited by its host: between steps the sender computes
+  // for up to seconds, and a device wait that long would hold a hardware queue that the decode
+  // worker's own kernels may share.
   absl::Status Move(const Step& step) {
     const bool send = role_ == Role::kSender;
+    if (!send) SALA_RETURN_IF_ERROR(AwaitFilled(pieces_ + 1));
+    std::lock_guard<std::mutex> lock(mu_);
+    if (aborted_) return absl::UnavailableError("copy link was aborted");
     LINK_CUDA(cudaStreamWaitEvent(stream_, step.ready, 0));
     size_t span = 0, in_span = 0;
     for (int64_t left = step.bytes; left > 0;) {
@@ -458,14 +481,15 @@ class CopyLinkImpl final : public DeviceLink {
       const int32_t slot = int32_t(n % uint64_t(ring_.slots));
       // The sender may fill a slot once the receiver drained its previous piece; the receiver
       // may drain it once the sender filled it.
-      if (send) SALA_RETURN_IF_ERROR(AwaitCounter(kDrained, n >= uint64_t(ring_.slots) ? n + 1 - ring_.slots : 0));
-      else SALA_RETURN_IF_ERROR(AwaitCounter(kFilled, n + 1));
-      if (left == step.bytes) {
-        // The step's wire time starts with its first piece: for the sender once its rows are
-        // computed, for the receiver once the first piece has arrived.
-        std::lock_guard<std::mutex> lock(mu_);
-        SALA_RETURN_IF_ERROR(timer_->Start(stream_));
-      }
+      const Counter awaited = send ? kDrained : kFilled;
+      const uint64_t target = send ? (n >= uint64_t(ring_.slots) ? n + 1 - ring_.slots : 0) : n + 1;
+      if (target > 0)
+        SALA_RETURN_IF_ERROR(cuda::DriverStatus(drv_->wait_value64(stream_, reinterpret_cast<CUdeviceptr>(CounterAt(awaited)),
+                                                           target, CU_STREAM_WAIT_VALUE_GEQ),
+                                        "cuStreamWaitValue64 (copy ring counter)"));
+      // The step's wire time starts with its first piece: for the sender once its rows are
+      // computed and a slot is free, for the receiver once the first piece has arrived.
+      if (left == step.bytes) SALA_RETURN_IF_ERROR(timer_->Start(stream_));
       const int64_t piece = std::min(left, ring_.slot_bytes);
       char* staged = ring_.base + slot * ring_.slot_bytes;
       dsts_.clear();
@@ -487,30 +511,28 @@ class CopyLinkImpl final : public DeviceLink {
       }
       SALA_RETURN_IF_ERROR(CopyPiece(dsts_, srcs_, sizes_));
       // The default flags fence the piece's copies before the write.
-      if (const CUresult r = write_value_(stream_, reinterpret_cast<CUdeviceptr>(CounterAt(send ? kFilled : kDrained)),
-                                          n + 1, CU_STREAM_WRITE_VALUE_DEFAULT);
-          r != CUDA_SUCCESS)
-        return absl::InternalError(absl::StrCat("cuStreamWriteValue64 (copy ring counter): CUDA driver error ", int(r)));
+      SALA_RETURN_IF_ERROR(cuda::DriverStatus(drv_->write_value64(stream_,
+                                                          reinterpret_cast<CUdeviceptr>(CounterAt(send ? kFilled : kDrained)),
+                                                          n + 1, CU_STREAM_WRITE_VALUE_DEFAULT),
+                                      "cuStreamWriteValue64 (copy ring counter)"));
       pieces_ = n + 1;
       left -= piece;
     }
-    std::lock_guard<std::mutex> lock(mu_);
     return timer_->End(stream_);
   }
 
   const Role role_;
   const int device_;
   Ring ring_;
-  const decltype(&cuStreamWriteValue64) write_value_;
-  const decltype(&cuPointerGetAttribute) pointer_attribute_;
-  cudaStream_t stream_ = nullptr;       // the copies and counter writes, in piece order
-  cudaStream_t poll_stream_ = nullptr;  // reads of the peer's counter
+  const cuda::DriverApi* const drv_;
+  cudaStream_t stream_ = nullptr;       // the copies, the counter writes and waits, in piece order
+  cudaStream_t side_stream_ = nullptr;  // the receiver's reads of the filled counter; an abort's writes
   uint64_t* polled_ = nullptr;          // pinned: where a read of a counter lands
   std::thread pump_;
-  // Pump thread only: pieces moved over the link's life, the counters' last values read, and
-  // the copies of the piece being queued.
+  // Pump thread only: pieces moved over the link's life, the filled counter's last value read,
+  // and the copies of the piece being queued.
   uint64_t pieces_ = 0;
-  uint64_t seen_[2] = {0, 0};
+  uint64_t seen_filled_ = 0;
   std::vector<void*> dsts_;
   std::vector<const void*> srcs_;
   std::vector<size_t> sizes_;
