@@ -25,8 +25,12 @@ constexpr absl::Duration kJoinTimeout = absl::Seconds(60);
 class DeviceStateSender final : public StateSender {
  public:
   DeviceStateSender(Engine& engine, std::shared_ptr<DeviceStateTransport::Link> link, const std::string& target,
-                  const std::string& session_id, int64_t expected_tokens, absl::Time deadline)
-      : engine_(engine), link_(std::move(link)), deadline_(deadline), stream_(target, deadline) {
+                    const std::string& session_id, int64_t expected_tokens, int64_t min_step_bytes, absl::Time deadline)
+      : engine_(engine),
+        link_(std::move(link)),
+        min_step_bytes_(min_step_bytes),
+        deadline_(deadline),
+        stream_(target, deadline) {
     holds_link_ = link_->busy.try_acquire_until(absl::ToChronoTime(deadline));
     if (!holds_link_) {
       opened_ = absl::DeadlineExceededError(absl::StrCat("the GPU link to ", target, " stayed busy"));
@@ -84,11 +88,20 @@ class DeviceStateSender final : public StateSender {
     sala::v1::StateChunk chunk;
     if (s.ok()) {
       auto spans = engine_.backend().StateSpans(state, sent_tokens_, state.tokens, /*linear=*/last, /*receive=*/false);
-      auto bytes = spans.ok() ? link_->device->Send(*spans) : absl::StatusOr<int64_t>(spans.status());
+      // Rows short of a step wait for the next chunk's; an empty descriptor still goes out, so a
+      // lost decode worker is noticed within a chunk.
+      const bool defer = spans.ok() && !last &&
+                         std::accumulate(spans->begin(), spans->end(), int64_t(0), [](int64_t a, const DeviceSpan& b) {
+                           return a + int64_t(b.bytes);
+                         }) < min_step_bytes_;
+      auto bytes = !spans.ok() ? absl::StatusOr<int64_t>(spans.status())
+                   : defer     ? absl::StatusOr<int64_t>(0)
+                               : link_->device->Send(*spans);
       if (bytes.ok()) {
         sala::v1::DeviceSegment& seg = *chunk.mutable_device();
+        const int64_t to = defer ? sent_tokens_ : state.tokens;
         seg.set_from_tokens(sent_tokens_);
-        seg.set_to_tokens(state.tokens);
+        seg.set_to_tokens(to);
         seg.set_linear_states(last);
         seg.set_bytes(*bytes);
         if (last) {
@@ -96,7 +109,7 @@ class DeviceStateSender final : public StateSender {
           chunk.set_first_token(first_token);
         }
         bytes_ += *bytes;
-        sent_tokens_ = state.tokens;
+        sent_tokens_ = to;
         s = stream_.Write(std::move(chunk));
       } else {
         s = bytes.status();
@@ -108,6 +121,7 @@ class DeviceStateSender final : public StateSender {
 
   Engine& engine_;
   std::shared_ptr<DeviceStateTransport::Link> link_;
+  const int64_t min_step_bytes_;
   bool holds_link_ = false;
   const absl::Time deadline_;
   StateStream stream_;
@@ -205,7 +219,7 @@ absl::StatusOr<std::unique_ptr<StateSender>> DeviceStateTransport::Open(const st
   SALA_ASSIGN_OR_RETURN(std::shared_ptr<Link> link, LinkTo(target, deadline));
   if (!link) return host_path_.Open(target, session_id, expected_tokens, deadline);
   return std::unique_ptr<StateSender>(
-      new DeviceStateSender(engine_, link, target, session_id, expected_tokens, deadline));
+      new DeviceStateSender(engine_, link, target, session_id, expected_tokens, options_.min_step_bytes, deadline));
 }
 
 }  // namespace sala::service

@@ -16,6 +16,10 @@ ABSL_FLAG(std::string, state_transport, "auto",
           "NCCL to others), nccl (GPU to GPU, NCCL only), grpc (through host memory), or auto (gpu where "
           "both workers have a GPU path, grpc otherwise)");
 
+ABSL_FLAG(int64_t, state_step_mib, 1024,
+          "GPU transfers ship the state in steps of at least this many MiB (the last step may be smaller): "
+          "fewer, larger steps spend less of the link's time starting up; each leaves while prefill computes");
+
 int main(int argc, char** argv) {
   sala::service::BlockTerminationSignals();
   sala::service::ParseFlags(argc, argv,
@@ -29,6 +33,10 @@ int main(int argc, char** argv) {
     sala::service::LogError("--state_transport must be auto, gpu, nccl or grpc", {{"value", mode}});
     return 2;
   }
+  if (absl::GetFlag(FLAGS_state_step_mib) < 0) {
+    sala::service::LogError("--state_step_mib must not be negative");
+    return 2;
+  }
   auto engine = sala::service::LoadEngineFromFlags();
   if (!engine.ok()) {
     sala::service::LogError(std::string(engine.status().message()));
@@ -39,7 +47,10 @@ int main(int argc, char** argv) {
   if (mode == "grpc") transport = std::make_unique<sala::service::GrpcStateTransport>(e);
   else
     transport = std::make_unique<sala::service::DeviceStateTransport>(
-        e, id, sala::service::DeviceTransportOptions{.copy_engines = mode != "nccl", .fallback = mode == "auto"});
+        e, id,
+        sala::service::DeviceTransportOptions{.copy_engines = mode != "nccl",
+                                              .fallback = mode == "auto",
+                                              .min_step_bytes = absl::GetFlag(FLAGS_state_step_mib) << 20});
   sala::prefill::PrefillWorker worker(std::move(*engine), std::move(transport), id,
                                       sala::service::AdvertisedAddressFromFlags(),
                                       sala::service::ModelNameFromFlags());
