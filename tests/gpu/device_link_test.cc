@@ -217,6 +217,47 @@ TEST(CopyLinkTest, SenderStopsAtAFullRingAndGivesUp) {
   cudaFree(src);
 }
 
+// The receiver's stream waits on the device for the pieces after a step's first: when the sender
+// stops halfway, the receiver gives up by its deadline, and once Abort returns no copy of the
+// link lands in the receiver's memory any more (the caller frees it next), not even when the
+// sender then goes on filling the ring.
+TEST(CopyLinkTest, ReceiverStuckMidStepGivesUpAndDrains) {
+  if (DeviceCount() == 0) GTEST_SKIP() << "needs a GPU";
+  auto pair = CopyPair(int64_t(1) << 20, 3);
+  ASSERT_TRUE(pair.ok()) << pair.status();
+  constexpr size_t kHalf = size_t(2) << 20;
+  void *src = nullptr, *dst = nullptr;
+  cudaSetDevice(pair->recv_device);
+  ASSERT_EQ(cudaMalloc(&dst, 3 * kHalf), cudaSuccess);
+  std::vector<DeviceSpan> in = {{dst, 3 * kHalf}};
+  ASSERT_TRUE(pair->receiver->Recv(in).ok());
+  cudaSetDevice(pair->send_device);
+  ASSERT_EQ(cudaMalloc(&src, kHalf), cudaSuccess);
+  std::vector<DeviceSpan> out = {{src, kHalf}};  // a third of what the receiver expects
+  ASSERT_TRUE(pair->sender->Send(out).ok());
+  const absl::Time start = absl::Now();
+  EXPECT_TRUE(pair->sender->Wait(start + absl::Seconds(30)).ok());
+  absl::Status s = pair->receiver->Wait(start + absl::Milliseconds(500));
+  EXPECT_EQ(s.code(), absl::StatusCode::kDeadlineExceeded) << s;
+  EXPECT_LT(absl::Now() - start, absl::Seconds(10));
+  EXPECT_TRUE(pair->receiver->aborted());
+  cudaSetDevice(pair->recv_device);
+  ASSERT_EQ(cudaMemset(dst, 0x5a, 3 * kHalf), cudaSuccess);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  cudaSetDevice(pair->send_device);
+  ASSERT_TRUE(pair->sender->Send(out).ok());
+  ASSERT_TRUE(pair->sender->Send(out).ok());
+  EXPECT_TRUE(pair->sender->Wait(absl::Now() + absl::Seconds(30)).ok());
+  absl::SleepFor(absl::Milliseconds(100));
+  cudaSetDevice(pair->recv_device);
+  std::vector<unsigned char> back(3 * kHalf);
+  ASSERT_EQ(cudaMemcpy(back.data(), dst, back.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(std::count(back.begin(), back.end(), 0x5a), ptrdiff_t(back.size()));
+  cudaFree(dst);
+  cudaSetDevice(pair->send_device);
+  cudaFree(src);
+}
+
 TEST(CopyLinkTest, RefusesBadRings) {
   if (DeviceCount() == 0) GTEST_SKIP() << "needs a GPU";
   EXPECT_EQ(CopyLink::Listen(int64_t(1) << 20, 1).status().code(), absl::StatusCode::kInvalidArgument);

@@ -277,7 +277,8 @@ class CopyLinkImpl final : public DeviceLink {
     if (pump_.joinable()) pump_.join();
     OnDevice on(device_);
     for (Step& s : steps_) cudaEventDestroy(s.ready);
-    if (stream_ && cudaStreamQuery(stream_) != cudaSuccess) return;  // Abort could not drain it: leaks rather than hangs
+    // A stream that Abort could not drain is leaked rather than waited for.
+    if (stream_ && cudaStreamQuery(stream_) != cudaSuccess) return;
     timer_.reset();
     if (stream_) cudaStreamDestroy(stream_);
     if (side_stream_) cudaStreamDestroy(side_stream_);
@@ -484,9 +485,10 @@ class CopyLinkImpl final : public DeviceLink {
       const Counter awaited = send ? kDrained : kFilled;
       const uint64_t target = send ? (n >= uint64_t(ring_.slots) ? n + 1 - ring_.slots : 0) : n + 1;
       if (target > 0)
-        SALA_RETURN_IF_ERROR(cuda::DriverStatus(drv_->wait_value64(stream_, reinterpret_cast<CUdeviceptr>(CounterAt(awaited)),
-                                                           target, CU_STREAM_WAIT_VALUE_GEQ),
-                                        "cuStreamWaitValue64 (copy ring counter)"));
+        SALA_RETURN_IF_ERROR(
+            cuda::DriverStatus(drv_->wait_value64(stream_, reinterpret_cast<CUdeviceptr>(CounterAt(awaited)), target,
+                                                  CU_STREAM_WAIT_VALUE_GEQ),
+                               "cuStreamWaitValue64 (copy ring counter)"));
       // The step's wire time starts with its first piece: for the sender once its rows are
       // computed and a slot is free, for the receiver once the first piece has arrived.
       if (left == step.bytes) SALA_RETURN_IF_ERROR(timer_->Start(stream_));
@@ -511,10 +513,10 @@ class CopyLinkImpl final : public DeviceLink {
       }
       SALA_RETURN_IF_ERROR(CopyPiece(dsts_, srcs_, sizes_));
       // The default flags fence the piece's copies before the write.
-      SALA_RETURN_IF_ERROR(cuda::DriverStatus(drv_->write_value64(stream_,
-                                                          reinterpret_cast<CUdeviceptr>(CounterAt(send ? kFilled : kDrained)),
-                                                          n + 1, CU_STREAM_WRITE_VALUE_DEFAULT),
-                                      "cuStreamWriteValue64 (copy ring counter)"));
+      const auto written = reinterpret_cast<CUdeviceptr>(CounterAt(send ? kFilled : kDrained));
+      SALA_RETURN_IF_ERROR(
+          cuda::DriverStatus(drv_->write_value64(stream_, written, n + 1, CU_STREAM_WRITE_VALUE_DEFAULT),
+                             "cuStreamWriteValue64 (copy ring counter)"));
       pieces_ = n + 1;
       left -= piece;
     }
