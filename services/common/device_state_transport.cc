@@ -1,7 +1,5 @@
 #include "device_state_transport.h"
 
-#include <numeric>
-
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "channels.h"
@@ -83,40 +81,37 @@ class DeviceStateSender final : public StateSender {
 
  private:
   // Queues the sends of what the state gained since the last step and writes their descriptor.
+  // Rows short of a step wait for the next chunk's; their descriptor still goes out, empty, so a
+  // lost decode worker is noticed within a chunk.
   absl::Status Step(SequenceState& state, bool last, int first_token) {
     absl::Status s = opened_;
-    sala::v1::StateChunk chunk;
-    if (s.ok()) {
-      auto spans = engine_.backend().StateSpans(state, sent_tokens_, state.tokens, /*linear=*/last, /*receive=*/false);
-      // Rows short of a step wait for the next chunk's; an empty descriptor still goes out, so a
-      // lost decode worker is noticed within a chunk.
-      const bool defer = spans.ok() && !last &&
-                         std::accumulate(spans->begin(), spans->end(), int64_t(0), [](int64_t a, const DeviceSpan& b) {
-                           return a + int64_t(b.bytes);
-                         }) < min_step_bytes_;
-      auto bytes = !spans.ok() ? absl::StatusOr<int64_t>(spans.status())
-                   : defer     ? absl::StatusOr<int64_t>(0)
-                               : link_->device->Send(*spans);
-      if (bytes.ok()) {
-        sala::v1::DeviceSegment& seg = *chunk.mutable_device();
-        const int64_t to = defer ? sent_tokens_ : state.tokens;
-        seg.set_from_tokens(sent_tokens_);
-        seg.set_to_tokens(to);
-        seg.set_linear_states(last);
-        seg.set_bytes(*bytes);
-        if (last) {
-          chunk.set_last(true);
-          chunk.set_first_token(first_token);
-        }
-        bytes_ += *bytes;
-        sent_tokens_ = to;
-        s = stream_.Write(std::move(chunk));
-      } else {
-        s = bytes.status();
-      }
-    }
+    if (s.ok()) s = SendRows(state, last, first_token);
     if (!s.ok()) Abort(std::string(s.message()));
     return s;
+  }
+
+  absl::Status SendRows(SequenceState& state, bool last, int first_token) {
+    SALA_ASSIGN_OR_RETURN(
+        auto spans, engine_.backend().StateSpans(state, sent_tokens_, state.tokens, /*linear=*/last, /*receive=*/false));
+    int64_t bytes = 0;
+    int64_t to = sent_tokens_;
+    if (last || SpanBytes(spans) >= min_step_bytes_) {
+      SALA_ASSIGN_OR_RETURN(bytes, link_->device->Send(spans));
+      to = state.tokens;
+    }
+    sala::v1::StateChunk chunk;
+    sala::v1::DeviceSegment& seg = *chunk.mutable_device();
+    seg.set_from_tokens(sent_tokens_);
+    seg.set_to_tokens(to);
+    seg.set_linear_states(last);
+    seg.set_bytes(bytes);
+    if (last) {
+      chunk.set_last(true);
+      chunk.set_first_token(first_token);
+    }
+    bytes_ += bytes;
+    sent_tokens_ = to;
+    return stream_.Write(std::move(chunk));
   }
 
   Engine& engine_;

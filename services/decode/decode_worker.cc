@@ -4,7 +4,6 @@
 #include <atomic>
 #include <chrono>
 #include <deque>
-#include <numeric>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -441,8 +440,7 @@ absl::StatusOr<SequenceState> DecodeWorker::ReceiveOverLink(grpc::ServerContext*
         status = spans.status();
         break;
       }
-      const int64_t expect = std::accumulate(spans->begin(), spans->end(), int64_t(0),
-                                             [](int64_t a, const DeviceSpan& s) { return a + int64_t(s.bytes); });
+      const int64_t expect = SpanBytes(*spans);
       if (expect != seg.bytes()) {
         status = absl::DataLossError(absl::StrCat("a step of ", seg.bytes(), " bytes where this layout has ", expect));
         break;

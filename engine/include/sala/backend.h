@@ -22,6 +22,13 @@ struct DeviceSpan {
   size_t bytes = 0;
 };
 
+// The bytes of all `spans` together.
+inline int64_t SpanBytes(std::span<const DeviceSpan> spans) {
+  int64_t total = 0;
+  for (const DeviceSpan& s : spans) total += int64_t(s.bytes);
+  return total;
+}
+
 class Backend {
  public:
   virtual ~Backend() = default;
