@@ -104,6 +104,7 @@ int main(int argc, char** argv) {
       "  sala-client [flags] generate|complete|cancel|session|models\n"
       "  sala-client generate --prompt='Once upon a time' --max-new-tokens=32");
   sala::tools::AcceptDashedFlags(argc, argv);
+  sala::tools::ListOwnFlagsInHelp();
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   if (args.size() != 2) {
     std::cerr << "give one command: generate, complete, cancel, session, models (see --help)\n";

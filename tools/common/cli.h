@@ -8,7 +8,9 @@
 #include <string>
 #include <vector>
 
+#include "absl/flags/usage_config.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -25,6 +27,16 @@ inline void AcceptDashedFlags(int argc, char** argv) {
     for (char* p = a + 2; *p && *p != '='; ++p)
       if (*p == '-') *p = '_';
   }
+}
+
+// Makes --help list the tool's flags: Abseil's default looks only in a file named after the
+// program.
+inline void ListOwnFlagsInHelp() {
+  absl::FlagsUsageConfig config;
+  auto ours = [](absl::string_view file) { return !absl::StrContains(file, "absl/"); };
+  config.contains_help_flags = ours;
+  config.contains_helpshort_flags = ours;
+  absl::SetFlagsUsageConfig(config);
 }
 
 // The whole file ("-": standard input).

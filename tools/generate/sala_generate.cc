@@ -150,6 +150,7 @@ int main(int argc, char** argv) {
       "  sala-generate --model=models/small --token-ids-file=ids.txt --max-new-tokens=0 --logits-out=l.npy\n"
       "Flags may be written with dashes or underscores.");
   sala::tools::AcceptDashedFlags(argc, argv);
+  sala::tools::ListOwnFlagsInHelp();
   absl::ParseCommandLine(argc, argv);
   if (absl::Status s = Run(); !s.ok()) {
     std::cerr << "sala-generate: " << s.message() << "\n";

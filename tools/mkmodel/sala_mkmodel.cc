@@ -239,6 +239,7 @@ int main(int argc, char** argv) {
                                "  sala-mkmodel --out=models/small            the built-in small model\n"
                                "  sala-mkmodel --out=models/9b --preset=9b --config_only");
   sala::tools::AcceptDashedFlags(argc, argv);
+  sala::tools::ListOwnFlagsInHelp();
   absl::ParseCommandLine(argc, argv);
   if (absl::Status s = Run(); !s.ok()) {
     std::cerr << "sala-mkmodel: " << s.message() << "\n";
