@@ -64,6 +64,14 @@ class GenerateCliTest(unittest.TestCase):
         self.assertEqual(proc.returncode, 1)
         self.assertIn("/nonexistent", proc.stderr)
 
+    def test_help_lists_the_programs_own_flags(self):
+        import subprocess
+        from common import BIN
+        for program, flag in [(os.path.join(BIN, "sala-generate"), "--max_new_tokens"),
+                              (os.path.join(BIN, "..", "services", "sala-prefill"), "--state_step_mib")]:
+            proc = subprocess.run([program, "--help"], capture_output=True, text=True)
+            self.assertIn(flag, proc.stdout + proc.stderr, program)
+
 
 if __name__ == "__main__":
     unittest.main()
