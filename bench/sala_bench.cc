@@ -21,6 +21,7 @@
 #include "cuda/gemm.h"
 #include "cuda/lightning.h"
 #include "cuda/ops.h"
+#include "cuda/sparse.h"
 #include "nlohmann/json.hpp"
 #include "sala/engine.h"
 
@@ -33,6 +34,8 @@ ABSL_FLAG(bool, profile, true, "repeat each prefill with device-synchronised sec
 ABSL_FLAG(int, decode_steps, 16, "timed decode steps per batch size");
 ABSL_FLAG(bool, cuda_graphs, true, "replay decode steps from CUDA graphs (false: launch their kernels one by one)");
 ABSL_FLAG(std::string, projection_rows, "1,2,4,8,16", "rows at which to time a layer's decode projections");
+ABSL_FLAG(std::string, sparse_contexts, "131072",
+          "contexts at which to time one sparse layer's prefill attention for the last chunk alone (empty: none)");
 ABSL_FLAG(std::string, out, "", "write the results here as JSON");
 
 namespace {
@@ -164,6 +167,76 @@ double LightningChunkSeconds(const sala::ModelConfig& c, int64_t tokens) {
   return seconds;
 }
 
+// One sparse layer's attention for the last prefill chunk of a `context`-token prompt, alone:
+// stage 1 (block scores and top-k) and stage 2 (attention over the chosen blocks), seconds and
+// the FLOPs each does on tensor cores (stage 1: q·k2 and q·k1 of the scored entries; stage 2:
+// q·k and p·v over every selected key), medians of 10. K/V and q are random, so the chosen
+// blocks are spread as with random weights.
+struct SparseChunkTimes {
+  double stage1_seconds = 0, stage1_flops = 0, stage2_seconds = 0, stage2_flops = 0;
+};
+SparseChunkTimes SparseChunk(const sala::ModelConfig& c, int64_t context, int64_t chunk) {
+  namespace cu = sala::cuda;
+  const sala::SparseConfig& sc = c.sparse;
+  const int H = c.num_heads, Hk = c.num_kv_heads, D = c.sparse_head_dim(), G = H / Hk;
+  const cu::SparseShape shape{H, Hk, D, sc.block_size, sc.kernel_size, sc.kernel_stride, sc.init_blocks,
+                              sc.window_blocks(), sc.selected_blocks()};
+  const int64_t L = (context + cu::kKvPageTokens - 1) / cu::kKvPageTokens * cu::kKvPageTokens;
+  const int64_t T = std::min(chunk, context), first = context - T, row = int64_t(Hk) * D;
+  const int64_t n1 = sala::SequenceState::NumK1(sc, context), n2 = sala::SequenceState::NumK2(sc, context);
+  __nv_bfloat16 *k, *v, *k1, *k2;
+  float *q, *o;
+  int *pages, *blocks, *counts;
+  cudaMalloc(&k, L * row * 2);
+  cudaMalloc(&v, L * row * 2);
+  cudaMalloc(&k1, std::max<int64_t>(n1, 1) * row * 2);
+  cudaMalloc(&k2, std::max<int64_t>(n2, 1) * row * 2);
+  cudaMalloc(&q, T * H * D * 4);
+  cudaMalloc(&o, T * H * D * 4);
+  cudaMalloc(&pages, L / cu::kKvPageTokens * 4);
+  cudaMalloc(&blocks, T * Hk * shape.selected_blocks * 4);
+  cudaMalloc(&counts, T * Hk * 4);
+  std::vector<int> table(L / cu::kKvPageTokens);
+  for (size_t i = 0; i < table.size(); ++i) table[i] = int(i);  // one contiguous range per K and V
+  cudaMemcpy(pages, table.data(), table.size() * 4, cudaMemcpyHostToDevice);
+  std::vector<float> hq(T * H * D);
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal;
+  for (float& x : hq) x = normal(rng);
+  cudaMemcpy(q, hq.data(), hq.size() * 4, cudaMemcpyHostToDevice);
+  const cu::SparseCacheView view{k, v, pages, cu::kKvPageTokens * row, k1, k2};
+  SparseChunkTimes r;
+  cu::SparseScratch scratch;
+  if (cu::FillRandom(k, L * row, 11, 1.0f, 0.0f, nullptr).ok() && cu::FillRandom(v, L * row, 12, 1.0f, 0.0f, nullptr).ok() &&
+      cu::CompressKeys(view, Hk, D, 0, n1, sc.kernel_size, sc.kernel_stride, k1, nullptr).ok() &&
+      cu::CompressKeys(view, Hk, D, 0, n2, sc.k2_kernel(), sc.k2_stride(), k2, nullptr).ok() &&
+      cu::SelectSparseBlocks(q, first, T, view, shape, blocks, counts, scratch, nullptr).ok() &&
+      cu::BlockSparseAttention(q, first, T, view, shape, blocks, counts, o, nullptr).ok() &&
+      cudaDeviceSynchronize() == cudaSuccess) {
+    r.stage1_seconds = MedianDeviceSeconds(
+        [&] { (void)cu::SelectSparseBlocks(q, first, T, view, shape, blocks, counts, scratch, nullptr); });
+    r.stage2_seconds =
+        MedianDeviceSeconds([&] { (void)cu::BlockSparseAttention(q, first, T, view, shape, blocks, counts, o, nullptr); });
+    std::vector<int> n(T * Hk);
+    cudaMemcpy(n.data(), counts, n.size() * 4, cudaMemcpyDeviceToHost);
+    const int window = sc.window_blocks(), keep = sc.selected_blocks() - sc.init_blocks - window - 1;
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t pos = first + t, bq = pos / sc.block_size;
+      // Scored: the visible k2 entries and the k1 entries of candidate blocks (one before the first).
+      if (bq - window - sc.init_blocks > keep)
+        r.stage1_flops += 2.0 * H * D *
+                          (double(sala::SequenceState::NumK2(sc, pos + 1)) + 4.0 * (bq - window - std::max(sc.init_blocks - 1, 0)));
+      for (int g = 0; g < Hk; ++g) {
+        const int64_t keys = std::min<int64_t>(int64_t(n[t * Hk + g]) * sc.block_size, pos + 1);
+        r.stage2_flops += 4.0 * G * D * double(keys);
+      }
+    }
+  }
+  for (void* p : {(void*)k, (void*)v, (void*)k1, (void*)k2, (void*)q, (void*)o, (void*)pages, (void*)blocks, (void*)counts})
+    cudaFree(p);
+  return r;
+}
+
 // Device-to-device copy, bytes read + written per second.
 double CopyBandwidth() {
   const size_t n = size_t(1) << 30;
@@ -223,6 +296,17 @@ int main(int argc, char** argv) {
     std::printf("  decode projections at %2d rows: engine %.0f GB/s (%.1f%% of copy) | cuBLASLt alone %.0f GB/s\n", rows,
                 engine_bps / 1e9, 100 * engine_bps / copy_bps, lt_bps / 1e9);
     out["decode_projections"].push_back({{"rows", rows}, {"engine_gbps", engine_bps / 1e9}, {"cublaslt_gbps", lt_bps / 1e9}});
+  }
+  for (int context : Ints(absl::GetFlag(FLAGS_sparse_contexts))) {
+    if (c.num_sparse_layers() == 0) break;
+    const SparseChunkTimes st = SparseChunk(c, context, o.chunk_size);
+    std::printf("  sparse layer, last %d-token chunk at %d: stage 1 %.2f ms (%.0f TFLOP/s) | stage 2 %.2f ms (%.0f TFLOP/s)\n",
+                std::min(o.chunk_size, context), context, 1e3 * st.stage1_seconds,
+                st.stage1_seconds > 0 ? st.stage1_flops / st.stage1_seconds / 1e12 : 0.0, 1e3 * st.stage2_seconds,
+                st.stage2_seconds > 0 ? st.stage2_flops / st.stage2_seconds / 1e12 : 0.0);
+    out["sparse_chunk"].push_back({{"context", context}, {"chunk", std::min(o.chunk_size, context)},
+                                   {"stage1_seconds", st.stage1_seconds}, {"stage1_flops", st.stage1_flops},
+                                   {"stage2_seconds", st.stage2_seconds}, {"stage2_flops", st.stage2_flops}});
   }
   // GEMM work per token: every layer weight except embeddings and norms, plus lm_head once.
   const int64_t embed = int64_t(c.vocab_size) * c.hidden_size;
@@ -309,11 +393,11 @@ int main(int argc, char** argv) {
       e.backend().SetProfiling(false);
       nlohmann::json dsplit = e.backend().TakeProfile();
       // Bytes a step must read at least: weights, each sequence's linear states (read and
-      // written) and the sparse KV of the blocks it attends to, plus its compressed keys.
+      // written) and the sparse KV of the blocks it attends to, plus its compressed keys (bf16).
       const double per_seq = 2.0 * 4 * c.num_linear_layers() * double(c.num_heads) * c.head_dim * c.head_dim +
                              double(c.num_sparse_layers()) * c.num_kv_heads * c.sparse_head_dim() *
                                  (2.0 * 2 * std::min<int64_t>(L, int64_t(c.sparse.selected_blocks()) * c.sparse.block_size) +
-                                  4.0 * (L / c.sparse.kernel_stride + L / c.sparse.k2_stride()));
+                                  2.0 * (L / c.sparse.kernel_stride + L / c.sparse.k2_stride()));
       const double floor_ms = 1e3 * (weight_bytes + B * per_seq) / copy_bps;
       std::printf("  decode batch %3d at %7d: %8.2f ms/step | floor %.2f ms (%.1f%% of floor)\n", B, L, 1e3 * Median(t),
                   floor_ms, 100 * floor_ms / (1e3 * Median(t)));

@@ -37,9 +37,10 @@ struct LayerWeights {
   DeviceBuffer<Bf16> input_norm, post_norm, q, k, v, o, gate, q_norm, k_norm, o_norm, mlp_gate, mlp_up, mlp_down;
 };
 
-// A sparse layer's compressed keys (its K/V rows are in the sequence's pages).
+// A sparse layer's compressed keys (its K/V rows are in the sequence's pages), bf16: stage 1
+// multiplies them in bf16 on tensor cores, so rounding them once when written loses nothing.
 struct CompressedKeys {
-  DeviceBuffer<float> k1, k2;
+  DeviceBuffer<Bf16> k1, k2;
   int64_t n1 = 0, n2 = 0;
 };
 
@@ -139,7 +140,7 @@ class CudaSequence final : public DeviceState {
   }
   size_t bytes() const override {
     size_t b = pool ? pages.size() * pool->page_bytes() : 0;
-    for (const auto& s : sparse) b += (s.k1.size() + s.k2.size()) * 4;
+    for (const auto& s : sparse) b += (s.k1.size() + s.k2.size()) * sizeof(Bf16);
     return b + linear.size() * state_elems * 4;
   }
 };
@@ -158,6 +159,12 @@ absl::Status Upload(DeviceBuffer<T>& dst, const T* src, size_t n) {
   return absl::OkStatus();
 }
 
+absl::Status UploadAsBf16(DeviceBuffer<Bf16>& dst, const std::vector<float>& src) {
+  std::vector<uint16_t> h(src.size());
+  for (size_t i = 0; i < h.size(); ++i) h[i] = F32ToBf16(src[i]);
+  return Upload(dst, reinterpret_cast<const Bf16*>(h.data()), h.size());
+}
+
 class CudaBackend final : public Backend {
  public:
   CudaBackend(const ModelConfig& c, bool decode_graphs) : config_(c), decode_graphs_(decode_graphs) {}
@@ -174,9 +181,7 @@ class CudaBackend final : public Backend {
       const TensorView& t = ckpt.tensors().at(spec.name);
       std::vector<float> f(t.numel());
       ConvertToF32(t, f.data());
-      std::vector<uint16_t> h(f.size());
-      for (size_t i = 0; i < f.size(); ++i) h[i] = F32ToBf16(f[i]);
-      return Upload(out, reinterpret_cast<const Bf16*>(h.data()), h.size());
+      return UploadAsBf16(out, f);
     });
   }
 
@@ -274,18 +279,19 @@ class CudaBackend final : public Backend {
         for (uint16_t b : tmp) dst.push_back(Bf16ToF32(b));
         return absl::OkStatus();
       };
-      auto rows_f32 = [&](const DeviceBuffer<float>& src, std::vector<float>& dst, int64_t upto) -> absl::Status {
+      auto entries = [&](const DeviceBuffer<Bf16>& src, std::vector<float>& dst, int64_t upto) -> absl::Status {
         const size_t have = dst.size() / row;
         if (int64_t(have) >= upto) return absl::OkStatus();
-        dst.resize(upto * row);
-        SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(dst.data() + have * row, src.get() + have * row, (upto - have) * row * 4,
+        std::vector<uint16_t> tmp((upto - have) * row);
+        SALA_CUDA_RETURN_IF_ERROR(cudaMemcpy(tmp.data(), src.get() + have * row, tmp.size() * sizeof(Bf16),
                                              cudaMemcpyDeviceToHost));
+        for (uint16_t b : tmp) dst.push_back(Bf16ToF32(b));
         return absl::OkStatus();
       };
       SALA_RETURN_IF_ERROR(rows_bf16(false, h.k, dev->tokens));
       SALA_RETURN_IF_ERROR(rows_bf16(true, h.v, dev->tokens));
-      SALA_RETURN_IF_ERROR(rows_f32(c.k1, h.k1, c.n1));
-      SALA_RETURN_IF_ERROR(rows_f32(c.k2, h.k2, c.n2));
+      SALA_RETURN_IF_ERROR(entries(c.k1, h.k1, c.n1));
+      SALA_RETURN_IF_ERROR(entries(c.k2, h.k2, c.n2));
     }
     if (linear) {
       state.linear.resize(dev->linear.size());
@@ -346,8 +352,8 @@ class CudaBackend final : public Backend {
       }
       t = end;
     }
-    auto add = [&](float* base, int64_t a, int64_t b) {
-      if (b > a) spans.push_back({base + a * row, size_t(b - a) * row * sizeof(float)});
+    auto add = [&](Bf16* base, int64_t a, int64_t b) {
+      if (b > a) spans.push_back({base + a * row, size_t(b - a) * row * sizeof(Bf16)});
     };
     const int64_t k1a = SequenceState::NumK1(sc, from), k1b = SequenceState::NumK1(sc, to);
     const int64_t k2a = SequenceState::NumK2(sc, from), k2b = SequenceState::NumK2(sc, to);
@@ -409,8 +415,8 @@ class CudaBackend final : public Backend {
         for (size_t i = 0; i < vb.size(); ++i) vb[i] = F32ToBf16(h.v[i]);
         SALA_RETURN_IF_ERROR(dev->CopyRows(slot, false, 0, state.tokens, kb.data(), /*to_device=*/true));
         SALA_RETURN_IF_ERROR(dev->CopyRows(slot, true, 0, state.tokens, vb.data(), /*to_device=*/true));
-        SALA_RETURN_IF_ERROR(Upload(c.k1, h.k1.data(), h.k1.size()));
-        SALA_RETURN_IF_ERROR(Upload(c.k2, h.k2.data(), h.k2.size()));
+        SALA_RETURN_IF_ERROR(UploadAsBf16(c.k1, h.k1));
+        SALA_RETURN_IF_ERROR(UploadAsBf16(c.k2, h.k2));
         c.n1 = int64_t(h.k1.size() / row);
         c.n2 = int64_t(h.k2.size() / row);
       }

@@ -25,11 +25,11 @@ __device__ float CompressedEntry(const SparseCacheView& c, int Hk, int D, int g,
   return acc / float(kernel);
 }
 
-__global__ void CompressKernel(SparseCacheView c, int Hk, int D, int64_t from, int kernel, int stride, float* out) {
+__global__ void CompressKernel(SparseCacheView c, int Hk, int D, int64_t from, int kernel, int stride, __nv_bfloat16* out) {
   const int64_t j = from + blockIdx.x;
   const int g = blockIdx.y;
   for (int d = threadIdx.x; d < D; d += blockDim.x)
-    out[(j * Hk + g) * D + d] = CompressedEntry(c, Hk, D, g, d, j, kernel, stride);
+    out[(j * Hk + g) * D + d] = __float2bfloat16(CompressedEntry(c, Hk, D, g, d, j, kernel, stride));
 }
 
 // One block per row; rows are whole in one page.
@@ -59,7 +59,7 @@ __global__ void AppendRowsKernel(const float* k, const float* v, const SparseCac
       const int kernel = level ? 4 * sh.kernel : sh.kernel, stride = level ? 4 * sh.stride : sh.stride;
       if (tokens < kernel || (tokens - kernel) % stride != 0) continue;
       const int64_t j = (tokens - kernel) / stride;
-      (level ? c.k2 : c.k1)[(j * Hk + g) * D + d] = CompressedEntry(c, Hk, D, g, d, j, kernel, stride);
+      (level ? c.k2 : c.k1)[(j * Hk + g) * D + d] = __float2bfloat16(CompressedEntry(c, Hk, D, g, d, j, kernel, stride));
     }
   }
 }
@@ -243,7 +243,7 @@ absl::Status StoreRows(const float* k, const float* v, int64_t first, int64_t T,
 }
 
 absl::Status CompressKeys(const SparseCacheView& cache, int kv_heads, int dim, int64_t from, int64_t to, int kernel,
-                          int stride, float* out, cudaStream_t stream) {
+                          int stride, __nv_bfloat16* out, cudaStream_t stream) {
   if (to <= from) return absl::OkStatus();
   CompressKernel<<<dim3(unsigned(to - from), kv_heads), dim, 0, stream>>>(cache, kv_heads, dim, from, kernel, stride,
                                                                           out);

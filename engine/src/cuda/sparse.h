@@ -27,8 +27,8 @@ struct SparseCacheView {
   __nv_bfloat16* v;    // the same for V
   const int* pages;    // the sequence's page table: token t lies in page pages[t / kKvPageTokens]
   int64_t page_elems;  // distance between pages
-  float* k1;  // [n1, kv_heads, dim]
-  float* k2;
+  __nv_bfloat16* k1;  // [n1, kv_heads, dim]
+  __nv_bfloat16* k2;
 };
 
 #ifdef __CUDACC__
@@ -50,9 +50,10 @@ struct SparseScratch {
 absl::Status StoreRows(const float* k, const float* v, int64_t first, int64_t T, const SparseCacheView& cache,
                        int kv_heads, int dim, cudaStream_t stream);
 
-// Writes compressed entries [from, to) of window `kernel` and stride `stride` from the cache's keys.
+// Writes compressed entries [from, to) of window `kernel` and stride `stride` from the cache's keys
+// (means taken in fp32, stored as bf16).
 absl::Status CompressKeys(const SparseCacheView& cache, int kv_heads, int dim, int64_t from, int64_t to, int kernel,
-                          int stride, float* out, cudaStream_t stream);
+                          int stride, __nv_bfloat16* out, cudaStream_t stream);
 
 // Decode: appends row r's key and value (fp32 k, v [rows, kv_heads, dim]) to caches[r] at
 // position positions[r] as bf16, and writes the k1 and k2 entries the new token completes (as

@@ -1,8 +1,9 @@
 // Prefill attention of the sparse layers on tensor cores (MODEL_SPEC §4), in three kernels:
-//   ScoreKernel: stage 1. For 16 query tokens of one 64-token block and one KV group, the k2
-//     log-sum-exp of every head, then S(j) = Σ_h exp(q_h·k1_j/√d − lse_h) over the candidate
-//     blocks' k1 entries, max-pooled into block scores. The MMA computes keys × heads, so the sum
-//     over a group's 16 heads is a sum across the four lanes of a quad.
+//   ScoreKernel: stage 1. For 32 query tokens of one 64-token block (16 in decode) and one KV
+//     group, the k2 log-sum-exp of every head, then S(j) = Σ_h exp(q_h·k1_j/√d − lse_h) over the
+//     candidate blocks' k1 entries, max-pooled into block scores. Each warp keeps its two tokens'
+//     Q fragments in registers while bf16 key tiles stream through shared memory (cp.async, three
+//     deep); the MMA computes keys × heads, and a second MMA with a matrix of ones sums the heads.
 //   TopKKernel: the `keep` best candidate blocks of each (token, group) by a bitwise search for
 //     the keep-th largest score (ties: the lower block), plus the forced init and local blocks;
 //     lists come out in ascending order.
@@ -24,9 +25,13 @@ using Bf16 = __nv_bfloat16;
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kBlock = 64;          // tokens per attention block
-constexpr int kScoreTokens = 16;    // query tokens per stage-1 thread block
-constexpr int kScoreThreads = 256;  // eight warps, two tokens each
+// Query tokens per stage-1 thread block, each warp taking two: a prefill block reads every key
+// tile once for 32 tokens; a decode row fills one slot, so its blocks stay at 16.
+constexpr int kPrefillScoreTokens = 32;
+constexpr int kDecodeScoreTokens = 16;
+__host__ __device__ constexpr int ScoreThreads(int tokens) { return tokens * 16; }
 constexpr int kKeyTile = 64;        // compressed keys per stage-1 tile: 16 blocks of k1
+constexpr int kKeyStages = 3;       // stage-1 key tiles in flight
 constexpr int kMaxScoreSplits = 64;  // decode: thread blocks per row and KV group
 constexpr int kTopKThreads = 256;
 constexpr int kAttnWarps = 2;
@@ -42,8 +47,8 @@ struct Candidates {
 struct ScoreParams {
   const float* q;  // [T, H, D]
   int64_t first, T;
-  const float* k1;  // [n1, Hk, D]
-  const float* k2;
+  const Bf16* k1;  // [n1, Hk, D]
+  const Bf16* k2;
   const SparseCacheView* views;  // device, or null
   const int64_t* positions;      // device, with views
   int H, Hk, G;
@@ -61,97 +66,91 @@ struct ScoreParams {
 
 __device__ __forceinline__ float Exp2(float x) { return exp2f(x); }
 
-// Loads a tile of kKeyTile compressed keys (fp32, rows j0 ..) into registers; rows >= jend are 0.
-template <int D>
-struct KeyTileLoader {
-  static constexpr int kLoads = kKeyTile * D / 4 / kScoreThreads;
-  float4 r[kLoads];
-  __device__ void Fetch(const float* src, int Hk, int g, int64_t j0, int64_t jend) {
-#pragma unroll
-    for (int i = 0; i < kLoads; ++i) {
-      const int e = threadIdx.x + i * kScoreThreads, row = e / (D / 4), c4 = e % (D / 4);
-      const int64_t j = j0 + row;
-      r[i] = j < jend ? *reinterpret_cast<const float4*>(src + (j * Hk + g) * D + c4 * 4) : float4{0, 0, 0, 0};
-    }
-  }
-  __device__ void Store(Bf16* tile) const {
-#pragma unroll
-    for (int i = 0; i < kLoads; ++i) {
-      const int e = threadIdx.x + i * kScoreThreads, row = e / (D / 4), c4 = e % (D / 4);
-      uint2 packed{PackBf16(r[i].x, r[i].y), PackBf16(r[i].z, r[i].w)};
-      *reinterpret_cast<uint2*>(tile + Swizzled<D>(row, c4 * 4)) = packed;
-    }
-  }
-};
-
-// Streams key tiles t_begin .. t_end - 1 (tile t holds entries j_base + kKeyTile t ..; entries
-// from j_end on read as 0) through the two shared buffers: the next tile is fetched into
-// registers while body(t, tile) computes on the current one.
-template <int D, typename Body>
-__device__ void ForEachKeyTile(KeyTileLoader<D>& loader, Bf16* tiles, const float* src, int Hk, int g,
-                               int64_t j_base, int64_t j_end, int64_t t_begin, int64_t t_end, Body body) {
-  if (t_begin < t_end) {
-    loader.Fetch(src, Hk, g, j_base + t_begin * kKeyTile, j_end);
-    loader.Store(tiles + (t_begin & 1) * kKeyTile * D);
-  }
-  __syncthreads();
-  for (int64_t t = t_begin; t < t_end; ++t) {
-    if (t + 1 < t_end) loader.Fetch(src, Hk, g, j_base + (t + 1) * kKeyTile, j_end);
-    body(t, tiles + (t & 1) * kKeyTile * D);
-    if (t + 1 < t_end) loader.Store(tiles + ((t + 1) & 1) * kKeyTile * D);
-    __syncthreads();
-  }
+// Stage 1's shared memory: the Q tile, later the key stages, then the per-head log-sum-exps.
+__host__ __device__ constexpr size_t ScoreSmemUnionBytes(int D, int tokens) {
+  return (tokens * 16 > kKeyStages * kKeyTile ? tokens * 16 : kKeyStages * kKeyTile) * size_t(D) * sizeof(Bf16);
+}
+__host__ __device__ constexpr size_t ScoreSmemBytes(int D, int tokens) {
+  return ScoreSmemUnionBytes(D, tokens) + tokens * 16 * sizeof(float);
 }
 
-// acc[tok][m][n] += K-tile rows 16 (2 mp + m) .. (keys) x Q heads of the warp's two tokens.
+// Streams key tiles t_begin .. t_end - 1 (tile t holds entries j_base + kKeyTile t ..; entries
+// from j_end on read as 0) from the bf16 compressed keys through kKeyStages shared buffers with
+// cp.async, kKeyStages - 1 tiles ahead of body(t, tile). Every thread must call it.
+template <int D, int Threads, typename Body>
+__device__ void ForEachKeyTile(Bf16* stages, const Bf16* src, int Hk, int g, int j_base, int j_end, int t_begin,
+                               int t_end, Body body) {
+  auto issue = [&](int t) {
+    if (t < t_end) {
+      Bf16* tile = stages + (t % kKeyStages) * kKeyTile * D;
+      for (int e = threadIdx.x; e < kKeyTile * D / 8; e += Threads) {
+        const int row = e / (D / 8), c8 = e % (D / 8);
+        const int j = j_base + t * kKeyTile + row;
+        const bool valid = j < j_end;
+        CpAsync16(tile + Swizzled<D>(row, c8 * 8), src + (int64_t(valid ? j : 0) * Hk + g) * D + c8 * 8, valid);
+      }
+    }
+    CpAsyncCommit();  // empty groups too, so that the wait below always counts the same
+  };
+  for (int s = 0; s < kKeyStages - 1; ++s) issue(t_begin + s);
+  for (int t = t_begin; t < t_end; ++t) {
+    CpAsyncWait<kKeyStages - 2>();
+    // Tile t has landed for every thread, and every thread is done with tile t - 1, whose
+    // buffer the next issue refills.
+    __syncthreads();
+    issue(t + kKeyStages - 1);
+    body(t, stages + (t % kKeyStages) * kKeyTile * D);
+  }
+  CpAsyncWait<0>();
+  __syncthreads();  // the buffers are free for the next pass
+}
+
+// acc[tk][n] = keys 16 m .. 16 m + 15 of the tile (MMA rows) x the 16 heads of the warp's token tk
+// (columns; n picks heads 8 n ..). The warp's Q fragments stay in registers for the whole kernel.
 template <int D>
-__device__ void ScoreMma(const Bf16* qs, const Bf16* kt, int tok0, int mp, float (&acc)[2][2][2][4]) {
+__device__ __forceinline__ void KeyMma(const uint32_t (&qb)[D / 16][2][4], const Bf16* kt, int m,
+                                       float (&acc)[2][2][4]) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int tk = 0; tk < 2; ++tk)
 #pragma unroll
-    for (int m = 0; m < 2; ++m)
+    for (int n = 0; n < 2; ++n)
 #pragma unroll
-      for (int n = 0; n < 2; ++n)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc[tk][m][n][c] = 0.0f;
+      for (int c = 0; c < 4; ++c) acc[tk][n][c] = 0.0f;
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t b[2][4];
+    uint32_t a[4];
+    LdMatrixX4(a, kt + Swizzled<D>(m * 16 + (lane % 8) + 8 * ((lane / 8) % 2), kk * 16 + 8 * (lane / 16)));
 #pragma unroll
-    for (int tk = 0; tk < 2; ++tk)
-      LdMatrixX4(b[tk], qs + Swizzled<D>((tok0 + tk) * 16 + (lane % 8) + 8 * (lane / 16), kk * 16 + 8 * ((lane / 8) % 2)));
-#pragma unroll
-    for (int m = 0; m < 2; ++m) {
-      uint32_t a[4];
-      LdMatrixX4(a, kt + Swizzled<D>((2 * mp + m) * 16 + (lane % 8) + 8 * ((lane / 8) % 2), kk * 16 + 8 * (lane / 16)));
-#pragma unroll
-      for (int tk = 0; tk < 2; ++tk) {
-        MmaBf16(acc[tk][m][0], a, b[tk][0], b[tk][1]);
-        MmaBf16(acc[tk][m][1], a, b[tk][2], b[tk][3]);
-      }
+    for (int tk = 0; tk < 2; ++tk) {
+      MmaBf16(acc[tk][0], a, qb[kk][tk][0], qb[kk][tk][1]);
+      MmaBf16(acc[tk][1], a, qb[kk][tk][2], qb[kk][tk][3]);
     }
   }
 }
 
-template <int D>
-__global__ void __launch_bounds__(kScoreThreads) ScoreKernel(ScoreParams p) {
+// 512 threads per SM: the Q fragments (64 registers at D = 128) leave room for that.
+template <int D, int Tokens>
+__global__ void __launch_bounds__(ScoreThreads(Tokens), 512 / ScoreThreads(Tokens)) ScoreKernel(ScoreParams p) {
+  constexpr int kThreads = ScoreThreads(Tokens);
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  Bf16* qs = reinterpret_cast<Bf16*>(smem_raw);  // [16 tokens x 16 heads, D]
-  Bf16* tiles = qs + kScoreTokens * 16 * D;      // [2][kKeyTile, D]
-  float* lse2 = reinterpret_cast<float*>(tiles + 2 * kKeyTile * D);  // [16 tokens][16 heads], log2 units
+  // The Q tile [16 tokens x 16 heads, D] is read into registers first; the key stages
+  // [kKeyStages][kKeyTile, D] then reuse its memory.
+  Bf16* qs = reinterpret_cast<Bf16*>(smem_raw);
+  Bf16* stages = qs;
+  float* lse2 = reinterpret_cast<float*>(smem_raw + ScoreSmemUnionBytes(D, Tokens));  // [Tokens][16 heads], log2 units
   const int g = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const bool per_row = p.views != nullptr;
   const int64_t first = per_row ? p.positions[blockIdx.x] : p.first;
-  const int64_t base = (first / kScoreTokens) * kScoreTokens + (per_row ? 0 : kScoreTokens * int64_t(blockIdx.x));
-  const int64_t lo = max(base, first), hi = per_row ? first + 1 : min(base + kScoreTokens, first + p.T);
+  const int64_t base = (first / Tokens) * Tokens + (per_row ? 0 : Tokens * int64_t(blockIdx.x));
+  const int64_t lo = max(base, first), hi = per_row ? first + 1 : min(base + Tokens, first + p.T);
   const int64_t row_of_first = per_row ? blockIdx.x : 0;  // output row of position `first`
-  const float* k1 = per_row ? p.views[blockIdx.x].k1 : p.k1;
-  const float* k2 = per_row ? p.views[blockIdx.x].k2 : p.k2;
+  const Bf16* k1 = per_row ? p.views[blockIdx.x].k1 : p.k1;
+  const Bf16* k2 = per_row ? p.views[blockIdx.x].k2 : p.k2;
   const int64_t bq = base / kBlock;
   if (p.cand.Count(bq) <= p.cand.keep) return;  // every block is taken; nothing to score
 
-  for (int e = threadIdx.x; e < kScoreTokens * 16 * D / 4; e += kScoreThreads) {
+  for (int e = threadIdx.x; e < Tokens * 16 * D / 4; e += kThreads) {
     const int row = e / (D / 4), c4 = e % (D / 4), tk = row / 16, h = row % 16;
     const int64_t pos = base + tk;
     float4 v{0, 0, 0, 0};
@@ -159,29 +158,31 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreKernel(ScoreParams p) {
       v = *reinterpret_cast<const float4*>(p.q + ((pos - first + row_of_first) * p.H + g * p.G + h) * D + c4 * 4);
     *reinterpret_cast<uint2*>(qs + Swizzled<D>(row, c4 * 4)) = uint2{PackBf16(v.x, v.y), PackBf16(v.z, v.w)};
   }
-
+  __syncthreads();
   const int tok0 = 2 * warp, gq = lane / 4, tq = lane % 4;
-  KeyTileLoader<D> loader;
+  uint32_t qb[D / 16][2][4];  // B fragments: the 16 heads of tokens tok0, tok0 + 1
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+    for (int tk = 0; tk < 2; ++tk)
+      LdMatrixX4(qb[kk][tk],
+                 qs + Swizzled<D>((tok0 + tk) * 16 + (lane % 8) + 8 * (lane / 16), kk * 16 + 8 * ((lane / 8) % 2)));
+  __syncthreads();  // the key stages overwrite the Q tile
 
   // Pass 1: log-sum-exp over the visible k2 entries, per (token, head): k2_j is visible to
   // position i when 64 j + 128 <= i + 1.
-  int64_t n2[2];
-  for (int tk = 0; tk < 2; ++tk) n2[tk] = base + tok0 + tk + 1 >= 128 ? (base + tok0 + tk + 1 - 128) / 64 + 1 : 0;
-  const int64_t n2_all = (hi - 1) + 1 >= 128 ? (hi - 1 + 1 - 128) / 64 + 1 : 0;
-  float m[2][4], l[2][4];  // [token][n * 2 + column parity]
-  for (int tk = 0; tk < 2; ++tk)
-    for (int s = 0; s < 4; ++s) {
-      m[tk][s] = -INFINITY;
-      l[tk][s] = 0.0f;
-    }
-  const int64_t tiles2 = (n2_all + kKeyTile - 1) / kKeyTile;
-  const int64_t per_split2 = per_row ? (tiles2 + gridDim.z - 1) / gridDim.z : tiles2;
-  const int64_t t2_begin = per_row ? min(tiles2, per_split2 * blockIdx.z) : 0;
-  const int64_t t2_end = per_row ? min(tiles2, t2_begin + per_split2) : tiles2;
+  // Entry counts and tile indices fit an int at any context the top-k allows (2M tokens).
+  int n2[2];
+  for (int tk = 0; tk < 2; ++tk) n2[tk] = base + tok0 + tk + 1 >= 128 ? int((base + tok0 + tk + 1 - 128) / 64 + 1) : 0;
+  const int n2_all = hi >= 128 ? int((hi - 128) / 64 + 1) : 0;
+  const int tiles2 = (n2_all + kKeyTile - 1) / kKeyTile;
+  const int per_split2 = per_row ? (tiles2 + int(gridDim.z) - 1) / int(gridDim.z) : tiles2;
+  const int t2_begin = per_row ? min(tiles2, per_split2 * int(blockIdx.z)) : 0;
+  const int t2_end = per_row ? min(tiles2, t2_begin + per_split2) : tiles2;
   float* partial = per_row ? p.lse_partial + ((int64_t(blockIdx.x) * p.Hk + g) * gridDim.z) * 32 : nullptr;
   if (per_row && p.phase == 1) {
     // Merge the k2 splits' (max, sum) of the row's token; the other token slots hold no row.
-    for (int e = threadIdx.x; e < kScoreTokens * 16; e += kScoreThreads) {
+    for (int e = threadIdx.x; e < Tokens * 16; e += kThreads) {
       const int tk = e / 16, h = e % 16;
       float mm = -INFINITY, ll = 0.0f;
       if (base + tk == first && h < p.G)
@@ -196,33 +197,32 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreKernel(ScoreParams p) {
     }
     __syncthreads();
   } else {
-    ForEachKeyTile<D>(loader, tiles, k2, p.Hk, g, 0, n2_all, t2_begin, t2_end, [&](int64_t t, const Bf16* kt) {
-      for (int mp = 0; mp < 2; ++mp) {
-        float acc[2][2][2][4];
-        ScoreMma<D>(qs, kt, tok0, mp, acc);
+    float m[2][4], l[2][4];  // [token][n * 2 + column parity]
+    for (int tk = 0; tk < 2; ++tk)
+      for (int s = 0; s < 4; ++s) {
+        m[tk][s] = -INFINITY;
+        l[tk][s] = 0.0f;
+      }
+    ForEachKeyTile<D, kThreads>(stages, k2, p.Hk, g, 0, n2_all, t2_begin, t2_end, [&](int t, const Bf16* kt) {
+#pragma unroll 1
+      for (int mt = 0; mt < kKeyTile / 16; ++mt) {
+        float acc[2][2][4];
+        KeyMma<D>(qb, kt, mt, acc);
 #pragma unroll
         for (int tk = 0; tk < 2; ++tk)
 #pragma unroll
           for (int s = 0; s < 4; ++s) {
             const int n = s / 2, par = s % 2;
-            float x[4];  // keys (m, half): 16 (2 mp + m) + gq + 8 half
-            float tmax = -INFINITY;
+            float x[2];  // keys 16 mt + gq + 8 half
 #pragma unroll
-            for (int mm = 0; mm < 2; ++mm)
-#pragma unroll
-              for (int half = 0; half < 2; ++half) {
-                const int64_t j = t * kKeyTile + (2 * mp + mm) * 16 + gq + 8 * half;
-                const float v = j < n2[tk] ? acc[tk][mm][n][2 * half + par] * p.scale_log2 : -INFINITY;
-                x[2 * mm + half] = v;
-                tmax = fmaxf(tmax, v);
-              }
-            const float mn = fmaxf(m[tk][s], tmax);
+            for (int half = 0; half < 2; ++half) {
+              const int j = t * kKeyTile + mt * 16 + gq + 8 * half;
+              x[half] = j < n2[tk] ? acc[tk][n][2 * half + par] * p.scale_log2 : -INFINITY;
+            }
+            const float mn = fmaxf(m[tk][s], fmaxf(x[0], x[1]));
             if (mn == -INFINITY) continue;
-            float sum = l[tk][s] * Exp2(m[tk][s] - mn);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) sum += Exp2(x[e] - mn);
+            l[tk][s] = (mn == m[tk][s] ? l[tk][s] : l[tk][s] * Exp2(m[tk][s] - mn)) + Exp2(x[0] - mn) + Exp2(x[1] - mn);
             m[tk][s] = mn;
-            l[tk][s] = sum;
           }
       }
     });
@@ -247,68 +247,73 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreKernel(ScoreParams p) {
           partial[blockIdx.z * 32 + 2 * h + 1] = ll;
         }
       }
-    __syncwarp();
     if (per_row) return;  // phase 0 ends with the partial sums
+    __syncthreads();      // lse2 complete
   }
 
   // Pass 2: k1 scores of the candidate blocks, pooled over entries 4b-1 .. 4b+3. Tiles start at
   // a block boundary one block early, so that entry 4 init - 1 is scanned too.
-  const int64_t b0 = max(p.cand.init - 1, 0);
-  const int64_t b_end = bq - p.cand.window;  // candidates are [init, b_end)
-  const int64_t j0 = 4 * b0, j_end = 4 * b_end;
-  const int64_t tiles1 = (j_end - j0 + kKeyTile - 1) / kKeyTile;
+  const int b0 = max(p.cand.init - 1, 0);
+  const int b_end = int(bq) - p.cand.window;  // candidates are [init, b_end)
+  const int j0 = 4 * b0, j_end = 4 * b_end;
+  const int tiles1 = (j_end - j0 + kKeyTile - 1) / kKeyTile;
   // With several thread blocks per row (gridDim.z > 1: decode), each scores its share of the
   // tiles, starting one tile early for the carry into its first block.
-  const int64_t per_split = (tiles1 + gridDim.z - 1) / gridDim.z;
-  const int64_t t_own = per_split * blockIdx.z, t_stop = min(tiles1, t_own + per_split);
-  const int64_t t_first = t_own > 0 ? t_own - 1 : 0;
+  const int per_split = (tiles1 + int(gridDim.z) - 1) / int(gridDim.z);
+  const int t_own = per_split * int(blockIdx.z), t_stop = min(tiles1, t_own + per_split);
+  const int t_first = t_own > 0 ? t_own - 1 : 0;
   if (t_own >= t_stop) return;
-  float carry[2] = {-INFINITY, -INFINITY};
+  float carry[2] = {-INFINITY, -INFINITY};  // S of the last key of the previous m-tile (lanes tq = 0)
   float lse_row[2][4];
-  for (int tk = 0; tk < 2; ++tk)
+  float* out[2];  // the tokens' score rows, indexed by block
+  bool row_ok[2];
+  for (int tk = 0; tk < 2; ++tk) {
     for (int s = 0; s < 4; ++s) {
       const int h = (s / 2) * 8 + 2 * tq + s % 2;
       lse_row[tk][s] = h < p.G ? lse2[(tok0 + tk) * 16 + h] : INFINITY;  // INFINITY: no such head
     }
-  ForEachKeyTile<D>(loader, tiles, k1, p.Hk, g, j0, j_end, t_first, t_stop, [&](int64_t t, const Bf16* kt) {
-    for (int mp = 0; mp < 2; ++mp) {
-      float acc[2][2][2][4];
-      ScoreMma<D>(qs, kt, tok0, mp, acc);
+    const int64_t pos = base + tok0 + tk;
+    row_ok[tk] = pos >= lo && pos < hi && gq == 0;  // one row of lanes stores
+    out[tk] = p.scores + ((pos - first + row_of_first) * p.Hk + g) * p.ncap - p.cand.init;
+  }
+  const uint32_t kOnes = 0x3F803F80u;  // bf16 pair (1, 1)
+  const uint32_t ones[4] = {kOnes, kOnes, kOnes, kOnes};
+  const int from_prev = (lane & ~3) | ((tq + 3) & 3);  // the previous lane of the quad, cyclically
+  ForEachKeyTile<D, kThreads>(stages, k1, p.Hk, g, j0, j_end, t_first, t_stop, [&](int t, const Bf16* kt) {
+#pragma unroll 1
+    for (int mt = 0; mt < kKeyTile / 16; ++mt) {
+      float acc[2][2][4];
+      KeyMma<D>(qb, kt, mt, acc);
+      const int blk = b0 + 16 * t + 4 * mt;
 #pragma unroll
-      for (int tk = 0; tk < 2; ++tk)
+      for (int tk = 0; tk < 2; ++tk) {
+        // p = exp(q·k1 − lse) as a B fragment (heads x keys gq, then keys gq + 8): the sum over
+        // the heads is then one MMA with a matrix of ones, and leaves lane tq the sums of keys
+        // 2 tq, 2 tq + 1 (e[0], e[1]) and 8 + 2 tq, 9 + 2 tq (e[2], e[3]) in every row.
+        float pr[2][4];
 #pragma unroll
-        for (int mm = 0; mm < 2; ++mm) {
-          float v[2];  // S of keys gq and gq + 8 of this m-tile
+        for (int n = 0; n < 2; ++n)
 #pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            float s = 0.0f;
-#pragma unroll
-            for (int sl = 0; sl < 4; ++sl)
-              s += Exp2(acc[tk][mm][sl / 2][2 * half + sl % 2] * p.scale_log2 - lse_row[tk][sl]);
-            s += __shfl_xor_sync(0xffffffff, s, 1);
-            s += __shfl_xor_sync(0xffffffff, s, 2);
-            v[half] = s;
-          }
-          // Blocks c = 0..3 of this m-tile pool entries 4c-1 .. 4c+3.
-          float mx0 = fmaxf(v[0], __shfl_xor_sync(0xffffffff, v[0], 4));
-          mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 8));
-          float mx1 = fmaxf(v[1], __shfl_xor_sync(0xffffffff, v[1], 4));
-          mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 8));
-          const float k3 = __shfl_sync(0xffffffff, v[0], 12), k7 = __shfl_sync(0xffffffff, v[0], 28);
-          const float k11 = __shfl_sync(0xffffffff, v[1], 12), k15 = __shfl_sync(0xffffffff, v[1], 28);
-          const int64_t pos = base + tok0 + tk;
-          const int64_t blk = b0 + 16 * t + 4 * (2 * mp + mm);
-          float* out = p.scores + ((pos - first + row_of_first) * p.Hk + g) * p.ncap - p.cand.init;
-          const bool row_ok = pos >= lo && pos < hi && t >= t_own;
-          if (lane == 0 || lane == 16) {
-            const int c_lo = lane == 0 ? 0 : 1;  // lane 0: blocks 0 and 2; lane 16: 1 and 3
-            const float s_lo = lane == 0 ? fmaxf(carry[tk], mx0) : fmaxf(k3, mx0);
-            const float s_hi = lane == 0 ? fmaxf(k7, mx1) : fmaxf(k11, mx1);
-            if (row_ok && blk + c_lo >= p.cand.init && blk + c_lo < b_end) out[blk + c_lo] = s_lo;
-            if (row_ok && blk + c_lo + 2 >= p.cand.init && blk + c_lo + 2 < b_end) out[blk + c_lo + 2] = s_hi;
-          }
-          carry[tk] = k15;
+          for (int c = 0; c < 4; ++c) pr[n][c] = Exp2(acc[tk][n][c] * p.scale_log2 - lse_row[tk][2 * n + c % 2]);
+        float lo8[4] = {0, 0, 0, 0}, hi8[4] = {0, 0, 0, 0};
+        MmaBf16(lo8, ones, PackBf16(pr[0][0], pr[0][1]), PackBf16(pr[1][0], pr[1][1]));
+        MmaBf16(hi8, ones, PackBf16(pr[0][2], pr[0][3]), PackBf16(pr[1][2], pr[1][3]));
+        // Block c of the m-tile pools its keys 4c − 1 .. 4c + 3: lanes tq = 0 finish blocks 0
+        // and 2, lanes tq = 2 blocks 1 and 3, each with the previous lane's last keys.
+        float pair_lo = fmaxf(lo8[0], lo8[1]), pair_hi = fmaxf(hi8[0], hi8[1]);
+        pair_lo = fmaxf(pair_lo, __shfl_xor_sync(0xffffffff, pair_lo, 1));
+        pair_hi = fmaxf(pair_hi, __shfl_xor_sync(0xffffffff, pair_hi, 1));
+        const float prev1 = __shfl_sync(0xffffffff, lo8[1], from_prev), prev3 = __shfl_sync(0xffffffff, hi8[1], from_prev);
+        const bool first_half = tq == 0;
+        const float s_lo = fmaxf(first_half ? carry[tk] : prev1, pair_lo);
+        const float s_hi = fmaxf(first_half ? prev1 : prev3, pair_hi);
+        carry[tk] = prev3;  // key 15, at tq = 0
+        const int c_lo = blk + tq / 2;
+        if (row_ok[tk] && (tq & 1) == 0 && t >= t_own) {
+          if (c_lo >= p.cand.init && c_lo < b_end) out[tk][c_lo] = s_lo;
+          if (c_lo + 2 >= p.cand.init && c_lo + 2 < b_end) out[tk][c_lo + 2] = s_hi;
         }
+      }
     }
   });
 }
@@ -603,11 +608,19 @@ Candidates MakeCandidates(const SparseShape& sh) {
 
 template <int D>
 absl::Status LaunchScores(const ScoreParams& p, cudaStream_t stream) {
-  const size_t smem = (size_t(kScoreTokens) * 16 * D + 2 * kKeyTile * D) * sizeof(Bf16) + kScoreTokens * 16 * sizeof(float);
-  SALA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(ScoreKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  const int64_t tiles =
-      p.views ? p.T : (p.first + p.T + kScoreTokens - 1) / kScoreTokens - p.first / kScoreTokens;
-  ScoreKernel<D><<<dim3(unsigned(tiles), p.Hk, p.splits), kScoreThreads, smem, stream>>>(p);
+  constexpr int kTokens = kPrefillScoreTokens;
+  if (p.views) {  // a decode step: one block per row
+    constexpr size_t smem = ScoreSmemBytes(D, kDecodeScoreTokens);
+    auto* kernel = ScoreKernel<D, kDecodeScoreTokens>;
+    SALA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    kernel<<<dim3(unsigned(p.T), p.Hk, p.splits), ScoreThreads(kDecodeScoreTokens), smem, stream>>>(p);
+  } else {
+    constexpr size_t smem = ScoreSmemBytes(D, kTokens);
+    auto* kernel = ScoreKernel<D, kTokens>;
+    SALA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    const int64_t tiles = (p.first + p.T + kTokens - 1) / kTokens - p.first / kTokens;
+    kernel<<<dim3(unsigned(tiles), p.Hk, p.splits), ScoreThreads(kTokens), smem, stream>>>(p);
+  }
   SALA_CUDA_CHECK_LAUNCH();
   return absl::OkStatus();
 }
@@ -647,7 +660,8 @@ absl::Status SelectSparseBlocks(const float* q, int64_t first, int64_t T, const 
   const int64_t last_bq = (first + T - 1) / kBlock;
   const int64_t ncap = std::max<int64_t>(4, (last_bq - cand.window - cand.init + 3) / 4 * 4);
   const int64_t rows_per = std::max<int64_t>(
-      kScoreTokens, int64_t(kScoreBudgetBytes / (size_t(shape.kv_heads) * ncap * 4)) / kScoreTokens * kScoreTokens);
+      kPrefillScoreTokens,
+      int64_t(kScoreBudgetBytes / (size_t(shape.kv_heads) * ncap * 4)) / kPrefillScoreTokens * kPrefillScoreTokens);
   SALA_RETURN_IF_ERROR(scratch.scores.Reserve(size_t(std::min(T, rows_per)) * shape.kv_heads * ncap));
   const int G = shape.heads / shape.kv_heads;
   const float scale_log2 = kLog2e / std::sqrt(float(shape.dim));
