@@ -649,6 +649,19 @@ absl::Status LaunchAttention(const AttnParams& p, cudaStream_t stream) {
 // Rows of stage-1 scores per launch, so that the score buffer stays near 256 MiB.
 constexpr size_t kScoreBudgetBytes = size_t(256) << 20;
 
+// Prefill rows that one wave of stage-1 thread blocks covers (every SM full, all KV groups).
+template <int D>
+absl::StatusOr<int64_t> ScoreRowsPerWave(int kv_heads) {
+  constexpr size_t smem = ScoreSmemBytes(D, kPrefillScoreTokens);
+  auto* kernel = ScoreKernel<D, kPrefillScoreTokens>;
+  SALA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  int per_sm = 0;
+  SALA_CUDA_RETURN_IF_ERROR(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, ScoreThreads(kPrefillScoreTokens), smem));
+  SALA_ASSIGN_OR_RETURN(const int sms, MultiprocessorCount());
+  return std::max<int64_t>(1, int64_t(sms) * per_sm / kv_heads) * kPrefillScoreTokens;
+}
+
 }  // namespace
 
 absl::Status SelectSparseBlocks(const float* q, int64_t first, int64_t T, const SparseCacheView& cache,
@@ -659,9 +672,15 @@ absl::Status SelectSparseBlocks(const float* q, int64_t first, int64_t T, const 
   const Candidates cand = MakeCandidates(shape);
   const int64_t last_bq = (first + T - 1) / kBlock;
   const int64_t ncap = std::max<int64_t>(4, (last_bq - cand.window - cand.init + 3) / 4 * 4);
-  const int64_t rows_per = std::max<int64_t>(
+  // Launches of whole waves where the budget allows: a stage-1 block scans the whole context, so
+  // a launch that leaves SMs idle in its last wave (say 1.3 waves of blocks) costs as much as a
+  // full one. (Before, 8192 rows at ~750K context went as 3 x 2720 + 32 rows: 7 waves for 4.)
+  const int64_t budget_rows = std::max<int64_t>(
       kPrefillScoreTokens,
       int64_t(kScoreBudgetBytes / (size_t(shape.kv_heads) * ncap * 4)) / kPrefillScoreTokens * kPrefillScoreTokens);
+  SALA_ASSIGN_OR_RETURN(const int64_t wave_rows, shape.dim == 128 ? ScoreRowsPerWave<128>(shape.kv_heads)
+                                                                  : ScoreRowsPerWave<64>(shape.kv_heads));
+  const int64_t rows_per = budget_rows >= wave_rows ? budget_rows / wave_rows * wave_rows : budget_rows;
   SALA_RETURN_IF_ERROR(scratch.scores.Reserve(size_t(std::min(T, rows_per)) * shape.kv_heads * ncap));
   const int G = shape.heads / shape.kv_heads;
   const float scale_log2 = kLog2e / std::sqrt(float(shape.dim));
