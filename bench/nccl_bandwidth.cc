@@ -25,6 +25,7 @@
 #include "absl/flags/usage.h"
 #include "absl/time/clock.h"
 #include "bench_timing.h"
+#include "cli.h"
 #include "cuda/gemm.h"
 #include "nlohmann/json.hpp"
 #include "sala/copy_link.h"
@@ -56,6 +57,7 @@ using sala::bench::Median;
 }  // namespace
 
 int main(int argc, char** argv) {
+  sala::tools::ListOwnFlagsInHelp();
   absl::SetProgramUsageMessage("NCCL send/recv bandwidth between GPUs 0 and 1, raw and through the transport's links");
   absl::ParseCommandLine(argc, argv);
   int n = 0;

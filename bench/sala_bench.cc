@@ -18,6 +18,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "bench_timing.h"
+#include "cli.h"
 #include "cuda/gemm.h"
 #include "cuda/lightning.h"
 #include "cuda/ops.h"
@@ -260,6 +261,7 @@ double CopyBandwidth() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  sala::tools::ListOwnFlagsInHelp();
   absl::SetProgramUsageMessage("Benchmarks the CUDA engine on a model shape with random weights; see the file header.");
   absl::ParseCommandLine(argc, argv);
   sala::EngineOptions o;
