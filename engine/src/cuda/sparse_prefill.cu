@@ -134,7 +134,7 @@ template <int D, int Tokens>
 __global__ void __launch_bounds__(ScoreThreads(Tokens), 512 / ScoreThreads(Tokens)) ScoreKernel(ScoreParams p) {
   constexpr int kThreads = ScoreThreads(Tokens);
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  // The Q tile [16 tokens x 16 heads, D] is read into registers first; the key stages
+  // The Q tile [Tokens x 16 heads, D] is read into registers first; the key stages
   // [kKeyStages][kKeyTile, D] then reuse its memory.
   Bf16* qs = reinterpret_cast<Bf16*>(smem_raw);
   Bf16* stages = qs;
@@ -289,7 +289,7 @@ __global__ void __launch_bounds__(ScoreThreads(Tokens), 512 / ScoreThreads(Token
       for (int tk = 0; tk < 2; ++tk) {
         // p = exp(q·k1 − lse) as a B fragment (heads x keys gq, then keys gq + 8): the sum over
         // the heads is then one MMA with a matrix of ones, and leaves lane tq the sums of keys
-        // 2 tq, 2 tq + 1 (e[0], e[1]) and 8 + 2 tq, 9 + 2 tq (e[2], e[3]) in every row.
+        // 2 tq, 2 tq + 1 (lo8[0], lo8[1]) and 8 + 2 tq, 9 + 2 tq (hi8[0], hi8[1]) in every row.
         float pr[2][4];
 #pragma unroll
         for (int n = 0; n < 2; ++n)
@@ -606,23 +606,28 @@ Candidates MakeCandidates(const SparseShape& sh) {
   return {sh.init_blocks, sh.window_blocks, sh.selected_blocks - sh.init_blocks - sh.window_blocks - 1};
 }
 
-template <int D>
-absl::Status LaunchScores(const ScoreParams& p, cudaStream_t stream) {
-  constexpr int kTokens = kPrefillScoreTokens;
-  if (p.views) {  // a decode step: one block per row
-    constexpr size_t smem = ScoreSmemBytes(D, kDecodeScoreTokens);
-    auto* kernel = ScoreKernel<D, kDecodeScoreTokens>;
-    SALA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    kernel<<<dim3(unsigned(p.T), p.Hk, p.splits), ScoreThreads(kDecodeScoreTokens), smem, stream>>>(p);
-  } else {
-    constexpr size_t smem = ScoreSmemBytes(D, kTokens);
-    auto* kernel = ScoreKernel<D, kTokens>;
-    SALA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    const int64_t tiles = (p.first + p.T + kTokens - 1) / kTokens - p.first / kTokens;
-    kernel<<<dim3(unsigned(tiles), p.Hk, p.splits), ScoreThreads(kTokens), smem, stream>>>(p);
-  }
+// ScoreKernel<D, Tokens> with its shared-memory limit raised (set on every use: the limit
+// belongs to the current device).
+template <int D, int Tokens>
+absl::StatusOr<void (*)(ScoreParams)> ScoreKernelFor() {
+  SALA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(ScoreKernel<D, Tokens>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 int(ScoreSmemBytes(D, Tokens))));
+  return ScoreKernel<D, Tokens>;
+}
+
+template <int D, int Tokens>
+absl::Status LaunchScoreKernel(const ScoreParams& p, int64_t blocks, cudaStream_t stream) {
+  SALA_ASSIGN_OR_RETURN(auto* kernel, (ScoreKernelFor<D, Tokens>()));
+  kernel<<<dim3(unsigned(blocks), p.Hk, p.splits), ScoreThreads(Tokens), ScoreSmemBytes(D, Tokens), stream>>>(p);
   SALA_CUDA_CHECK_LAUNCH();
   return absl::OkStatus();
+}
+
+template <int D>
+absl::Status LaunchScores(const ScoreParams& p, cudaStream_t stream) {
+  if (p.views) return LaunchScoreKernel<D, kDecodeScoreTokens>(p, p.T, stream);  // a decode step: a block per row
+  constexpr int kTokens = kPrefillScoreTokens;
+  return LaunchScoreKernel<D, kTokens>(p, (p.first + p.T + kTokens - 1) / kTokens - p.first / kTokens, stream);
 }
 
 absl::Status LaunchTopK(const TopKParams& p, cudaStream_t stream) {
@@ -652,12 +657,10 @@ constexpr size_t kScoreBudgetBytes = size_t(256) << 20;
 // Prefill rows that one wave of stage-1 thread blocks covers (every SM full, all KV groups).
 template <int D>
 absl::StatusOr<int64_t> ScoreRowsPerWave(int kv_heads) {
-  constexpr size_t smem = ScoreSmemBytes(D, kPrefillScoreTokens);
-  auto* kernel = ScoreKernel<D, kPrefillScoreTokens>;
-  SALA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  SALA_ASSIGN_OR_RETURN(auto* kernel, (ScoreKernelFor<D, kPrefillScoreTokens>()));
   int per_sm = 0;
-  SALA_CUDA_RETURN_IF_ERROR(
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, ScoreThreads(kPrefillScoreTokens), smem));
+  SALA_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &per_sm, kernel, ScoreThreads(kPrefillScoreTokens), ScoreSmemBytes(D, kPrefillScoreTokens)));
   SALA_ASSIGN_OR_RETURN(const int sms, MultiprocessorCount());
   return std::max<int64_t>(1, int64_t(sms) * per_sm / kv_heads) * kPrefillScoreTokens;
 }
