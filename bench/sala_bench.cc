@@ -156,10 +156,9 @@ double LightningChunkSeconds(const sala::ModelConfig& c, int64_t tokens) {
   std::vector<float> sl;
   for (double d : sala::LinearDecaySlopes(H)) sl.push_back(float(d));
   cudaMemcpy(slopes, sl.data(), H * 4, cudaMemcpyHostToDevice);
-  sala::cuda::DeviceBuffer<float> scratch;
   const float scale = float(c.linear_query_scale());
   auto run = [&] {
-    return sala::cuda::LinearAttentionChunked(q, k, v, tokens, H, Hk, D, scale, slopes, state, o, scratch, nullptr);
+    return sala::cuda::LinearAttentionChunked(q, k, v, tokens, H, Hk, D, scale, slopes, state, o, nullptr);
   };
   double seconds = 0;
   if (run().ok() && run().ok())  // checked, and warm

@@ -674,8 +674,7 @@ class CudaBackend final : public Backend {
                                               seg.state->tokens, config_.rope_theta, config_.lightning_use_rope, s));
       Section section(this, "linear_attention");
       SALA_RETURN_IF_ERROR(cuda::LinearAttentionChunked(q_.get(), k_.get(), v_.get(), seg.rows, H, Hk, D, scale,
-                                                        slopes_.get(), seg.dev->linear[slot].get(), o_.get(),
-                                                        chunk_states_, s));
+                                                        slopes_.get(), seg.dev->linear[slot].get(), o_.get(), s));
     }
     return OutputProjection(config_.use_output_norm ? w.o_norm.get() : nullptr, config_.use_output_gate, R, H * D,
                             w.o.get());
@@ -853,7 +852,6 @@ class CudaBackend final : public Backend {
     int64_t max_position = 0;
     bool any_sparse = false;
   } decode_tables_;
-  DeviceBuffer<float> chunk_states_;
   cuda::SparseScratch sparse_scratch_;
   std::shared_ptr<cuda::KvPool> pool_;  // the sparse layers' K/V pages; sequences share it
 };

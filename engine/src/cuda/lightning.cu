@@ -11,196 +11,218 @@ namespace sala::cuda {
 namespace {
 
 constexpr int kChunk = 64;
-constexpr int kThreads = 256;  // eight warps
-constexpr int kPad = 8;        // row padding of shared tiles: fragment loads hit 32 distinct banks
+constexpr int kThreads = 256;   // eight warps
+constexpr int kSliceCols = 32;  // value columns (of the state and the output) per block
 
-// Chunk-parallel form in three passes, so that all (chunk, head) pairs run at once:
-//   1. ChunkStateKernel: each chunk's own contribution dS_c = Σ_j exp(g (c − 1 − j)) k_jᵀ v_j;
-//   2. ScanKernel: S_in of every chunk by S ← exp(g c) S + dS_c, in order (element-parallel);
-//   3. ChunkOutputKernel: O = exp(G_i) s Q S_in + (s Q Kᵀ ⊙ decay mask) V within the chunk.
-// dS_c is overwritten by S_in of the same chunk in pass 2. Passes 1 and 3 run on tensor cores
-// (tf32 inputs, fp32 accumulation); shared tiles hold tf32 bit patterns.
+// One block per (value-column slice, head) walks the sequence in 64-token chunks with its slice
+// of the state in registers, so no per-chunk state ever leaves the chip (MODEL_SPEC §3):
+//   O   = exp(G_i) s Q S_in + (s Q Kᵀ ⊙ exp(G_i − G_j) [j <= i]) V
+//   S_out = exp(g len) S_in + (K ⊙ exp(g (len − 1 − j)))ᵀ V
+// The four slices of a head recompute the chunk's Q Kᵀ: cheaper than another pass over q and k
+// in global memory, which bounds this kernel. Tensor cores take tf32: q and k enter as fp32 bit
+// patterns (the MMA drops the low mantissa bits), v and the state are rounded to nearest.
+// Shared tiles are padded so that every fragment load hits 32 distinct banks.
+template <int kDim>
+struct ChunkTiles {
+  static constexpr int kQKStride = kDim + 4;        // Q, K: rows read as A (Q) and as Bᵀ (K)
+  static constexpr int kVStride = kSliceCols + 8;   // V, decayed V, S: read down columns
+  static constexpr int kAStride = kChunk + 4;       // intra-chunk scores
+  static constexpr int kQKTile = kChunk * kQKStride;
+  static constexpr int kVTile = kChunk * kVStride;
+  static constexpr int kQ = 0;                      // [2 stages][kChunk][kQKStride]
+  static constexpr int kK = kQ + 2 * kQKTile;
+  static constexpr int kV = kK + 2 * kQKTile;       // [2][kChunk][kVStride]
+  static constexpr int kVDecayed = kV + 2 * kVTile;
+  static constexpr int kS = kVDecayed + 2 * kVTile; // [kDim][kVStride], this block's S_in
+  static constexpr int kA = kS + kDim * kVStride;   // [kChunk][kAStride]
+  static constexpr size_t kBytes = size_t(kA + kChunk * kAStride) * sizeof(uint32_t);
+};
+
 __device__ int ChunkLen(int64_t T, int64_t c) { return T - c * kChunk < kChunk ? int(T - c * kChunk) : kChunk; }
 
-// Copies rows [0, len) of a [rows, heads, kDim] fp32 tensor's head `h` into a padded tf32 tile,
-// multiplied by row_scale(row); rows [len, kChunk) become 0.
-template <int kDim, typename Scale>
-__device__ void LoadTile(uint32_t* tile, const float* src, int64_t row0, int len, int heads, int h, Scale row_scale) {
-  for (int e = threadIdx.x; e < kChunk * kDim / 4; e += kThreads) {
-    const int row = e / (kDim / 4), c4 = e % (kDim / 4);
-    float4 v{0, 0, 0, 0};
-    if (row < len) {
-      v = *reinterpret_cast<const float4*>(src + ((row0 + row) * heads + h) * kDim + c4 * 4);
-      const float w = row_scale(row);
-      v = {v.x * w, v.y * w, v.z * w, v.w * w};
-    }
-    uint32_t* d = tile + row * (kDim + kPad) + c4 * 4;
-    d[0] = ToTf32(v.x);
-    d[1] = ToTf32(v.y);
-    d[2] = ToTf32(v.z);
-    d[3] = ToTf32(v.w);
-  }
-}
-
-// dS = K̃ᵀ V with K̃ the decayed keys: warp w computes state rows (key dims) 16 (w % (kDim / 16)) ..
-// + 15, over value columns split evenly between the warps that share those rows.
+// Warp w: query rows 16 (w % 4) .. + 15; for the scores keys 32 (w / 4) .. + 31, for the output
+// value columns 16 (w / 4) .. + 15 of the slice; for the state, key dims and columns of an even
+// share of the slice (kDim 128: 16 key dims, all 32 columns).
 template <int kDim>
-__global__ void __launch_bounds__(kThreads) ChunkStateKernel(const float* k, const float* v, int64_t T, int H, int Hk,
-                                                             const float* slopes, float* chunk_states) {
+__global__ void __launch_bounds__(kThreads, 1)
+    ChunkedKernel(const float* q, const float* k, const float* v, int64_t T, int H, int Hk, float scale,
+                  const float* slopes, float* state, float* o) {
+  using L = ChunkTiles<kDim>;
   extern __shared__ __align__(16) uint32_t lsmem[];
-  uint32_t* K = lsmem;                     // [kChunk, kDim + kPad]
-  uint32_t* V = K + kChunk * (kDim + kPad);
-  const int64_t c = blockIdx.x;
-  const int h = blockIdx.y, kh = h / (H / Hk);
+  const int h = blockIdx.y, kh = h / (H / Hk), col0 = blockIdx.x * kSliceCols;
   const float g = -slopes[h];
-  const int len = ChunkLen(T, c);
-  LoadTile<kDim>(K, k, c * kChunk, len, Hk, kh, [&](int j) { return __expf(g * float(len - 1 - j)); });
-  LoadTile<kDim>(V, v, c * kChunk, len, Hk, kh, [](int) { return 1.0f; });
-  __syncthreads();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, tq = lane % 4;
-  constexpr int kRowTiles = kDim / 16, kCols = kDim * kRowTiles / 8;
-  const int a0 = 16 * (warp % kRowTiles), col0 = kCols * (warp / kRowTiles);
-  float acc[kCols / 8][4] = {};
-  for (int kk = 0; kk < kChunk / 8; ++kk) {
-    const int j = kk * 8 + tq;
-    const uint32_t a[4] = {K[j * (kDim + kPad) + a0 + gq], K[j * (kDim + kPad) + a0 + gq + 8],
-                           K[(j + 4) * (kDim + kPad) + a0 + gq], K[(j + 4) * (kDim + kPad) + a0 + gq + 8]};
-#pragma unroll
-    for (int n = 0; n < kCols / 8; ++n)
-      MmaTf32(acc[n], a, V[j * (kDim + kPad) + col0 + n * 8 + gq], V[(j + 4) * (kDim + kPad) + col0 + n * 8 + gq]);
-  }
-  float* out = chunk_states + (c * H + h) * int64_t(kDim) * kDim;
-#pragma unroll
-  for (int n = 0; n < kCols / 8; ++n) {
-    const int col = col0 + n * 8 + 2 * tq;
-    *reinterpret_cast<float2*>(out + (a0 + gq) * kDim + col) = float2{acc[n][0], acc[n][1]};
-    *reinterpret_cast<float2*>(out + (a0 + gq + 8) * kDim + col) = float2{acc[n][2], acc[n][3]};
-  }
-}
-
-constexpr int kScanAhead = 16;
-
-__global__ void ScanKernel(int64_t T, int64_t chunks, int H, int D, const float* slopes, float* state,
-                           float* chunk_states) {
-  const int h = blockIdx.y;
-  const int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (e >= int64_t(D) * D) return;
-  const float g = -slopes[h];
-  float S = state[int64_t(h) * D * D + e];
-  // The chunks' contributions do not depend on the running state: kScanAhead of them are loaded
-  // before the recurrence uses them, so the scan waits for memory once per batch, not per chunk.
-  const int64_t stride = int64_t(H) * D * D;
-  float* slots = chunk_states + int64_t(h) * D * D + e;
-  for (int64_t c0 = 0; c0 < chunks; c0 += kScanAhead) {
-    float contribution[kScanAhead];
-#pragma unroll
-    for (int j = 0; j < kScanAhead; ++j)
-      if (c0 + j < chunks) contribution[j] = slots[(c0 + j) * stride];
-#pragma unroll
-    for (int j = 0; j < kScanAhead; ++j) {
-      const int64_t c = c0 + j;
-      if (c >= chunks) break;
-      slots[c * stride] = S;  // S_in of chunk c
-      S = __expf(g * float(ChunkLen(T, c))) * S + contribution[j];
-    }
-  }
-  state[int64_t(h) * D * D + e] = S;
-}
-
-// Warp w owns output rows 16 (w % 4) .. + 15 and, for the score tile, keys 32 (w / 4) .. + 31;
-// for the output, value columns kDim / 2 (w / 4) .. onwards.
-template <int kDim>
-__global__ void __launch_bounds__(kThreads) ChunkOutputKernel(const float* q, const float* k, const float* v, int64_t T,
-                                                              int H, int Hk, float scale, const float* slopes,
-                                                              const float* chunk_states, float* o) {
-  extern __shared__ __align__(16) uint32_t lsmem[];
-  uint32_t* Q = lsmem;                        // [kChunk, kDim + kPad]
-  uint32_t* K = Q + kChunk * (kDim + kPad);   // [kChunk, kDim + kPad]; later the scores [kChunk, kChunk + kPad]
-  uint32_t* V = K + kChunk * (kDim + kPad);
-  uint32_t* S = V + kChunk * (kDim + kPad);   // S_in [kDim, kDim + kPad]
-  const int64_t c = blockIdx.x, t0 = c * kChunk;
-  const int h = blockIdx.y, kh = h / (H / Hk);
-  const float g = -slopes[h];
-  const int len = ChunkLen(T, c);
-  const auto one = [](int) { return 1.0f; };
-  LoadTile<kDim>(Q, q, t0, len, H, h, one);
-  LoadTile<kDim>(K, k, t0, len, Hk, kh, one);
-  LoadTile<kDim>(V, v, t0, len, Hk, kh, one);
-  const float* Sg = chunk_states + (c * H + h) * int64_t(kDim) * kDim;
-  for (int e = threadIdx.x; e < kDim * kDim / 4; e += kThreads) {
-    const int row = e / (kDim / 4), c4 = e % (kDim / 4);
-    const float4 x = *reinterpret_cast<const float4*>(Sg + row * kDim + c4 * 4);
-    uint32_t* d = S + row * (kDim + kPad) + c4 * 4;
-    d[0] = ToTf32(x.x);
-    d[1] = ToTf32(x.y);
-    d[2] = ToTf32(x.z);
-    d[3] = ToTf32(x.w);
-  }
-  __syncthreads();
+  const int64_t chunks = (T + kChunk - 1) / kChunk;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, tq = lane % 4;
   const int i0 = 16 * (warp % 4), half = warp / 4;
+  constexpr int kStateRowTiles = kDim / 16, kStateWarpsPerRow = 8 / kStateRowTiles;
+  constexpr int kStateTiles = kSliceCols / 8 / kStateWarpsPerRow;  // 8-column tiles per warp
+  const int s0 = 16 * (warp % kStateRowTiles), sc0 = 8 * kStateTiles * (warp / kStateRowTiles);
+  uint32_t* S = lsmem + L::kS;
+  uint32_t* A = lsmem + L::kA;
 
-  // Scores A = s Q Kᵀ ⊙ exp(g (i − j)) [j <= i] for rows i0.., keys 32 half ..
-  float sc[4][4] = {};
-  for (int kk = 0; kk < kDim / 8; ++kk) {
-    const int d = kk * 8 + tq;
-    const uint32_t a[4] = {Q[(i0 + gq) * (kDim + kPad) + d], Q[(i0 + gq + 8) * (kDim + kPad) + d],
-                           Q[(i0 + gq) * (kDim + kPad) + d + 4], Q[(i0 + gq + 8) * (kDim + kPad) + d + 4]};
+  const auto issue_qk = [&](int64_t c, int stage) {
+    uint32_t* Qs = lsmem + L::kQ + stage * L::kQKTile;
+    uint32_t* Ks = lsmem + L::kK + stage * L::kQKTile;
+    const int len = ChunkLen(T, c);
+    for (int e = threadIdx.x; e < kChunk * kDim / 4; e += kThreads) {
+      const int row = e / (kDim / 4), c4 = e % (kDim / 4);
+      const int64_t t = c * kChunk + (row < len ? row : 0);
+      CpAsync16(Qs + row * L::kQKStride + c4 * 4, q + (t * H + h) * kDim + c4 * 4, row < len);
+      CpAsync16(Ks + row * L::kQKStride + c4 * 4, k + (t * Hk + kh) * kDim + c4 * 4, row < len);
+    }
+    CpAsyncCommit();
+  };
+  // The slice of v: two 16-byte pieces a thread, loaded a chunk ahead into registers and stored
+  // rounded, plus the copy decayed for the state update.
+  constexpr int kVPieces = kChunk * kSliceCols / 4 / kThreads;
+  const auto load_v = [&](int64_t c, float4 (&piece)[kVPieces]) {
+    const int len = ChunkLen(T, c);
+#pragma unroll
+    for (int p = 0; p < kVPieces; ++p) {
+      const int e = threadIdx.x + p * kThreads, row = e / (kSliceCols / 4), c4 = e % (kSliceCols / 4);
+      piece[p] = row < len ? *reinterpret_cast<const float4*>(v + ((c * kChunk + row) * Hk + kh) * kDim + col0 + c4 * 4)
+                           : float4{0, 0, 0, 0};
+    }
+  };
+  const auto store_v = [&](int64_t c, int stage, const float4 (&piece)[kVPieces]) {
+    const int len = ChunkLen(T, c);
+#pragma unroll
+    for (int p = 0; p < kVPieces; ++p) {
+      const int e = threadIdx.x + p * kThreads, row = e / (kSliceCols / 4), c4 = e % (kSliceCols / 4);
+      const float w = __expf(g * float(len - 1 - row));
+      const float4 x = piece[p];
+      *reinterpret_cast<uint4*>(lsmem + L::kV + stage * L::kVTile + row * L::kVStride + c4 * 4) =
+          uint4{ToTf32(x.x), ToTf32(x.y), ToTf32(x.z), ToTf32(x.w)};
+      *reinterpret_cast<uint4*>(lsmem + L::kVDecayed + stage * L::kVTile + row * L::kVStride + c4 * 4) =
+          uint4{ToTf32(w * x.x), ToTf32(w * x.y), ToTf32(w * x.z), ToTf32(w * x.w)};
+    }
+  };
+  const auto store_state_tile = [&](const float (&acc)[kStateTiles][4]) {
+#pragma unroll
+    for (int n = 0; n < kStateTiles; ++n) {
+      const int col = sc0 + 8 * n + 2 * tq;
+      *reinterpret_cast<uint2*>(S + (s0 + gq) * L::kVStride + col) = uint2{ToTf32(acc[n][0]), ToTf32(acc[n][1])};
+      *reinterpret_cast<uint2*>(S + (s0 + gq + 8) * L::kVStride + col) = uint2{ToTf32(acc[n][2]), ToTf32(acc[n][3])};
+    }
+  };
+
+  float4 v_next[kVPieces];
+  issue_qk(0, 0);
+  load_v(0, v_next);
+  store_v(0, 0, v_next);
+  float* state_h = state + int64_t(h) * kDim * kDim;
+  float sacc[kStateTiles][4];
+#pragma unroll
+  for (int n = 0; n < kStateTiles; ++n) {
+    const int col = col0 + sc0 + 8 * n + 2 * tq;
+    const float2 lo = *reinterpret_cast<const float2*>(state_h + (s0 + gq) * kDim + col);
+    const float2 hi = *reinterpret_cast<const float2*>(state_h + (s0 + gq + 8) * kDim + col);
+    sacc[n][0] = lo.x, sacc[n][1] = lo.y, sacc[n][2] = hi.x, sacc[n][3] = hi.y;
+  }
+  store_state_tile(sacc);
+
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int stage = int(c & 1), len = ChunkLen(T, c);
+    CpAsyncWait<0>();
+    __syncthreads();  // chunk c's tiles and S_in are in place; every warp is done with chunk c − 1
+    if (c + 1 < chunks) {
+      issue_qk(c + 1, stage ^ 1);
+      load_v(c + 1, v_next);
+    }
+    const uint32_t* Qs = lsmem + L::kQ + stage * L::kQKTile;
+    const uint32_t* Ks = lsmem + L::kK + stage * L::kQKTile;
+    const uint32_t* Vs = lsmem + L::kV + stage * L::kVTile;
+    const uint32_t* Vd = lsmem + L::kVDecayed + stage * L::kVTile;
+
+    uint32_t qf[kDim / 8][4];
+#pragma unroll
+    for (int kk = 0; kk < kDim / 8; ++kk) {
+      const uint32_t* r = Qs + (i0 + gq) * L::kQKStride + 8 * kk + tq;
+      qf[kk][0] = r[0], qf[kk][1] = r[8 * L::kQKStride], qf[kk][2] = r[4], qf[kk][3] = r[8 * L::kQKStride + 4];
+    }
+    // Scores of this warp's rows against its 32 keys, the tiles wholly above the diagonal skipped.
+    float sc[4][4] = {};
 #pragma unroll
     for (int n = 0; n < 4; ++n) {
-      const int j = 32 * half + n * 8 + gq;
-      MmaTf32(sc[n], a, K[j * (kDim + kPad) + d], K[j * (kDim + kPad) + d + 4]);
+      const int j0 = 32 * half + 8 * n;
+      if (j0 > i0 + 15) break;
+      const uint32_t* b = Ks + (j0 + gq) * L::kQKStride + tq;
+#pragma unroll
+      for (int kk = 0; kk < kDim / 8; ++kk) MmaTf32(sc[n], qf[kk], b[8 * kk], b[8 * kk + 4]);
     }
+#pragma unroll
+    for (int n = 0; n < 4; ++n) {
+      const int j0 = 32 * half + 8 * n;
+      if (j0 > i0 + 15) break;
+#pragma unroll
+      for (int e = 0; e < 4; e += 2) {  // rows g and g + 8, two adjacent keys each
+        const int i = i0 + gq + 8 * (e / 2), j = j0 + 2 * tq;
+        const float w0 = j <= i ? scale * __expf(g * float(i - j)) : 0.0f;
+        const float w1 = j + 1 <= i ? scale * __expf(g * float(i - j - 1)) : 0.0f;
+        *reinterpret_cast<uint2*>(A + i * L::kAStride + j) = uint2{ToTf32(sc[n][e] * w0), ToTf32(sc[n][e + 1] * w1)};
+      }
+    }
+    // Inter-chunk part: Q S_in over this warp's 16 columns.
+    float oacc[2][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < kDim / 8; ++kk)
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        const uint32_t* b = S + (8 * kk + tq) * L::kVStride + 16 * half + 8 * n + gq;
+        MmaTf32(oacc[n], qf[kk], b[0], b[4 * L::kVStride]);
+      }
+    __syncthreads();  // the score tile is complete, and every warp has read S_in
+    const float row_scale[2] = {scale * __expf(g * float(i0 + gq + 1)), scale * __expf(g * float(i0 + gq + 9))};
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) oacc[n][e] *= row_scale[e / 2];
+    // Intra-chunk part: keys up to the last row of the warp's tile.
+#pragma unroll
+    for (int kk = 0; kk < kChunk / 8; ++kk) {
+      if (8 * kk > i0 + 15) break;
+      const uint32_t* r = A + (i0 + gq) * L::kAStride + 8 * kk + tq;
+      const uint32_t a[4] = {r[0], r[8 * L::kAStride], r[4], r[8 * L::kAStride + 4]};
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        const uint32_t* b = Vs + (8 * kk + tq) * L::kVStride + 16 * half + 8 * n + gq;
+        MmaTf32(oacc[n], a, b[0], b[4 * L::kVStride]);
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int i = i0 + gq + 8 * r;
+        if (i < len)
+          *reinterpret_cast<float2*>(o + ((c * kChunk + i) * H + h) * kDim + col0 + 16 * half + 8 * n + 2 * tq) =
+              float2{oacc[n][2 * r], oacc[n][2 * r + 1]};
+      }
+    // State: S_out = exp(g len) S_in + Kᵀ (decayed V), in registers; then S_out rounded for the next Q S_in.
+    const float chunk_decay = __expf(g * float(len));
+#pragma unroll
+    for (int n = 0; n < kStateTiles; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sacc[n][e] *= chunk_decay;
+#pragma unroll
+    for (int kk = 0; kk < kChunk / 8; ++kk) {
+      const uint32_t* r = Ks + (8 * kk + tq) * L::kQKStride + s0 + gq;
+      const uint32_t a[4] = {r[0], r[8], r[4 * L::kQKStride], r[4 * L::kQKStride + 8]};
+#pragma unroll
+      for (int n = 0; n < kStateTiles; ++n) {
+        const uint32_t* b = Vd + (8 * kk + tq) * L::kVStride + sc0 + 8 * n + gq;
+        MmaTf32(sacc[n], a, b[0], b[4 * L::kVStride]);
+      }
+    }
+    store_state_tile(sacc);
+    if (c + 1 < chunks) store_v(c + 1, stage ^ 1, v_next);
   }
-  // Inter-chunk part first: oacc = Q S_in over this warp's value columns, scaled per row below.
-  constexpr int kOutTiles = kDim / 16;
-  float oacc[kOutTiles][4] = {};
-  for (int kk = 0; kk < kDim / 8; ++kk) {
-    const int d = kk * 8 + tq;
-    const uint32_t a[4] = {Q[(i0 + gq) * (kDim + kPad) + d], Q[(i0 + gq + 8) * (kDim + kPad) + d],
-                           Q[(i0 + gq) * (kDim + kPad) + d + 4], Q[(i0 + gq + 8) * (kDim + kPad) + d + 4]};
 #pragma unroll
-    for (int n = 0; n < kOutTiles; ++n) {
-      const int col = kDim / 2 * half + n * 8 + gq;
-      MmaTf32(oacc[n], a, S[d * (kDim + kPad) + col], S[(d + 4) * (kDim + kPad) + col]);
-    }
+  for (int n = 0; n < kStateTiles; ++n) {
+    const int col = col0 + sc0 + 8 * n + 2 * tq;
+    *reinterpret_cast<float2*>(state_h + (s0 + gq) * kDim + col) = float2{sacc[n][0], sacc[n][1]};
+    *reinterpret_cast<float2*>(state_h + (s0 + gq + 8) * kDim + col) = float2{sacc[n][2], sacc[n][3]};
   }
-  __syncthreads();  // every warp is done with K: the score tile takes its place
-  uint32_t* A = K;
-#pragma unroll
-  for (int n = 0; n < 4; ++n)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int i = i0 + gq + 8 * (e / 2), j = 32 * half + n * 8 + 2 * tq + (e % 2);
-      const float w = j <= i ? scale * __expf(g * float(i - j)) : 0.0f;
-      A[i * (kChunk + kPad) + j] = ToTf32(sc[n][e] * w);
-    }
-  const float row_scale[2] = {scale * __expf(g * float(i0 + gq + 1)), scale * __expf(g * float(i0 + gq + 9))};
-#pragma unroll
-  for (int n = 0; n < kOutTiles; ++n)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) oacc[n][e] *= row_scale[e / 2];
-  __syncthreads();
-  // Intra-chunk part: oacc += A V (keys up to the row: A is zero above the diagonal).
-  for (int kk = 0; kk < kChunk / 8; ++kk) {
-    const int j = kk * 8 + tq;
-    const uint32_t a[4] = {A[(i0 + gq) * (kChunk + kPad) + j], A[(i0 + gq + 8) * (kChunk + kPad) + j],
-                           A[(i0 + gq) * (kChunk + kPad) + j + 4], A[(i0 + gq + 8) * (kChunk + kPad) + j + 4]};
-#pragma unroll
-    for (int n = 0; n < kOutTiles; ++n) {
-      const int col = kDim / 2 * half + n * 8 + gq;
-      MmaTf32(oacc[n], a, V[j * (kDim + kPad) + col], V[(j + 4) * (kDim + kPad) + col]);
-    }
-  }
-#pragma unroll
-  for (int n = 0; n < kOutTiles; ++n)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int i = i0 + gq + 8 * r;
-      if (i < len)
-        *reinterpret_cast<float2*>(o + ((t0 + i) * H + h) * kDim + kDim / 2 * half + n * 8 + 2 * tq) =
-            float2{oacc[n][2 * r], oacc[n][2 * r + 1]};
-    }
 }
 
 // Decode: one block per (sequence, head). A thread owns four adjacent columns (16-byte loads and
@@ -297,24 +319,12 @@ __global__ void StepKernel(const float* q, const float* k, const float* v, int H
 
 template <int kDim>
 absl::Status LaunchChunked(const float* q, const float* k, const float* v, int64_t T, int heads, int kv_heads,
-                           float scale, const float* slopes, float* state, float* o, float* chunk_states,
-                           cudaStream_t stream) {
-  const int64_t chunks = (T + kChunk - 1) / kChunk;
-  const size_t tile = size_t(kChunk) * (kDim + kPad) * sizeof(uint32_t);
-  const size_t state_smem = 2 * tile;
-  const size_t out_smem = 3 * tile + size_t(kDim) * (kDim + kPad) * sizeof(uint32_t);
+                           float scale, const float* slopes, float* state, float* o, cudaStream_t stream) {
+  constexpr size_t smem = ChunkTiles<kDim>::kBytes;
   SALA_CUDA_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(ChunkStateKernel<kDim>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(state_smem)));
-  SALA_CUDA_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(ChunkOutputKernel<kDim>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(out_smem)));
-  const dim3 grid(unsigned(chunks), heads);
-  ChunkStateKernel<kDim><<<grid, kThreads, state_smem, stream>>>(k, v, T, heads, kv_heads, slopes, chunk_states);
-  SALA_CUDA_CHECK_LAUNCH();
-  ScanKernel<<<dim3(unsigned((kDim * kDim + kThreads - 1) / kThreads), heads), kThreads, 0, stream>>>(
-      T, chunks, heads, kDim, slopes, state, chunk_states);
-  SALA_CUDA_CHECK_LAUNCH();
-  ChunkOutputKernel<kDim><<<grid, kThreads, out_smem, stream>>>(q, k, v, T, heads, kv_heads, scale, slopes,
-                                                                chunk_states, o);
+      cudaFuncSetAttribute(ChunkedKernel<kDim>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  ChunkedKernel<kDim><<<dim3(kDim / kSliceCols, heads), kThreads, smem, stream>>>(q, k, v, T, heads, kv_heads, scale,
+                                                                                   slopes, state, o);
   SALA_CUDA_CHECK_LAUNCH();
   return absl::OkStatus();
 }
@@ -323,13 +333,13 @@ absl::Status LaunchChunked(const float* q, const float* k, const float* v, int64
 
 absl::Status LinearAttentionChunked(const float* q, const float* k, const float* v, int64_t T, int heads,
                                     int kv_heads, int dim, float scale, const float* slopes, float* state, float* o,
-                                    DeviceBuffer<float>& chunk_states, cudaStream_t stream) {
+                                    cudaStream_t stream) {
   if (T == 0) return absl::OkStatus();
   if (dim != 64 && dim != 128) return absl::InvalidArgumentError("linear attention prefill needs head_dim 64 or 128");
-  // Per-chunk states: [chunks, heads, dim, dim] fp32.
-  SALA_RETURN_IF_ERROR(chunk_states.Reserve(size_t((T + kChunk - 1) / kChunk) * heads * dim * dim));
-  return dim == 128 ? LaunchChunked<128>(q, k, v, T, heads, kv_heads, scale, slopes, state, o, chunk_states.get(), stream)
-                    : LaunchChunked<64>(q, k, v, T, heads, kv_heads, scale, slopes, state, o, chunk_states.get(), stream);
+  if (kv_heads <= 0 || heads % kv_heads != 0)
+    return absl::InvalidArgumentError("linear attention prefill needs heads a multiple of kv_heads");
+  return dim == 128 ? LaunchChunked<128>(q, k, v, T, heads, kv_heads, scale, slopes, state, o, stream)
+                    : LaunchChunked<64>(q, k, v, T, heads, kv_heads, scale, slopes, state, o, stream);
 }
 
 absl::Status LinearAttentionStep(const float* q, const float* k, const float* v, int batch, int heads, int kv_heads,

@@ -13,11 +13,10 @@
 namespace sala::cuda {
 
 // One sequence, T tokens, chunked form: q [T, H, D]; k, v [T, Hkv, D]; state [H, D, D] updated
-// in place; o [T, H, D]. `slopes` (device, [H]) gives the log-decay g_h = -slope_h. `scratch`
-// holds the per-chunk states (grown as needed; the caller keeps it between calls).
+// in place; o [T, H, D]. `slopes` (device, [H]) gives the log-decay g_h = -slope_h. D is 64 or 128.
 absl::Status LinearAttentionChunked(const float* q, const float* k, const float* v, int64_t T, int heads,
                                     int kv_heads, int dim, float scale, const float* slopes, float* state, float* o,
-                                    DeviceBuffer<float>& scratch, cudaStream_t stream);
+                                    cudaStream_t stream);
 
 // What a decode step does to q and k before the update, as HeadNormRope does in prefill:
 // per-head RMSNorm with these weights (null: none), then NeoX RoPE at positions[b] (a device
