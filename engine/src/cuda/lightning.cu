@@ -19,26 +19,49 @@ constexpr int kSliceCols = 32;  // value columns (of the state and the output) p
 //   O   = exp(G_i) s Q S_in + (s Q Kᵀ ⊙ exp(G_i − G_j) [j <= i]) V
 //   S_out = exp(g len) S_in + (K ⊙ exp(g (len − 1 − j)))ᵀ V
 // The four slices of a head recompute the chunk's Q Kᵀ: cheaper than another pass over q and k
-// in global memory, which bounds this kernel. Tensor cores take tf32: q and k enter as fp32 bit
-// patterns (the MMA drops the low mantissa bits), v and the state are rounded to nearest.
-// Shared tiles are padded so that every fragment load hits 32 distinct banks.
+// in global memory. Tensor cores take tf32: q and k enter as fp32 bit patterns (the MMA drops
+// the low mantissa bits); v, the scores and the state are rounded to nearest on their way into
+// shared memory (truncating those as well changed the built-in model's greedy tokens against
+// the CPU oracle).
+//
+// Fragments come from ldmatrix, whose 8x8 b16 matrices are 8 rows of four 32-bit words: lane
+// (g, t) receives word t of row g, which is a tf32 fragment's layout when the rows are the
+// operand's m or n index and the words its k index. So every tile is stored with the summation
+// index of its product along the row: Q and K [token][dim], the scores [token][key], Vᵀ and the
+// decayed Vᵀ [column][token], Sᵀ [column][key dim]. Row strides of 4 words mod 8 put the eight
+// rows of a matrix on different banks. Only the state update reads Kᵀ, word by word.
 template <int kDim>
 struct ChunkTiles {
-  static constexpr int kQKStride = kDim + 4;        // Q, K: rows read as A (Q) and as Bᵀ (K)
-  static constexpr int kVStride = kSliceCols + 8;   // V, decayed V, S: read down columns
-  static constexpr int kAStride = kChunk + 4;       // intra-chunk scores
+  static constexpr int kQKStride = kDim + 4;     // Q, K [token][dim]; Sᵀ [column][key dim]
+  static constexpr int kKeyStride = kChunk + 4;  // scores [token][key]; Vᵀ, decayed Vᵀ [column][token]
   static constexpr int kQKTile = kChunk * kQKStride;
-  static constexpr int kVTile = kChunk * kVStride;
-  static constexpr int kQ = 0;                      // [2 stages][kChunk][kQKStride]
+  static constexpr int kVTile = kSliceCols * kKeyStride;
+  static constexpr int kQ = 0;  // [2 stages][kChunk][kQKStride]
   static constexpr int kK = kQ + 2 * kQKTile;
-  static constexpr int kV = kK + 2 * kQKTile;       // [2][kChunk][kVStride]
+  static constexpr int kV = kK + 2 * kQKTile;  // [2][kSliceCols][kKeyStride]
   static constexpr int kVDecayed = kV + 2 * kVTile;
-  static constexpr int kS = kVDecayed + 2 * kVTile; // [kDim][kVStride], this block's S_in
-  static constexpr int kA = kS + kDim * kVStride;   // [kChunk][kAStride]
-  static constexpr size_t kBytes = size_t(kA + kChunk * kAStride) * sizeof(uint32_t);
+  static constexpr int kS = kVDecayed + 2 * kVTile;       // [kSliceCols][kQKStride]: this block's S_inᵀ
+  static constexpr int kA = kS + kSliceCols * kQKStride;  // [kChunk][kKeyStride]
+  static constexpr size_t kBytes = size_t(kA + kChunk * kKeyStride) * sizeof(uint32_t);
 };
 
 __device__ int ChunkLen(int64_t T, int64_t c) { return T - c * kChunk < kChunk ? int(T - c * kChunk) : kChunk; }
+
+// The A fragment of rows r0 .. r0 + 15, k 8 kk .. + 7 of a row-major tile.
+__device__ __forceinline__ void LoadA(uint32_t (&a)[4], const uint32_t* tile, int stride, int r0, int kk) {
+  const int lane = threadIdx.x % 32;
+  LdMatrixX4(a, tile + (r0 + lane % 8 + 8 * (lane / 8 % 2)) * stride + 8 * kk + 4 * (lane / 16));
+}
+// B fragments of rows (n) n0 .. n0 + 7 for k steps 2 kp and 2 kp + 1: {b0, b1} of each.
+__device__ __forceinline__ void LoadB2(uint32_t (&b)[4], const uint32_t* tile, int stride, int n0, int kp) {
+  const int lane = threadIdx.x % 32;
+  LdMatrixX4(b, tile + (n0 + lane % 8) * stride + 16 * kp + 4 * (lane / 8));
+}
+__device__ __forceinline__ void MmaTf32Pair(float (&d)[4], const uint32_t (&a0)[4], const uint32_t (&a1)[4],
+                                            const uint32_t (&b)[4]) {
+  MmaTf32(d, a0, b[0], b[1]);
+  MmaTf32(d, a1, b[2], b[3]);
+}
 
 // Warp w: query rows 16 (w % 4) .. + 15; for the scores keys 32 (w / 4) .. + 31, for the output
 // value columns 16 (w / 4) .. + 15 of the slice; for the state, key dims and columns of an even
@@ -54,59 +77,68 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t chunks = (T + kChunk - 1) / kChunk;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, tq = lane % 4;
   const int i0 = 16 * (warp % 4), half = warp / 4;
-  constexpr int kStateRowTiles = kDim / 16, kStateWarpsPerRow = 8 / kStateRowTiles;
+  constexpr int kStateRowTiles = kDim / 16, kStateWarpsPerRow = kThreads / 32 / kStateRowTiles;
   constexpr int kStateTiles = kSliceCols / 8 / kStateWarpsPerRow;  // 8-column tiles per warp
   const int s0 = 16 * (warp % kStateRowTiles), sc0 = 8 * kStateTiles * (warp / kStateRowTiles);
-  uint32_t* S = lsmem + L::kS;
+  uint32_t* St = lsmem + L::kS;
   uint32_t* A = lsmem + L::kA;
 
+  // q and k: each thread copies 16-byte pieces of one column position in every kRowStep-th row.
+  constexpr int kPieces = kDim / 4, kRowStep = kThreads / kPieces;
+  const int piece_row = threadIdx.x / kPieces, piece_col = 4 * (threadIdx.x % kPieces);
+  const int64_t q_row = int64_t(H) * kDim, k_row = int64_t(Hk) * kDim;  // floats between tokens
+  const float* q_piece = q + int64_t(piece_row) * q_row + h * kDim + piece_col;
+  const float* k_piece = k + int64_t(piece_row) * k_row + kh * kDim + piece_col;
   const auto issue_qk = [&](int64_t c, int stage) {
-    uint32_t* Qs = lsmem + L::kQ + stage * L::kQKTile;
-    uint32_t* Ks = lsmem + L::kK + stage * L::kQKTile;
+    uint32_t* Qs = lsmem + L::kQ + stage * L::kQKTile + piece_row * L::kQKStride + piece_col;
+    uint32_t* Ks = lsmem + L::kK + stage * L::kQKTile + piece_row * L::kQKStride + piece_col;
     const int len = ChunkLen(T, c);
-    for (int e = threadIdx.x; e < kChunk * kDim / 4; e += kThreads) {
-      const int row = e / (kDim / 4), c4 = e % (kDim / 4);
-      const int64_t t = c * kChunk + (row < len ? row : 0);
-      CpAsync16(Qs + row * L::kQKStride + c4 * 4, q + (t * H + h) * kDim + c4 * 4, row < len);
-      CpAsync16(Ks + row * L::kQKStride + c4 * 4, k + (t * Hk + kh) * kDim + c4 * 4, row < len);
+    const float* qc = q_piece + c * kChunk * q_row;
+    const float* kc = k_piece + c * kChunk * k_row;
+#pragma unroll
+    for (int r = 0; r < kChunk; r += kRowStep) {
+      const bool valid = piece_row + r < len;  // rows past the end are zero-filled from row 0
+      CpAsync16(Qs + r * L::kQKStride, valid ? qc + r * q_row : qc, valid);
+      CpAsync16(Ks + r * L::kQKStride, valid ? kc + r * k_row : kc, valid);
     }
     CpAsyncCommit();
   };
-  // The slice of v: two 16-byte pieces a thread, loaded a chunk ahead into registers and stored
-  // rounded, plus the copy decayed for the state update.
-  constexpr int kVPieces = kChunk * kSliceCols / 4 / kThreads;
-  const auto load_v = [&](int64_t c, float4 (&piece)[kVPieces]) {
-    const int len = ChunkLen(T, c);
-#pragma unroll
-    for (int p = 0; p < kVPieces; ++p) {
-      const int e = threadIdx.x + p * kThreads, row = e / (kSliceCols / 4), c4 = e % (kSliceCols / 4);
-      piece[p] = row < len ? *reinterpret_cast<const float4*>(v + ((c * kChunk + row) * Hk + kh) * kDim + col0 + c4 * 4)
-                           : float4{0, 0, 0, 0};
+  // The slice of v, transposed: lane = token (of 32), the warp's 8 columns, loaded a chunk ahead
+  // into registers, then stored rounded, plus the copy decayed for the state update.
+  static_assert(kChunk * kSliceCols / 8 == kThreads, "two 16-byte pieces of v per thread");
+  const int v_row = 32 * (warp / 4) + lane, v_col = 8 * (warp % 4);
+  const auto load_v = [&](int64_t c, float4 (&x)[2]) {
+    x[0] = x[1] = float4{0, 0, 0, 0};
+    if (v_row < ChunkLen(T, c)) {
+      const float4* src = reinterpret_cast<const float4*>(v + ((c * kChunk + v_row) * Hk + kh) * kDim + col0 + v_col);
+      x[0] = src[0];
+      x[1] = src[1];
     }
   };
-  const auto store_v = [&](int64_t c, int stage, const float4 (&piece)[kVPieces]) {
-    const int len = ChunkLen(T, c);
+  const auto store_v = [&](int64_t c, int stage, const float4 (&x)[2]) {
+    const float w = __expf(g * float(ChunkLen(T, c) - 1 - v_row));
+    uint32_t* Vt = lsmem + L::kV + stage * L::kVTile + v_col * L::kKeyStride + v_row;
+    uint32_t* Vd = lsmem + L::kVDecayed + stage * L::kVTile + v_col * L::kKeyStride + v_row;
+    const float e[8] = {x[0].x, x[0].y, x[0].z, x[0].w, x[1].x, x[1].y, x[1].z, x[1].w};
 #pragma unroll
-    for (int p = 0; p < kVPieces; ++p) {
-      const int e = threadIdx.x + p * kThreads, row = e / (kSliceCols / 4), c4 = e % (kSliceCols / 4);
-      const float w = __expf(g * float(len - 1 - row));
-      const float4 x = piece[p];
-      *reinterpret_cast<uint4*>(lsmem + L::kV + stage * L::kVTile + row * L::kVStride + c4 * 4) =
-          uint4{ToTf32(x.x), ToTf32(x.y), ToTf32(x.z), ToTf32(x.w)};
-      *reinterpret_cast<uint4*>(lsmem + L::kVDecayed + stage * L::kVTile + row * L::kVStride + c4 * 4) =
-          uint4{ToTf32(w * x.x), ToTf32(w * x.y), ToTf32(w * x.z), ToTf32(w * x.w)};
+    for (int i = 0; i < 8; ++i) {
+      Vt[i * L::kKeyStride] = ToTf32(e[i]);
+      Vd[i * L::kKeyStride] = ToTf32(w * e[i]);
     }
   };
-  const auto store_state_tile = [&](const float (&acc)[kStateTiles][4]) {
+  const auto store_state = [&](const float (&acc)[kStateTiles][4]) {
 #pragma unroll
     for (int n = 0; n < kStateTiles; ++n) {
-      const int col = sc0 + 8 * n + 2 * tq;
-      *reinterpret_cast<uint2*>(S + (s0 + gq) * L::kVStride + col) = uint2{ToTf32(acc[n][0]), ToTf32(acc[n][1])};
-      *reinterpret_cast<uint2*>(S + (s0 + gq + 8) * L::kVStride + col) = uint2{ToTf32(acc[n][2]), ToTf32(acc[n][3])};
+      uint32_t* col = St + (sc0 + 8 * n + 2 * tq) * L::kQKStride + s0 + gq;
+      col[0] = ToTf32(acc[n][0]);
+      col[L::kQKStride] = ToTf32(acc[n][1]);
+      col[8] = ToTf32(acc[n][2]);
+      col[L::kQKStride + 8] = ToTf32(acc[n][3]);
     }
   };
+  const float row_scale[2] = {scale * __expf(g * float(i0 + gq + 1)), scale * __expf(g * float(i0 + gq + 9))};
 
-  float4 v_next[kVPieces];
+  float4 v_next[2];
   issue_qk(0, 0);
   load_v(0, v_next);
   store_v(0, 0, v_next);
@@ -119,7 +151,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float2 hi = *reinterpret_cast<const float2*>(state_h + (s0 + gq + 8) * kDim + col);
     sacc[n][0] = lo.x, sacc[n][1] = lo.y, sacc[n][2] = hi.x, sacc[n][3] = hi.y;
   }
-  store_state_tile(sacc);
+  store_state(sacc);
 
   for (int64_t c = 0; c < chunks; ++c) {
     const int stage = int(c & 1), len = ChunkLen(T, c);
@@ -131,24 +163,24 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     const uint32_t* Qs = lsmem + L::kQ + stage * L::kQKTile;
     const uint32_t* Ks = lsmem + L::kK + stage * L::kQKTile;
-    const uint32_t* Vs = lsmem + L::kV + stage * L::kVTile;
+    const uint32_t* Vt = lsmem + L::kV + stage * L::kVTile;
     const uint32_t* Vd = lsmem + L::kVDecayed + stage * L::kVTile;
 
     uint32_t qf[kDim / 8][4];
 #pragma unroll
-    for (int kk = 0; kk < kDim / 8; ++kk) {
-      const uint32_t* r = Qs + (i0 + gq) * L::kQKStride + 8 * kk + tq;
-      qf[kk][0] = r[0], qf[kk][1] = r[8 * L::kQKStride], qf[kk][2] = r[4], qf[kk][3] = r[8 * L::kQKStride + 4];
-    }
+    for (int kk = 0; kk < kDim / 8; ++kk) LoadA(qf[kk], Qs, L::kQKStride, i0, kk);
     // Scores of this warp's rows against its 32 keys, the tiles wholly above the diagonal skipped.
     float sc[4][4] = {};
 #pragma unroll
     for (int n = 0; n < 4; ++n) {
       const int j0 = 32 * half + 8 * n;
       if (j0 > i0 + 15) break;
-      const uint32_t* b = Ks + (j0 + gq) * L::kQKStride + tq;
 #pragma unroll
-      for (int kk = 0; kk < kDim / 8; ++kk) MmaTf32(sc[n], qf[kk], b[8 * kk], b[8 * kk + 4]);
+      for (int kp = 0; kp < kDim / 16; ++kp) {
+        uint32_t b[4];
+        LoadB2(b, Ks, L::kQKStride, j0, kp);
+        MmaTf32Pair(sc[n], qf[2 * kp], qf[2 * kp + 1], b);
+      }
     }
 #pragma unroll
     for (int n = 0; n < 4; ++n) {
@@ -159,34 +191,36 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int i = i0 + gq + 8 * (e / 2), j = j0 + 2 * tq;
         const float w0 = j <= i ? scale * __expf(g * float(i - j)) : 0.0f;
         const float w1 = j + 1 <= i ? scale * __expf(g * float(i - j - 1)) : 0.0f;
-        *reinterpret_cast<uint2*>(A + i * L::kAStride + j) = uint2{ToTf32(sc[n][e] * w0), ToTf32(sc[n][e + 1] * w1)};
+        *reinterpret_cast<uint2*>(A + i * L::kKeyStride + j) = uint2{ToTf32(sc[n][e] * w0), ToTf32(sc[n][e + 1] * w1)};
       }
     }
     // Inter-chunk part: Q S_in over this warp's 16 columns.
     float oacc[2][4] = {};
 #pragma unroll
-    for (int kk = 0; kk < kDim / 8; ++kk)
+    for (int n = 0; n < 2; ++n)
 #pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        const uint32_t* b = S + (8 * kk + tq) * L::kVStride + 16 * half + 8 * n + gq;
-        MmaTf32(oacc[n], qf[kk], b[0], b[4 * L::kVStride]);
+      for (int kp = 0; kp < kDim / 16; ++kp) {
+        uint32_t b[4];
+        LoadB2(b, St, L::kQKStride, 16 * half + 8 * n, kp);
+        MmaTf32Pair(oacc[n], qf[2 * kp], qf[2 * kp + 1], b);
       }
     __syncthreads();  // the score tile is complete, and every warp has read S_in
-    const float row_scale[2] = {scale * __expf(g * float(i0 + gq + 1)), scale * __expf(g * float(i0 + gq + 9))};
 #pragma unroll
     for (int n = 0; n < 2; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) oacc[n][e] *= row_scale[e / 2];
-    // Intra-chunk part: keys up to the last row of the warp's tile.
+    // Intra-chunk part: keys up to the last row of the warp's tile, 16 at a time.
 #pragma unroll
-    for (int kk = 0; kk < kChunk / 8; ++kk) {
-      if (8 * kk > i0 + 15) break;
-      const uint32_t* r = A + (i0 + gq) * L::kAStride + 8 * kk + tq;
-      const uint32_t a[4] = {r[0], r[8 * L::kAStride], r[4], r[8 * L::kAStride + 4]};
+    for (int kp = 0; kp < kChunk / 16; ++kp) {
+      if (16 * kp > i0) break;
+      uint32_t a0[4], a1[4];
+      LoadA(a0, A, L::kKeyStride, i0, 2 * kp);
+      LoadA(a1, A, L::kKeyStride, i0, 2 * kp + 1);
 #pragma unroll
       for (int n = 0; n < 2; ++n) {
-        const uint32_t* b = Vs + (8 * kk + tq) * L::kVStride + 16 * half + 8 * n + gq;
-        MmaTf32(oacc[n], a, b[0], b[4 * L::kVStride]);
+        uint32_t b[4];
+        LoadB2(b, Vt, L::kKeyStride, 16 * half + 8 * n, kp);
+        MmaTf32Pair(oacc[n], a0, a1, b);
       }
     }
 #pragma unroll
@@ -198,23 +232,29 @@ __global__ void __launch_bounds__(kThreads, 1)
           *reinterpret_cast<float2*>(o + ((c * kChunk + i) * H + h) * kDim + col0 + 16 * half + 8 * n + 2 * tq) =
               float2{oacc[n][2 * r], oacc[n][2 * r + 1]};
       }
-    // State: S_out = exp(g len) S_in + Kᵀ (decayed V), in registers; then S_out rounded for the next Q S_in.
+    // State: S_out = exp(g len) S_in + Kᵀ (decayed V) in registers, then S_outᵀ rounded for the
+    // next chunk's Q S_in.
     const float chunk_decay = __expf(g * float(len));
 #pragma unroll
     for (int n = 0; n < kStateTiles; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) sacc[n][e] *= chunk_decay;
 #pragma unroll
-    for (int kk = 0; kk < kChunk / 8; ++kk) {
-      const uint32_t* r = Ks + (8 * kk + tq) * L::kQKStride + s0 + gq;
-      const uint32_t a[4] = {r[0], r[8], r[4 * L::kQKStride], r[4 * L::kQKStride + 8]};
+    for (int kp = 0; kp < kChunk / 16; ++kp) {
+      uint32_t a[2][4];
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+        const uint32_t* r = Ks + (16 * kp + 8 * s + tq) * L::kQKStride + s0 + gq;
+        a[s][0] = r[0], a[s][1] = r[8], a[s][2] = r[4 * L::kQKStride], a[s][3] = r[4 * L::kQKStride + 8];
+      }
 #pragma unroll
       for (int n = 0; n < kStateTiles; ++n) {
-        const uint32_t* b = Vd + (8 * kk + tq) * L::kVStride + sc0 + 8 * n + gq;
-        MmaTf32(sacc[n], a, b[0], b[4 * L::kVStride]);
+        uint32_t b[4];
+        LoadB2(b, Vd, L::kKeyStride, sc0 + 8 * n, kp);
+        MmaTf32Pair(sacc[n], a[0], a[1], b);
       }
     }
-    store_state_tile(sacc);
+    store_state(sacc);
     if (c + 1 < chunks) store_v(c + 1, stage ^ 1, v_next);
   }
 #pragma unroll
