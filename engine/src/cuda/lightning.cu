@@ -40,8 +40,9 @@ struct ChunkTiles {
   static constexpr int kK = kQ + 2 * kQKTile;
   static constexpr int kV = kK + 2 * kQKTile;  // [2][kSliceCols][kKeyStride]
   static constexpr int kVDecayed = kV + 2 * kVTile;
-  static constexpr int kS = kVDecayed + 2 * kVTile;       // [kSliceCols][kQKStride]: this block's S_inᵀ
-  static constexpr int kA = kS + kSliceCols * kQKStride;  // [kChunk][kKeyStride]
+  static constexpr int kSTile = kSliceCols * kQKStride;
+  static constexpr int kS = kVDecayed + 2 * kVTile;  // [2][kSliceCols][kQKStride]: this block's S_inᵀ
+  static constexpr int kA = kS + 2 * kSTile;         // [kChunk][kKeyStride]
   static constexpr size_t kBytes = size_t(kA + kChunk * kKeyStride) * sizeof(uint32_t);
 };
 
@@ -80,7 +81,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int kStateRowTiles = kDim / 16, kStateWarpsPerRow = kThreads / 32 / kStateRowTiles;
   constexpr int kStateTiles = kSliceCols / 8 / kStateWarpsPerRow;  // 8-column tiles per warp
   const int s0 = 16 * (warp % kStateRowTiles), sc0 = 8 * kStateTiles * (warp / kStateRowTiles);
-  uint32_t* St = lsmem + L::kS;
   uint32_t* A = lsmem + L::kA;
 
   // q and k: each thread copies 16-byte pieces of one column position in every kRowStep-th row.
@@ -126,10 +126,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       Vd[i * L::kKeyStride] = ToTf32(w * e[i]);
     }
   };
-  const auto store_state = [&](const float (&acc)[kStateTiles][4]) {
+  // Sᵀ alternates between two buffers, so that a chunk's S_out can be stored while other warps
+  // still read its S_in.
+  const auto store_state = [&](const float (&acc)[kStateTiles][4], int64_t c) {
 #pragma unroll
     for (int n = 0; n < kStateTiles; ++n) {
-      uint32_t* col = St + (sc0 + 8 * n + 2 * tq) * L::kQKStride + s0 + gq;
+      uint32_t* col = lsmem + L::kS + (c & 1) * L::kSTile + (sc0 + 8 * n + 2 * tq) * L::kQKStride + s0 + gq;
       col[0] = ToTf32(acc[n][0]);
       col[L::kQKStride] = ToTf32(acc[n][1]);
       col[8] = ToTf32(acc[n][2]);
@@ -151,7 +153,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float2 hi = *reinterpret_cast<const float2*>(state_h + (s0 + gq + 8) * kDim + col);
     sacc[n][0] = lo.x, sacc[n][1] = lo.y, sacc[n][2] = hi.x, sacc[n][3] = hi.y;
   }
-  store_state(sacc);
+  store_state(sacc, 0);
 
   for (int64_t c = 0; c < chunks; ++c) {
     const int stage = int(c & 1), len = ChunkLen(T, c);
@@ -165,6 +167,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const uint32_t* Ks = lsmem + L::kK + stage * L::kQKTile;
     const uint32_t* Vt = lsmem + L::kV + stage * L::kVTile;
     const uint32_t* Vd = lsmem + L::kVDecayed + stage * L::kVTile;
+    const uint32_t* St = lsmem + L::kS + stage * L::kSTile;
 
     uint32_t qf[kDim / 8][4];
 #pragma unroll
@@ -204,7 +207,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         LoadB2(b, St, L::kQKStride, 16 * half + 8 * n, kp);
         MmaTf32Pair(oacc[n], qf[2 * kp], qf[2 * kp + 1], b);
       }
-    __syncthreads();  // the score tile is complete, and every warp has read S_in
+    // The rows' score tile is complete: only the two warps of these rows wrote and read it.
+    asm volatile("bar.sync %0, 64;\n" ::"r"(1 + warp % 4));
 #pragma unroll
     for (int n = 0; n < 2; ++n)
 #pragma unroll
@@ -254,7 +258,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         MmaTf32Pair(sacc[n], a[0], a[1], b);
       }
     }
-    store_state(sacc);
+    store_state(sacc, c + 1);
     if (c + 1 < chunks) store_v(c + 1, stage ^ 1, v_next);
   }
 #pragma unroll
