@@ -18,8 +18,8 @@ constexpr int kSliceCols = 32;  // value columns (of the state and the output) p
 // of the state in registers, so no per-chunk state ever leaves the chip (MODEL_SPEC §3):
 //   O   = exp(G_i) s Q S_in + (s Q Kᵀ ⊙ exp(G_i − G_j) [j <= i]) V
 //   S_out = exp(g len) S_in + (K ⊙ exp(g (len − 1 − j)))ᵀ V
-// The four slices of a head recompute the chunk's Q Kᵀ: cheaper than another pass over q and k
-// in global memory. Tensor cores take tf32: q and k enter as fp32 bit patterns (the MMA drops
+// The four slices of a head each recompute the chunk's Q Kᵀ, rather than share it through another
+// pass over global memory. Tensor cores take tf32: q and k enter as fp32 bit patterns (the MMA drops
 // the low mantissa bits); v, the scores and the state are rounded to nearest on their way into
 // shared memory (truncating those as well changed the built-in model's greedy tokens against
 // the CPU oracle).
