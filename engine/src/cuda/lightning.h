@@ -8,7 +8,6 @@
 #include <cstdint>
 
 #include "absl/status/status.h"
-#include "cuda_common.h"
 
 namespace sala::cuda {
 
