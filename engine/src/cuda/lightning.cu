@@ -138,6 +138,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       col[L::kQKStride + 8] = ToTf32(acc[n][3]);
     }
   };
+  // Per-thread constants: the decay mask of its score entries, and the decay of its rows' S_in term.
+  float mask[4][4];
+#pragma unroll
+  for (int n = 0; n < 4; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = i0 + gq + 8 * (e / 2), j = 32 * half + 8 * n + 2 * tq + e % 2;
+      mask[n][e] = j <= i ? scale * __expf(g * float(i - j)) : 0.0f;
+    }
   const float row_scale[2] = {scale * __expf(g * float(i0 + gq + 1)), scale * __expf(g * float(i0 + gq + 9))};
 
   float4 v_next[2];
@@ -190,12 +199,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int j0 = 32 * half + 8 * n;
       if (j0 > i0 + 15) break;
 #pragma unroll
-      for (int e = 0; e < 4; e += 2) {  // rows g and g + 8, two adjacent keys each
-        const int i = i0 + gq + 8 * (e / 2), j = j0 + 2 * tq;
-        const float w0 = j <= i ? scale * __expf(g * float(i - j)) : 0.0f;
-        const float w1 = j + 1 <= i ? scale * __expf(g * float(i - j - 1)) : 0.0f;
-        *reinterpret_cast<uint2*>(A + i * L::kKeyStride + j) = uint2{ToTf32(sc[n][e] * w0), ToTf32(sc[n][e + 1] * w1)};
-      }
+      for (int e = 0; e < 4; e += 2)  // rows g and g + 8, two adjacent keys each
+        *reinterpret_cast<uint2*>(A + (i0 + gq + 8 * (e / 2)) * L::kKeyStride + j0 + 2 * tq) =
+            uint2{ToTf32(sc[n][e] * mask[n][e]), ToTf32(sc[n][e + 1] * mask[n][e + 1])};
     }
     // Inter-chunk part: Q S_in over this warp's 16 columns.
     float oacc[2][4] = {};
