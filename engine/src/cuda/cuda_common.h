@@ -78,4 +78,14 @@ inline absl::StatusOr<int> MultiprocessorCount() {
   return sms;
 }
 
+// Whether the current device runs the sm_90a kernels (warpgroup MMA): compute capability 9.0
+// exactly, since sm_90a code runs on no other device.
+inline absl::StatusOr<bool> HasWgmma() {
+  int device = 0, major = 0, minor = 0;
+  SALA_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  SALA_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  SALA_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return major == 9 && minor == 0;
+}
+
 }  // namespace sala::cuda

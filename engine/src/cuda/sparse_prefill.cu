@@ -17,6 +17,7 @@
 #include "mma.cuh"
 #include "sala/status_macros.h"
 #include "sparse.h"
+#include "wgmma.cuh"
 
 namespace sala::cuda {
 namespace {
@@ -316,6 +317,228 @@ __global__ void __launch_bounds__(ScoreThreads(Tokens), 512 / ScoreThreads(Token
       }
     }
   });
+}
+
+// Stage 1 of a prefill on Hopper (ScoreWgmmaKernel): the same scores as ScoreKernel, with
+// warpgroup MMAs that read Q and the key tiles from shared memory. A block of four warpgroups
+// takes 32 tokens of one KV group. Warpgroup w owns tokens 8 w .. 8 w + 7 as two MMA row tiles of
+// 4 tokens x 16 heads, so in row tile m warp w % 4 holds token 8 w + 4 m + w % 4: heads g and
+// g + 8 of each lane against the tile's keys. The MMA of one row tile runs while the warpgroup
+// takes the exponentials of the other. The heads then sum with shuffles that also spread the keys
+// over the lanes: lane (g, t) ends with keys 8 g + 2 t and 8 g + 2 t + 1.
+constexpr int kWgTokens = 32;    // query tokens per block
+constexpr int kWgThreads = 512;  // 4 warpgroups
+constexpr int kWgKeys = 64;      // keys per tile: the MMA's N
+constexpr int kWgStages = 5;     // key tiles in shared memory; loads run kWgStages - 2 tiles ahead
+constexpr int kWgRows = kWgTokens * 16;
+
+__host__ __device__ constexpr size_t ScoreWgmmaSmemBytes(int D) {
+  return size_t(kWgRows + kWgStages * kWgKeys) * D * sizeof(Bf16) + 1024;  // + alignment of the swizzle
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// v[i] = (the half of v[0 .. 2 Half) this lane keeps) + (the other half, from lane ^ lane_bit),
+// for i < Half: the lane keeps the upper half where `upper` is set. Bit masks pick the halves (a
+// conditional picked addresses instead, and put v in local memory).
+template <int Half>
+__device__ __forceinline__ void FoldHalf(float (&v)[16], bool upper, int lane_bit) {
+  const uint32_t mask = upper ? ~0u : 0u;
+#pragma unroll
+  for (int i = 0; i < Half; ++i) {
+    const uint32_t lo = __float_as_uint(v[i]), hi = __float_as_uint(v[i + Half]);
+    const float send = __uint_as_float((lo & mask) | (hi & ~mask)), keep = __uint_as_float((hi & mask) | (lo & ~mask));
+    v[i] = keep + __shfl_xor_sync(0xffffffff, send, lane_bit);
+  }
+}
+
+// Streams key tiles 0 .. tiles - 1 (tile u holds entries j_base + kWgKeys u ..; entries from
+// j_end on read as 0) through the stages and calls process(u, m, acc) with tile u's scores against
+// the warpgroup's row tile m (Q rows from descriptor q_desc, the warpgroup's first row tile, on),
+// while the MMA of the next row tile runs. Every thread must call it.
+template <int D, typename Process>
+__device__ __forceinline__ void ScanKeysWgmma(Bf16* stages, uint32_t q_desc, const Bf16* src, int Hk, int g, int j_base,
+                                              int j_end, int tiles, Process process) {
+  auto load = [&](int u) {
+    if (u < tiles) {
+      Bf16* tile = stages + (u % kWgStages) * kWgKeys * D;
+      for (int e = threadIdx.x; e < kWgKeys * D / 8; e += kWgThreads) {
+        const int row = e / (D / 8), c8 = e % (D / 8);
+        const int j = j_base + u * kWgKeys + row;
+        const bool valid = j < j_end;
+        CpAsync16(tile + Sw128Offset(row, c8 * 8, kWgKeys), src + (int64_t(valid ? j : 0) * Hk + g) * D + c8 * 8, valid);
+      }
+    }
+    CpAsyncCommit();  // empty groups too, so that the wait below always counts the same
+  };
+  // Tile u has landed for every thread, whose MMAs of tile u - 2 are done: its stage takes tile
+  // u + kWgStages - 2.
+  auto next_tile = [&](int u) {
+    CpAsyncWait<kWgStages - 3>();
+    FenceProxyAsync();
+    __syncthreads();
+    load(u + kWgStages - 2);
+  };
+  auto mma = [&](int u, int m, float(&acc)[32]) {
+    const uint32_t k_desc = Sw128Descriptor(stages + (u % kWgStages) * kWgKeys * D);
+    WgmmaFenceOperands(acc);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)  // descriptors count 16-byte units: slab kk / 4, 32 bytes per k step
+      WgmmaM64N64K16(acc, q_desc + m * (64 * 128 / 16) + (kk / 4) * (kWgRows * 128 / 16) + (kk % 4) * 2,
+                     k_desc + (kk / 4) * (kWgKeys * 128 / 16) + (kk % 4) * 2, kk > 0);
+    WgmmaCommit();
+  };
+  for (int s = 0; s < kWgStages - 2; ++s) load(s);
+  // Half-step h is row tile h % 2 of key tile h / 2, in acc0 for even h and acc1 for odd h.
+  // (ptxas keeps the two MMAs in flight with the loop in this shape; other shapes of the same
+  // sequence made it serialise them.)
+  auto issue = [&](int h, int m, float(&acc)[32]) {
+    if (m == 0) next_tile(h / 2);
+    mma(h / 2, m, acc);
+  };
+  auto step = [&](int h, int m, float(&cur)[32], float(&prev)[32]) {
+    issue(h, m, cur);
+    WgmmaWait<1>();
+    WgmmaFenceOperands(prev);
+    process((h - 1) / 2, 1 - m, prev);
+  };
+  const int halves = 2 * tiles;
+  if (halves > 0) {
+    float acc0[32], acc1[32];
+    issue(0, 0, acc0);
+    int h = 1;
+    for (; h + 1 < halves; h += 2) {
+      step(h, 1, acc1, acc0);
+      step(h + 1, 0, acc0, acc1);
+    }
+    if (h < halves) {
+      step(h, 1, acc1, acc0);
+      WgmmaWait<0>();
+      WgmmaFenceOperands(acc1);
+      process(h / 2, 1, acc1);
+    } else {
+      WgmmaWait<0>();
+      WgmmaFenceOperands(acc0);
+      process((h - 1) / 2, 0, acc0);
+    }
+  }
+  CpAsyncWait<0>();
+  __syncthreads();  // the stages are free for the next pass
+}
+#endif
+
+template <int D>
+__global__ void __launch_bounds__(kWgThreads, 1) ScoreWgmmaKernel(ScoreParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ unsigned char smem_raw[];
+  Bf16* qs = reinterpret_cast<Bf16*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  Bf16* stages = qs + kWgRows * D;
+  const int g = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, tq = lane % 4;
+  const int64_t base = (p.first / kWgTokens) * kWgTokens + kWgTokens * int64_t(blockIdx.x);
+  const int64_t lo = max(base, p.first), hi = min(base + kWgTokens, p.first + p.T);
+  const int64_t bq = base / kBlock;
+  if (p.cand.Count(bq) <= p.cand.keep) return;  // every block is taken; nothing to score
+
+  // Q rows: token tk, head h at row 16 tk + h; row tile m of warpgroup w is rows 128 w + 64 m ...
+  for (int e = threadIdx.x; e < kWgRows * D / 4; e += kWgThreads) {
+    const int row = e / (D / 4), c4 = e % (D / 4), tk = row / 16, h = row % 16;
+    const int64_t pos = base + tk;
+    float4 v{0, 0, 0, 0};
+    if (pos >= lo && pos < hi && h < p.G)
+      v = *reinterpret_cast<const float4*>(p.q + ((pos - p.first) * p.H + g * p.G + h) * D + c4 * 4);
+    *reinterpret_cast<uint2*>(qs + Sw128Offset(row, c4 * 4, kWgRows)) = uint2{PackBf16(v.x, v.y), PackBf16(v.z, v.w)};
+  }
+  FenceProxyAsync();
+  __syncthreads();
+  const uint32_t q_desc = Sw128Descriptor(qs + (warp / 4) * 128 * 64);
+  // This warp's token in row tile m.
+  auto pos = [&](int m) { return base + (warp / 4) * 8 + 4 * m + warp % 4; };
+  const float sc = p.scale_log2;
+
+  // Pass 1: log-sum-exp over the visible k2 entries (64 j + 128 <= pos + 1) of heads gq, gq + 8,
+  // in raw-score units until the end: a running max mx and sum sum of exp2(sc (x - mx)).
+  int n2[2];
+  for (int m = 0; m < 2; ++m) n2[m] = pos(m) + 1 >= 128 ? int((pos(m) + 1 - 128) / 64 + 1) : 0;
+  const int n2_all = hi >= 128 ? int((hi - 128) / 64 + 1) : 0;
+  float mx[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}}, sum[2][2] = {{0, 0}, {0, 0}};  // [row tile][head]
+  ScanKeysWgmma<D>(stages, q_desc, p.k2, p.Hk, g, 0, n2_all, (n2_all + kWgKeys - 1) / kWgKeys,
+                   [&](int u, int m, float(&acc)[32]) {
+                     if ((u + 1) * kWgKeys > n2[m]) {  // the token sees only part of this tile
+#pragma unroll
+                       for (int i = 0; i < 32; ++i)
+                         if (u * kWgKeys + 8 * (i / 4) + 2 * tq + i % 2 >= n2[m]) acc[i] = -INFINITY;
+                     }
+#pragma unroll
+                     for (int r = 0; r < 2; ++r) {
+                       float top = mx[m][r];
+#pragma unroll
+                       for (int n = 0; n < 8; ++n) top = fmaxf(top, fmaxf(acc[4 * n + 2 * r], acc[4 * n + 2 * r + 1]));
+                       if (top == -INFINITY) continue;
+                       const float off = top * sc;
+                       float s = 0.0f;
+#pragma unroll
+                       for (int n = 0; n < 8; ++n)
+                         s += Exp2(fmaf(acc[4 * n + 2 * r], sc, -off)) + Exp2(fmaf(acc[4 * n + 2 * r + 1], sc, -off));
+                       sum[m][r] = sum[m][r] * Exp2((mx[m][r] - top) * sc) + s;
+                       mx[m][r] = top;
+                     }
+                   });
+  float lse[2][2];  // log2 units; INFINITY for a padding head, so that its terms vanish
+#pragma unroll
+  for (int m = 0; m < 2; ++m)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+#pragma unroll
+      for (int off = 1; off < 4; off <<= 1) {  // merge the four lanes of the quad (the row's other keys)
+        const float m2 = __shfl_xor_sync(0xffffffff, mx[m][r], off), s2 = __shfl_xor_sync(0xffffffff, sum[m][r], off);
+        const float top = fmaxf(mx[m][r], m2);
+        if (top != -INFINITY) {
+          sum[m][r] = sum[m][r] * Exp2((mx[m][r] - top) * sc) + s2 * Exp2((m2 - top) * sc);
+          mx[m][r] = top;
+        }
+      }
+      lse[m][r] = gq + 8 * r < p.G && sum[m][r] > 0.0f ? mx[m][r] * sc + log2f(sum[m][r]) : INFINITY;
+    }
+
+  // Pass 2: k1 scores of the candidate blocks, pooled over entries 4b-1 .. 4b+3, from a block
+  // early so that entry 4 init - 1 is scanned too. Tile u holds blocks b0 + 16 u ...
+  const int b0 = max(p.cand.init - 1, 0);
+  const int b_end = int(bq) - p.cand.window;  // candidates are [init, b_end)
+  const int j0 = 4 * b0, j_end = 4 * b_end;
+  bool row_ok[2];
+  for (int m = 0; m < 2; ++m) row_ok[m] = pos(m) >= lo && pos(m) < hi && (tq & 1) == 0;  // lanes t = 0, 2 store
+  const int from_prev = (lane & ~3) | ((tq + 3) & 3);  // the previous lane of the quad, cyclically
+  const int from_prev_group = ((gq + 7) % 8) * 4 + 3;  // lane t = 3 of the previous 8 keys, cyclically
+  float carry[2] = {-INFINITY, -INFINITY};              // key 63 of the previous tile (lanes g = 0)
+  ScanKeysWgmma<D>(stages, q_desc, p.k1, p.Hk, g, j0, j_end, (j_end - j0 + kWgKeys - 1) / kWgKeys,
+                   [&](int u, int m, float(&acc)[32]) {
+                     // v[2 n + c]: S of key 8 n + 2 t + c, summed over this lane's two heads.
+                     float v[16];
+#pragma unroll
+                     for (int n = 0; n < 8; ++n)
+#pragma unroll
+                       for (int c = 0; c < 2; ++c)
+                         v[2 * n + c] = Exp2(fmaf(acc[4 * n + c], sc, -lse[m][0])) +
+                                        Exp2(fmaf(acc[4 * n + 2 + c], sc, -lse[m][1]));
+                     // Sum over the eight lanes of a column (the other heads), halving the keys
+                     // each lane keeps at each step: lane bit 4 (g & 4) keeps keys 32 .., then
+                     // bit 3 keys 16 .. of those, bit 2 keys 8 ..: lane g ends with keys 8 g ...
+                     FoldHalf<8>(v, gq & 4, 16);
+                     FoldHalf<4>(v, gq & 2, 8);
+                     FoldHalf<2>(v, gq & 1, 4);
+                     // Lanes t = 0 finish block 2 g of the tile (keys 8 g - 1 .. 8 g + 3), lanes
+                     // t = 2 block 2 g + 1 (keys 8 g + 3 .. 8 g + 7).
+                     float pair = fmaxf(v[0], v[1]);
+                     pair = fmaxf(pair, __shfl_xor_sync(0xffffffff, pair, 1));
+                     const float prev = __shfl_sync(0xffffffff, v[1], from_prev);
+                     const float prev_group = __shfl_sync(0xffffffff, v[1], from_prev_group);
+                     const float before = tq == 0 ? (gq > 0 ? prev_group : carry[m]) : prev;
+                     carry[m] = prev_group;  // at g = 0: key 63, from lane 31
+                     const int c = b0 + 16 * u + 2 * gq + tq / 2;
+                     if (row_ok[m] && c >= p.cand.init && c < b_end)
+                       p.scores[((pos(m) - p.first) * p.Hk + g) * p.ncap + c - p.cand.init] = fmaxf(before, pair);
+                   });
+#endif
 }
 
 struct TopKParams {
@@ -623,11 +846,38 @@ absl::Status LaunchScoreKernel(const ScoreParams& p, int64_t blocks, cudaStream_
   return absl::OkStatus();
 }
 
+// A decode step: a block per row (and split).
 template <int D>
-absl::Status LaunchScores(const ScoreParams& p, cudaStream_t stream) {
-  if (p.views) return LaunchScoreKernel<D, kDecodeScoreTokens>(p, p.T, stream);  // a decode step: a block per row
-  constexpr int kTokens = kPrefillScoreTokens;
-  return LaunchScoreKernel<D, kTokens>(p, (p.first + p.T + kTokens - 1) / kTokens - p.first / kTokens, stream);
+absl::Status LaunchDecodeScores(const ScoreParams& p, cudaStream_t stream) {
+  return LaunchScoreKernel<D, kDecodeScoreTokens>(p, p.T, stream);
+}
+
+// The stage-1 kernel of a prefill and its launch shape: ScoreWgmmaKernel on Hopper, ScoreKernel
+// elsewhere.
+struct PrefillScorer {
+  void (*kernel)(ScoreParams);
+  int tokens, threads;  // query tokens and threads per block
+  size_t smem;
+};
+
+template <int D>
+absl::StatusOr<PrefillScorer> PrefillScorerFor() {
+  SALA_ASSIGN_OR_RETURN(const bool wgmma, HasWgmma());
+  if (!wgmma) {
+    SALA_ASSIGN_OR_RETURN(auto* kernel, (ScoreKernelFor<D, kPrefillScoreTokens>()));
+    return PrefillScorer{kernel, kPrefillScoreTokens, ScoreThreads(kPrefillScoreTokens),
+                         ScoreSmemBytes(D, kPrefillScoreTokens)};
+  }
+  SALA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(ScoreWgmmaKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 int(ScoreWgmmaSmemBytes(D))));
+  return PrefillScorer{ScoreWgmmaKernel<D>, kWgTokens, kWgThreads, ScoreWgmmaSmemBytes(D)};
+}
+
+absl::Status LaunchPrefillScores(const PrefillScorer& scorer, const ScoreParams& p, cudaStream_t stream) {
+  const int64_t blocks = (p.first + p.T + scorer.tokens - 1) / scorer.tokens - p.first / scorer.tokens;
+  scorer.kernel<<<dim3(unsigned(blocks), p.Hk), scorer.threads, scorer.smem, stream>>>(p);
+  SALA_CUDA_CHECK_LAUNCH();
+  return absl::OkStatus();
 }
 
 absl::Status LaunchTopK(const TopKParams& p, cudaStream_t stream) {
@@ -655,14 +905,12 @@ absl::Status LaunchAttention(const AttnParams& p, cudaStream_t stream) {
 constexpr size_t kScoreBudgetBytes = size_t(256) << 20;
 
 // Prefill rows that one wave of stage-1 thread blocks covers (every SM full, all KV groups).
-template <int D>
-absl::StatusOr<int64_t> ScoreRowsPerWave(int kv_heads) {
-  SALA_ASSIGN_OR_RETURN(auto* kernel, (ScoreKernelFor<D, kPrefillScoreTokens>()));
+absl::StatusOr<int64_t> ScoreRowsPerWave(const PrefillScorer& scorer, int kv_heads) {
   int per_sm = 0;
-  SALA_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &per_sm, kernel, ScoreThreads(kPrefillScoreTokens), ScoreSmemBytes(D, kPrefillScoreTokens)));
+  SALA_CUDA_RETURN_IF_ERROR(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, scorer.kernel, scorer.threads, scorer.smem));
   SALA_ASSIGN_OR_RETURN(const int sms, MultiprocessorCount());
-  return std::max<int64_t>(1, int64_t(sms) * per_sm / kv_heads) * kPrefillScoreTokens;
+  return std::max<int64_t>(1, int64_t(sms) * per_sm / kv_heads) * scorer.tokens;
 }
 
 }  // namespace
@@ -678,11 +926,11 @@ absl::Status SelectSparseBlocks(const float* q, int64_t first, int64_t T, const 
   // Launches of whole waves where the budget allows: a stage-1 block scans the whole context, so
   // a launch that leaves SMs idle in its last wave (say 1.3 waves of blocks) costs as much as a
   // full one. (Before, 8192 rows at ~750K context went as 3 x 2720 + 32 rows: 7 waves for 4.)
+  SALA_ASSIGN_OR_RETURN(const PrefillScorer scorer, shape.dim == 128 ? PrefillScorerFor<128>() : PrefillScorerFor<64>());
   const int64_t budget_rows = std::max<int64_t>(
-      kPrefillScoreTokens,
-      int64_t(kScoreBudgetBytes / (size_t(shape.kv_heads) * ncap * 4)) / kPrefillScoreTokens * kPrefillScoreTokens);
-  SALA_ASSIGN_OR_RETURN(const int64_t wave_rows, shape.dim == 128 ? ScoreRowsPerWave<128>(shape.kv_heads)
-                                                                  : ScoreRowsPerWave<64>(shape.kv_heads));
+      scorer.tokens,
+      int64_t(kScoreBudgetBytes / (size_t(shape.kv_heads) * ncap * 4)) / scorer.tokens * scorer.tokens);
+  SALA_ASSIGN_OR_RETURN(const int64_t wave_rows, ScoreRowsPerWave(scorer, shape.kv_heads));
   const int64_t rows_per = budget_rows >= wave_rows ? budget_rows / wave_rows * wave_rows : budget_rows;
   SALA_RETURN_IF_ERROR(scratch.scores.Reserve(size_t(std::min(T, rows_per)) * shape.kv_heads * ncap));
   const int G = shape.heads / shape.kv_heads;
@@ -691,7 +939,7 @@ absl::Status SelectSparseBlocks(const float* q, int64_t first, int64_t T, const 
     const int64_t n = std::min(rows_per, T - s0);
     const ScoreParams sp{q + s0 * shape.heads * shape.dim, first + s0, n, cache.k1, cache.k2, nullptr, nullptr,
                          shape.heads, shape.kv_heads, G, cand, scale_log2, scratch.scores.get(), ncap, 1};
-    SALA_RETURN_IF_ERROR(shape.dim == 128 ? LaunchScores<128>(sp, stream) : LaunchScores<64>(sp, stream));
+    SALA_RETURN_IF_ERROR(LaunchPrefillScores(scorer, sp, stream));
     const TopKParams tp{scratch.scores.get(), first + s0, n, ncap, nullptr, shape.kv_heads, shape.selected_blocks, cand,
                         blocks + s0 * shape.kv_heads * shape.selected_blocks, counts + s0 * shape.kv_heads};
     SALA_RETURN_IF_ERROR(LaunchTopK(tp, stream));
@@ -718,7 +966,7 @@ absl::Status SelectSparseBlocksRows(const float* q, int rows, const SparseCacheV
                  shape.heads / shape.kv_heads, cand, kLog2e / std::sqrt(float(shape.dim)), scratch.scores.get(),
                  ncap, splits, scratch.lse.get(), 0};
   for (sp.phase = 0; sp.phase < 2; ++sp.phase)
-    SALA_RETURN_IF_ERROR(shape.dim == 128 ? LaunchScores<128>(sp, stream) : LaunchScores<64>(sp, stream));
+    SALA_RETURN_IF_ERROR(shape.dim == 128 ? LaunchDecodeScores<128>(sp, stream) : LaunchDecodeScores<64>(sp, stream));
   return LaunchTopK({scratch.scores.get(), 0, rows, ncap, positions, shape.kv_heads, shape.selected_blocks, cand,
                      blocks, counts},
                     stream);

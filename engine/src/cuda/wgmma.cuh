@@ -1,0 +1,75 @@
+// Hopper warpgroup tensor-core building blocks (sm_90a only): wgmma.mma_async with both operands
+// in shared memory, its shared-memory descriptors, and the fences around it. Callers compile these
+// only where __CUDA_ARCH_FEAT_SM90_ALL is defined and launch such kernels only on compute
+// capability 9.0 (UseWgmma); the PTX target of other GPUs never reaches them.
+//
+// Operand layout ("K-major, 128-byte swizzle"): a tile of R rows (the M or N index) by K bf16
+// values is stored as K / 64 column slabs of R rows x 64 values (128 bytes a row), slab s at
+// element s * R * 64; inside a slab the 16-byte chunk c of row r sits at chunk c ^ (r % 8). Each
+// slab must start on a 1024-byte boundary, where the swizzle pattern repeats.
+//
+// Accumulator of m64nNk16 (warp w of the warpgroup, g = lane / 4, t = lane % 4): register 4 n + c
+// holds row 16 w + g + 8 (c / 2), column 8 n + 2 t + c % 2 (the mma.sync C layout, N / 8 times).
+#pragma once
+
+#include <cstdint>
+
+#include "mma.cuh"
+
+namespace sala::cuda {
+
+// Element offset of (row, col) in a K-major, 128-byte-swizzled tile of `rows` rows.
+__host__ __device__ constexpr int Sw128Offset(int row, int col, int rows) {
+  return (col / 64) * rows * 64 + row * 64 + ((((col % 64) / 8) ^ (row % 8)) * 8) + col % 8;
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+// Descriptor of the 64 x 16 (or N x 16) operand slice whose first element is at `p`: the k step
+// kk of a tile starts at slab kk / 4, byte 32 (kk % 4) of its rows. Only the low word varies (the
+// start address in 16-byte units, and the leading offset, unused with this swizzle: 1, as the PTX
+// ISA asks), so callers keep that word and add offsets to it; the high word is
+// kSw128DescriptorHigh: 1024 bytes between groups of eight rows, 128-byte swizzle.
+constexpr uint32_t kSw128DescriptorHigh = (1024 >> 4) | (1u << 30);
+__device__ __forceinline__ uint32_t Sw128Descriptor(const void* p) {
+  return ((SmemAddress(p) & 0x3FFFF) >> 4) | (1u << 16);
+}
+
+// Orders this thread's generic-proxy writes of shared memory (plain stores, cp.async) before
+// later wgmma reads of it; a barrier must follow for other threads' writes.
+__device__ __forceinline__ void FenceProxyAsync() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+__device__ __forceinline__ void WgmmaFence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void WgmmaCommit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void WgmmaWait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// Keeps the compiler from moving accesses of accumulator registers across wgmma issue and wait,
+// which it cannot see through.
+template <int N>
+__device__ __forceinline__ void WgmmaFenceOperands(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// d (+)= A (64 x 16, descriptor a) x B (16 x 64, stored as 64 rows of k: descriptor b), given the
+// descriptors' low words; d is overwritten when accumulate is false. bf16 inputs, fp32 accumulation.
+__device__ __forceinline__ void WgmmaM64N64K16(float (&d)[32], uint32_t a, uint32_t b, bool accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\n.reg .b64 da, db;\nsetp.ne.b32 p, %34, 0;\n"
+      "mov.b64 da, {%32, %35};\nmov.b64 db, {%33, %35};\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, da, db, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a), "r"(b), "r"(int(accumulate)), "r"(kSw128DescriptorHigh));
+}
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+}  // namespace sala::cuda
