@@ -67,6 +67,22 @@ struct ScoreParams {
 
 __device__ __forceinline__ float Exp2(float x) { return exp2f(x); }
 
+// 2^x on the FMA and integer pipes, for a share of the exponentials that would otherwise queue
+// for the MUFU: x = n + f with n an integer (rounded by the 1.5 * 2^23 trick) and |f| <= 1/2,
+// 2^f by its Taylor series to f^4 (relative error < 5e-5), 2^n added to the exponent field.
+// Flushes to 0 below 2^-126, like ex2.approx.ftz.
+__device__ __forceinline__ float Exp2OnFma(float x) {
+  x = fmaxf(x, -126.0f);
+  const float t = x + 12582912.0f;
+  const float f = x - (t - 12582912.0f);
+  float q = fmaf(f, 0.0096181291f, 0.0555041087f);
+  q = fmaf(q, f, 0.2402265070f);
+  q = fmaf(q, f, 0.6931471806f);
+  q = fmaf(q, f, 1.0f);
+  const float y = __uint_as_float(__float_as_uint(q) + (__float_as_uint(t) << 23));
+  return x > -126.0f ? y : 0.0f;
+}
+
 // Stage 1's shared memory: the Q tile, later the key stages, then the per-head log-sum-exps.
 __host__ __device__ constexpr size_t ScoreSmemUnionBytes(int D, int tokens) {
   return (tokens * 16 > kKeyStages * kKeyTile ? tokens * 16 : kKeyStages * kKeyTile) * size_t(D) * sizeof(Bf16);
@@ -513,13 +529,16 @@ __global__ void __launch_bounds__(kWgThreads, 1) ScoreWgmmaKernel(ScoreParams p)
   ScanKeysWgmma<D>(stages, q_desc, p.k1, p.Hk, g, j0, j_end, (j_end - j0 + kWgKeys - 1) / kWgKeys,
                    [&](int u, int m, float(&acc)[32]) {
                      // v[2 n + c]: S of key 8 n + 2 t + c, summed over this lane's two heads.
+                     // A quarter of the exponentials go to the FMA pipe (2% faster at 1M; three
+                     // eighths were slower).
                      float v[16];
 #pragma unroll
                      for (int n = 0; n < 8; ++n)
 #pragma unroll
                        for (int c = 0; c < 2; ++c)
                          v[2 * n + c] = Exp2(fmaf(acc[4 * n + c], sc, -lse[m][0])) +
-                                        Exp2(fmaf(acc[4 * n + 2 + c], sc, -lse[m][1]));
+                                        (n % 2 == 1 ? Exp2OnFma(fmaf(acc[4 * n + 2 + c], sc, -lse[m][1]))
+                                                    : Exp2(fmaf(acc[4 * n + 2 + c], sc, -lse[m][1])));
                      // Sum over the eight lanes of a column (the other heads), halving the keys
                      // each lane keeps at each step: lane bit 4 (g & 4) keeps keys 32 .., then
                      // bit 3 keys 16 .. of those, bit 2 keys 8 ..: lane g ends with keys 8 g ...
