@@ -1,9 +1,11 @@
-// Prefill attention of the sparse layers on tensor cores (MODEL_SPEC §4), in three kernels:
+// Prefill attention of the sparse layers on tensor cores (MODEL_SPEC §4), in these kernels:
 //   ScoreKernel: stage 1. For 32 query tokens of one 64-token block (16 in decode) and one KV
 //     group, the k2 log-sum-exp of every head, then S(j) = Σ_h exp(q_h·k1_j/√d − lse_h) over the
 //     candidate blocks' k1 entries, max-pooled into block scores. Each warp keeps its two tokens'
 //     Q fragments in registers while bf16 key tiles stream through shared memory (cp.async, three
 //     deep); the MMA computes keys × heads, and a second MMA with a matrix of ones sums the heads.
+//   ScoreWgmmaKernel: stage 1 of a prefill on Hopper, the same scores from warpgroup MMAs that read
+//     Q and the key tiles from shared memory (see there).
 //   TopKKernel: the `keep` best candidate blocks of each (token, group) by a bitwise search for
 //     the keep-th largest score (ties: the lower block), plus the forced init and local blocks;
 //     lists come out in ascending order.
@@ -70,9 +72,9 @@ __device__ __forceinline__ float Exp2(float x) { return exp2f(x); }
 // 2^x on the FMA and integer pipes, for a share of the exponentials that would otherwise queue
 // for the MUFU: x = n + f with n an integer (rounded by the 1.5 * 2^23 trick) and |f| <= 1/2,
 // 2^f by its Taylor series to f^4 (relative error < 5e-5), 2^n added to the exponent field.
-// Flushes to 0 below 2^-126, like ex2.approx.ftz.
+// Flushes to 0 below 2^-126, like ex2.approx.ftz, and stops at 2^127.
 __device__ __forceinline__ float Exp2OnFma(float x) {
-  x = fmaxf(x, -126.0f);
+  x = fminf(fmaxf(x, -126.0f), 127.0f);
   const float t = x + 12582912.0f;
   const float f = x - (t - 12582912.0f);
   float q = fmaf(f, 0.0096181291f, 0.0555041087f);
@@ -405,9 +407,10 @@ __device__ __forceinline__ void ScanKeysWgmma(Bf16* stages, uint32_t q_desc, con
     WgmmaCommit();
   };
   for (int s = 0; s < kWgStages - 2; ++s) load(s);
-  // Half-step h is row tile h % 2 of key tile h / 2, in acc0 for even h and acc1 for odd h.
-  // (ptxas keeps the two MMAs in flight with the loop in this shape; other shapes of the same
-  // sequence made it serialise them.)
+  // Half-step h is row tile h % 2 of key tile h / 2, in acc0 for even h and acc1 for odd h. The
+  // loop ends at h = halves - 1, so the last `else` below never runs: it is there because ptxas
+  // keeps the two MMAs in flight only with the code in this shape (a straight epilogue, or a loop
+  // over key tiles, made it serialise them: warning C7514).
   auto issue = [&](int h, int m, float(&acc)[32]) {
     if (m == 0) next_tile(h / 2);
     mma(h / 2, m, acc);
@@ -529,8 +532,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) ScoreWgmmaKernel(ScoreParams p)
   ScanKeysWgmma<D>(stages, q_desc, p.k1, p.Hk, g, j0, j_end, (j_end - j0 + kWgKeys - 1) / kWgKeys,
                    [&](int u, int m, float(&acc)[32]) {
                      // v[2 n + c]: S of key 8 n + 2 t + c, summed over this lane's two heads.
-                     // A quarter of the exponentials go to the FMA pipe (2% faster at 1M; three
-                     // eighths were slower).
+                     // A quarter of the exponentials go to the FMA pipe, off the MUFU queue that
+                     // stalls the warps most (up to 2% at 1M; three eighths were slower).
                      float v[16];
 #pragma unroll
                      for (int n = 0; n < 8; ++n)

@@ -1,7 +1,7 @@
 // Hopper warpgroup tensor-core building blocks (sm_90a only): wgmma.mma_async with both operands
 // in shared memory, its shared-memory descriptors, and the fences around it. Callers compile these
 // only where __CUDA_ARCH_FEAT_SM90_ALL is defined and launch such kernels only on compute
-// capability 9.0 (UseWgmma); the PTX target of other GPUs never reaches them.
+// capability 9.0 (HasWgmma in cuda_common.h); the PTX target of other GPUs never reaches them.
 //
 // Operand layout ("K-major, 128-byte swizzle"): a tile of R rows (the M or N index) by K bf16
 // values is stored as K / 64 column slabs of R rows x 64 values (128 bytes a row), slab s at
