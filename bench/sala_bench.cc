@@ -11,6 +11,7 @@
 #include <fstream>
 #include <iostream>
 #include <random>
+#include <tuple>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -61,9 +62,11 @@ double GemmRate(const sala::ModelConfig& c, int rows) {
   sala::cuda::Gemm gemm;
   if (!gemm.Init().ok()) return 0;
   const int64_t d = c.hidden_size, ff = c.intermediate_size, qd = int64_t(c.num_heads) * c.head_dim;
-  const std::vector<std::pair<int64_t, int64_t>> shapes = {{d, qd}, {qd, d}, {d, ff}, {ff, d}};
+  // (in, out, bf16 output): gate/up come out in bf16, as in the engine.
+  const std::vector<std::tuple<int64_t, int64_t, bool>> shapes = {
+      {d, qd, false}, {qd, d, false}, {d, ff, true}, {ff, d, false}};
   int64_t max_in = 0, max_out = 0;
-  for (auto [in, out] : shapes) max_in = std::max(max_in, in), max_out = std::max(max_out, out);
+  for (auto [in, out, bf16_out] : shapes) max_in = std::max(max_in, in), max_out = std::max(max_out, out);
   __nv_bfloat16 *x, *w;
   float* y;
   cudaMalloc(&x, rows * max_in * 2);
@@ -73,9 +76,11 @@ double GemmRate(const sala::ModelConfig& c, int rows) {
   (void)sala::cuda::FillRandom(x, rows * max_in, 1, 1.0f, 0.0f, nullptr);
   (void)sala::cuda::FillRandom(w, max_in * max_out, 2, 0.02f, 0.0f, nullptr);
   double flops = 0, seconds = 0;
-  for (auto [in, out] : shapes) {
+  for (auto [in, out, bf16_out] : shapes) {
     flops += 2.0 * rows * in * out;
-    seconds += MedianDeviceSeconds([&] { (void)gemm.Run(x, rows, in, w, out, y, nullptr); }, /*warmup=*/3);
+    const sala::cuda::GemvWeight weight{w, out, bf16_out ? nullptr : y, false, 1.0f,
+                                        bf16_out ? reinterpret_cast<__nv_bfloat16*>(y) : nullptr};
+    seconds += MedianDeviceSeconds([&] { (void)gemm.RunLt(x, rows, in, weight, nullptr); }, /*warmup=*/3);
   }
   cudaFree(x);
   cudaFree(w);

@@ -162,6 +162,27 @@ TEST_F(GpuTest, GemmMatchesCpu) {
     float* dh = ToDevice(h);
     ASSERT_TRUE(gemm.RunAdd(Bf16ToDevice(x), rows, in, Bf16ToDevice(w), out, scale, dh, nullptr).ok());
     EXPECT_LT(testing::RelativeError(FromDevice(dh, sum.size()), sum), 1e-5) << "add, " << rows << "x" << in;
+    // bf16 output (the MLP's gate and up), by the GEMV or cuBLASLt as the rows decide.
+    auto* yb = Poisoned<__nv_bfloat16>(ref.size());
+    const cuda::GemvWeight to_bf16{Bf16ToDevice(w), out, nullptr, false, 1.0f, yb};
+    ASSERT_TRUE(gemm.RunMany(Bf16ToDevice(x), rows, in, {&to_bf16, 1}, nullptr).ok());
+    EXPECT_LT(testing::RelativeError(FromDeviceBf16(yb, ref.size()), ref), 1e-2) << "bf16 output, " << rows << " rows";
+    // A residual add cannot go into a bf16 output.
+    cuda::GemvWeight add_to_bf16 = to_bf16;
+    add_to_bf16.add = true;
+    EXPECT_FALSE(gemm.RunMany(Bf16ToDevice(x), rows, in, {&add_to_bf16, 1}, nullptr).ok());
+  }
+}
+
+// bf16 gate and up; lengths that leave a tail after the 8-wide loads.
+TEST_F(GpuTest, SwiGluMatchesCpu) {
+  for (int64_t n : {int64_t{1}, int64_t{7}, int64_t{4099}, int64_t{1} << 20}) {
+    auto g = Random(n, 61, 3.0f, true), u = Random(n, 62, 2.0f, true);
+    std::vector<float> ref(n);
+    for (int64_t i = 0; i < n; ++i) ref[i] = cpu::Silu(g[i]) * u[i];
+    auto* y = Poisoned<__nv_bfloat16>(n);
+    ASSERT_TRUE(cuda::SwiGluToBf16(Bf16ToDevice(g), Bf16ToDevice(u), n, y, nullptr).ok());
+    ExpectBf16Of(y, ref, "n " + std::to_string(n));
   }
 }
 

@@ -443,9 +443,9 @@ class CudaBackend final : public Backend {
     const int64_t qd = int64_t(config_.num_heads) * std::max(config_.head_dim, config_.sparse_head_dim());
     const int64_t kvd = int64_t(std::max(config_.num_kv_heads * config_.sparse_head_dim(), config_.lightning_nkv * config_.head_dim));
     for (auto [buf, n] : {std::pair{&h_, R * d}, {&q_, R * qd}, {&z_, R * qd}, {&o_, R * qd},
-                          {&k_, R * kvd}, {&v_, R * kvd}, {&g_, R * ff}, {&u_, R * ff}})
+                          {&k_, R * kvd}, {&v_, R * kvd}})
       SALA_RETURN_IF_ERROR(buf->Reserve(n));
-    for (auto [buf, n] : {std::pair{&xb_, R * d}, {&ob_, R * qd}, {&gb_, R * ff}})
+    for (auto [buf, n] : {std::pair{&xb_, R * d}, {&ob_, R * qd}, {&g_, R * ff}, {&u_, R * ff}, {&gb_, R * ff}})
       SALA_RETURN_IF_ERROR(buf->Reserve(n));
     return ids_.Reserve(R);
   }
@@ -573,7 +573,9 @@ class CudaBackend final : public Backend {
       LayerWeights& w = layers_[i];
       if (config_.layers[i] == LayerKind::kSparse) SALA_RETURN_IF_ERROR(SparseMixer(i, segs, R));
       else SALA_RETURN_IF_ERROR(LinearMixer(i, segs, R));
-      const cuda::GemvWeight gate_up[] = {{w.mlp_gate.get(), ff, g_.get()}, {w.mlp_up.get(), ff, u_.get()}};
+      // bf16 gate and up, as the reference model's projections give them.
+      const cuda::GemvWeight gate_up[] = {{w.mlp_gate.get(), ff, nullptr, false, 1.0f, g_.get()},
+                                          {w.mlp_up.get(), ff, nullptr, false, 1.0f, u_.get()}};
       SALA_RETURN_IF_ERROR(NormedMm(w.post_norm.get(), 1.0f, R, gate_up));
       SALA_RETURN_IF_ERROR(cuda::SwiGluToBf16(g_.get(), u_.get(), R * ff, gb_.get(), s));
       SALA_RETURN_IF_ERROR(MmAddResidual(gb_.get(), R, ff, w.mlp_down.get()));
@@ -829,8 +831,8 @@ class CudaBackend final : public Backend {
   DeviceBuffer<Bf16> embed_, final_norm_, lm_head_;
   std::vector<LayerWeights> layers_;
   DeviceBuffer<float> slopes_;
-  DeviceBuffer<float> h_, q_, k_, v_, z_, o_, g_, u_, logits_;
-  DeviceBuffer<Bf16> xb_, ob_, gb_, last_;
+  DeviceBuffer<float> h_, q_, k_, v_, z_, o_, logits_;
+  DeviceBuffer<Bf16> xb_, ob_, g_, u_, gb_, last_;
   DeviceBuffer<int> ids_;  // a prefill chunk's tokens
   DeviceBuffer<int> drawn_;
   // Set by Run: every segment is one row (a decode step), the step's tables, and where the

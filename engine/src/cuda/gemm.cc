@@ -34,8 +34,8 @@ absl::Status Gemm::Init() {
   return workspace_.Reserve(kWorkspaceBytes);
 }
 
-absl::StatusOr<Gemm::Plan*> Gemm::PlanFor(int64_t rows, int64_t in, int64_t out) {
-  auto key = std::make_tuple(rows, in, out);
+absl::StatusOr<Gemm::Plan*> Gemm::PlanFor(int64_t rows, int64_t in, int64_t out, bool bf16_out) {
+  auto key = std::make_tuple(rows, in, out, bf16_out);
   auto it = plans_.find(key);
   if (it != plans_.end()) return &it->second;
   // Column-major view: Yᵀ (out × rows) = W (in × out)ᵀ · Xᵀ (in × rows).
@@ -46,7 +46,7 @@ absl::StatusOr<Gemm::Plan*> Gemm::PlanFor(int64_t rows, int64_t in, int64_t out)
   SALA_LT(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &transb, sizeof(transb)));
   SALA_LT(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_16BF, in, out, in));
   SALA_LT(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_16BF, in, rows, in));
-  SALA_LT(cublasLtMatrixLayoutCreate(&p.c, CUDA_R_32F, out, rows, out));
+  SALA_LT(cublasLtMatrixLayoutCreate(&p.c, bf16_out ? CUDA_R_16BF : CUDA_R_32F, out, rows, out));
   cublasLtMatmulPreference_t pref;
   SALA_LT(cublasLtMatmulPreferenceCreate(&pref));
   const size_t ws = kWorkspaceBytes;
@@ -85,11 +85,14 @@ absl::Status Gemm::RunMany(const __nv_bfloat16* x, int64_t rows, int64_t in, std
 absl::Status Gemm::RunLt(const __nv_bfloat16* x, int64_t rows, int64_t in, const GemvWeight& w,
                          cudaStream_t stream) {
   if (rows == 0) return absl::OkStatus();
-  auto plan = PlanFor(rows, in, w.out);
+  const bool bf16_out = w.y_bf16 != nullptr;
+  if (bf16_out && w.add) return absl::InvalidArgumentError("a residual add needs an fp32 output");
+  auto plan = PlanFor(rows, in, w.out, bf16_out);
   if (!plan.ok()) return plan.status();
   const float alpha = w.scale, beta = w.add ? 1.0f : 0.0f;  // in place: C and D are both y
   Plan* p = *plan;
-  SALA_LT(cublasLtMatmul(handle_, p->op, &alpha, w.w, p->a, x, p->b, &beta, w.y, p->c, w.y, p->c, &p->algo,
+  void* y = bf16_out ? static_cast<void*>(w.y_bf16) : static_cast<void*>(w.y);
+  SALA_LT(cublasLtMatmul(handle_, p->op, &alpha, w.w, p->a, x, p->b, &beta, y, p->c, y, p->c, &p->algo,
                          workspace_.get(), kWorkspaceBytes, stream));
   return absl::OkStatus();
 }

@@ -1,4 +1,4 @@
-// bf16 GEMMs with fp32 accumulation and fp32 output:
+// bf16 GEMMs with fp32 accumulation and fp32 (or, per weight, bf16) output:
 // y[rows, out] = x[rows, in] · w[out, in]ᵀ (weights stored [out, in], as in the checkpoint).
 // cuBLASLt, except for a decode step's few rows, which go to the GEMV kernel (gemv.h).
 #pragma once
@@ -38,10 +38,10 @@ class Gemm {
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
     cublasLtMatmulAlgo_t algo;
   };
-  absl::StatusOr<Plan*> PlanFor(int64_t rows, int64_t in, int64_t out);
+  absl::StatusOr<Plan*> PlanFor(int64_t rows, int64_t in, int64_t out, bool bf16_out);
   cublasLtHandle_t handle_ = nullptr;
   DeviceBuffer<char> workspace_;
-  std::map<std::tuple<int64_t, int64_t, int64_t>, Plan> plans_;
+  std::map<std::tuple<int64_t, int64_t, int64_t, bool>, Plan> plans_;
 };
 
 }  // namespace sala::cuda

@@ -171,8 +171,13 @@ __global__ void __launch_bounds__(kWarps<kFormed> * 32)
       for (int c = 0; c < C; ++c) {
         const float sum = WarpSum(acc[r][c]) * wt.scale;
         if (lane == 0 && n0 + c < wt.out) {
-          float* y = wt.y + r * wt.out + n0 + c;
-          *y = wt.add ? *y + sum : sum;
+          const int64_t at = r * wt.out + n0 + c;
+          if (wt.y_bf16) {
+            wt.y_bf16[at] = __float2bfloat16(sum);
+          } else {
+            float* y = wt.y + at;
+            *y = wt.add ? *y + sum : sum;
+          }
         }
       }
   }
@@ -219,7 +224,7 @@ bool GemvApplies(int64_t rows, int64_t in, const __nv_bfloat16* x, const GemvWei
   if (rows < 1 || rows > kGemvMaxRows || in % 8 != 0 || !Aligned(x)) return false;
   if (count < 1 || count > kGemvMaxWeights) return false;
   for (int i = 0; i < count; ++i)
-    if (!Aligned(weights[i].w)) return false;
+    if (!Aligned(weights[i].w) || (weights[i].y_bf16 && weights[i].add)) return false;
   return true;
 }
 

@@ -1,5 +1,5 @@
 // A decode step's projections: y[rows, out] = x[rows, in] · w[out, in]ᵀ for a few rows (bf16
-// inputs, fp32 accumulation and output), several weights sharing one x in one launch.
+// inputs, fp32 accumulation, fp32 or bf16 output), several weights sharing one x in one launch.
 //
 // At a handful of rows a projection only streams its weights; here a warp per output column (or
 // a few) reads its weight rows with 16-byte streaming loads, eight in flight per lane. Measured
@@ -27,9 +27,10 @@ inline constexpr int kGemvMaxWeights = 4;
 struct GemvWeight {
   const __nv_bfloat16* w;  // [out, in]
   int64_t out;
-  float* y;            // [rows, out]
+  float* y;            // [rows, out], or null when y_bf16 is set
   bool add = false;    // y += scale · x·wᵀ (a residual add) instead of y = scale · x·wᵀ
   float scale = 1.0f;
+  __nv_bfloat16* y_bf16 = nullptr;  // instead of y: the result rounded to bf16 (never with add)
 };
 
 // (Pointer and count: the CUDA sources are C++17.)

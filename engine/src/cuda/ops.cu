@@ -62,28 +62,50 @@ __global__ void RmsNormKernel(const float* x, int width, const __nv_bfloat16* w,
   }
 }
 
-// One block per (row, head of q or of k); thread j handles the rotation pair (j, j + dim/2).
-// Row r is at position pos0 + r.
-__global__ void HeadNormRopeKernel(NormedHeads q, NormedHeads k, int dim, float eps, int64_t pos0, double log2_theta,
-                                   bool rope) {
-  __shared__ float scratch[32];
-  const int half = dim / 2, j = threadIdx.x;
-  const bool is_k = int(blockIdx.y) >= q.heads;
-  const NormedHeads t = is_k ? k : q;
-  const __nv_bfloat16* w = t.weight;
-  float* p = t.x + (int64_t(blockIdx.x) * t.heads + (is_k ? blockIdx.y - q.heads : blockIdx.y)) * dim;
-  float a = j < half ? p[j] : 0.0f, b = j < half ? p[j + half] : 0.0f;
-  if (w) {
-    const float inv = rsqrtf(BlockSum(a * a + b * b, scratch) / dim + eps);
-    if (j < half) {
-      a = a * inv * __bfloat162float(w[j]);
-      b = b * inv * __bfloat162float(w[j + half]);
+// One block per row, a warp per head (the q heads, then the k heads), lane l holding the
+// rotation pairs (j, j + dim/2) for j = l + 32 i. A pair's angle depends on the row and j only,
+// so each thread takes its sines and cosines once for all the row's heads.
+template <int Pairs>  // dim / 64
+__global__ void __launch_bounds__(kThreads) HeadNormRopeKernel(NormedHeads q, NormedHeads k, float eps, int64_t pos0,
+                                                               double log2_theta, bool rope) {
+  constexpr int kDim = 64 * Pairs, kHalf = 32 * Pairs;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t row = blockIdx.x;
+  float sn[Pairs], cs[Pairs];
+#pragma unroll
+  for (int i = 0; i < Pairs; ++i) {
+    sn[i] = 0.0f;
+    cs[i] = 1.0f;
+    if (rope) RopeSinCos(lane + 32 * i, kDim, pos0 + row, log2_theta, sn[i], cs[i]);
+  }
+  for (int head = warp; head < q.heads + k.heads; head += kThreads / 32) {
+    const bool is_k = head >= q.heads;
+    const int heads = is_k ? k.heads : q.heads;
+    const __nv_bfloat16* w = is_k ? k.weight : q.weight;
+    float* p = (is_k ? k.x : q.x) + (row * heads + (is_k ? head - q.heads : head)) * kDim;
+    float a[Pairs], b[Pairs];
+    float ss = 0.0f;
+#pragma unroll
+    for (int i = 0; i < Pairs; ++i) {
+      a[i] = p[lane + 32 * i];
+      b[i] = p[kHalf + lane + 32 * i];
+      ss += a[i] * a[i] + b[i] * b[i];
+    }
+    if (w) {
+      const float inv = rsqrtf(WarpSum(ss) / kDim + eps);
+#pragma unroll
+      for (int i = 0; i < Pairs; ++i) {
+        a[i] = a[i] * inv * __bfloat162float(w[lane + 32 * i]);
+        b[i] = b[i] * inv * __bfloat162float(w[kHalf + lane + 32 * i]);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < Pairs; ++i) {
+      Rotate(a[i], b[i], sn[i], cs[i]);
+      p[lane + 32 * i] = a[i];
+      p[kHalf + lane + 32 * i] = b[i];
     }
   }
-  if (j >= half) return;
-  if (rope) RotatePair(a, b, j, dim, pos0 + blockIdx.x, log2_theta);
-  p[j] = a;
-  p[j + half] = b;
 }
 
 __global__ void NormGateKernel(const float* o, const float* z, int width, const __nv_bfloat16* w, float eps,
@@ -111,9 +133,26 @@ __global__ void NormGateKernel(const float* o, const float* z, int width, const 
   }
 }
 
-__global__ void SwiGluKernel(const float* g, const float* u, int64_t n, __nv_bfloat16* y) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    y[i] = __float2bfloat16(g[i] * SigmoidF(g[i]) * u[i]);
+// Eight elements a thread through 16-byte loads, then the n % 8 left one each.
+__global__ void SwiGluKernel(const __nv_bfloat16* g, const __nv_bfloat16* u, int64_t n, __nv_bfloat16* y) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x, first = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  for (int64_t i = first; i < n / 8; i += stride) {
+    const uint4 gv = reinterpret_cast<const uint4*>(g)[i], uv = reinterpret_cast<const uint4*>(u)[i];
+    const __nv_bfloat162* g2 = reinterpret_cast<const __nv_bfloat162*>(&gv);
+    const __nv_bfloat162* u2 = reinterpret_cast<const __nv_bfloat162*>(&uv);
+    uint4 out;
+    __nv_bfloat162* o2 = reinterpret_cast<__nv_bfloat162*>(&out);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float2 gf = __bfloat1622float2(g2[k]), uf = __bfloat1622float2(u2[k]);
+      o2[k] = __floats2bfloat162_rn(gf.x * SigmoidF(gf.x) * uf.x, gf.y * SigmoidF(gf.y) * uf.y);
+    }
+    reinterpret_cast<uint4*>(y)[i] = out;
+  }
+  for (int64_t i = n / 8 * 8 + first; i < n; i += stride) {
+    const float gf = __bfloat162float(g[i]);
+    y[i] = __float2bfloat16(gf * SigmoidF(gf) * __bfloat162float(u[i]));
+  }
 }
 
 __device__ uint64_t SplitMix(uint64_t z) {
@@ -160,9 +199,13 @@ absl::Status RmsNormToBf16(const float* x, int rows, int width, const __nv_bfloa
 absl::Status HeadNormRope(NormedHeads q, NormedHeads k, int rows, int dim, float eps, int64_t pos0, double theta,
                           bool rope, cudaStream_t stream) {
   if (rows == 0 || q.heads + k.heads == 0) return absl::OkStatus();
-  if (dim % 64 != 0 || dim > 1024) return absl::InvalidArgumentError("head dim must be a multiple of 64");
-  HeadNormRopeKernel<<<dim3(rows, q.heads + k.heads), dim / 2, 0, stream>>>(q, k, dim, eps, pos0, std::log2(theta),
-                                                                            rope);
+  const double log2_theta = std::log2(theta);
+  switch (dim) {
+    case 64: HeadNormRopeKernel<1><<<rows, kThreads, 0, stream>>>(q, k, eps, pos0, log2_theta, rope); break;
+    case 128: HeadNormRopeKernel<2><<<rows, kThreads, 0, stream>>>(q, k, eps, pos0, log2_theta, rope); break;
+    case 256: HeadNormRopeKernel<4><<<rows, kThreads, 0, stream>>>(q, k, eps, pos0, log2_theta, rope); break;
+    default: return absl::InvalidArgumentError(absl::StrCat("head dim ", dim, " is not 64, 128 or 256"));
+  }
   SALA_CUDA_CHECK_LAUNCH();
   return absl::OkStatus();
 }
@@ -176,8 +219,11 @@ absl::Status NormGateToBf16(const float* o, const float* z, int rows, int width,
   return absl::OkStatus();
 }
 
-absl::Status SwiGluToBf16(const float* gate, const float* up, int64_t n, __nv_bfloat16* y, cudaStream_t stream) {
+absl::Status SwiGluToBf16(const __nv_bfloat16* gate, const __nv_bfloat16* up, int64_t n, __nv_bfloat16* y,
+                          cudaStream_t stream) {
   if (n == 0) return absl::OkStatus();
+  for (const void* p : {static_cast<const void*>(gate), static_cast<const void*>(up), static_cast<const void*>(y)})
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return absl::InvalidArgumentError("SwiGLU operands must be 16-byte aligned");
   SwiGluKernel<<<Blocks(n), kThreads, 0, stream>>>(gate, up, n, y);
   SALA_CUDA_CHECK_LAUNCH();
   return absl::OkStatus();

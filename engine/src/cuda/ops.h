@@ -24,15 +24,16 @@ struct NormedHeads {
   const __nv_bfloat16* weight;
 };
 // In place on q and k in one launch: per-head RMSNorm (where a weight is given) then NeoX RoPE
-// at pos0 + row (if rope).
+// at pos0 + row (if rope). Head dim 64, 128 or 256.
 absl::Status HeadNormRope(NormedHeads q, NormedHeads k, int rows, int dim, float eps, int64_t pos0, double theta,
                           bool rope, cudaStream_t stream);
 // The attention output: y = bf16(RMSNorm(o) * sigmoid(z)) over rows of `width`, norm and gate
 // each optional (linear layers may have both, sparse layers only the gate).
 absl::Status NormGateToBf16(const float* o, const float* z, int rows, int width, const __nv_bfloat16* norm_weight,
                             float eps, __nv_bfloat16* y, cudaStream_t stream);
-// y = bf16(silu(gate) * up)
-absl::Status SwiGluToBf16(const float* gate, const float* up, int64_t n, __nv_bfloat16* y, cudaStream_t stream);
+// y = bf16(silu(gate) * up), operands 16-byte aligned.
+absl::Status SwiGluToBf16(const __nv_bfloat16* gate, const __nv_bfloat16* up, int64_t n, __nv_bfloat16* y,
+                          cudaStream_t stream);
 
 // x[i] = bf16(mean + std * N(0, 1)), a counter-based generator: the same (seed, i) gives the same value.
 absl::Status FillRandom(__nv_bfloat16* x, int64_t n, uint64_t seed, float std, float mean, cudaStream_t stream);
