@@ -216,12 +216,12 @@ SparseChunkTimes SparseChunk(const sala::ModelConfig& c, int64_t context, int64_
       cu::CompressKeys(view, Hk, D, 0, n1, sc.kernel_size, sc.kernel_stride, k1, nullptr).ok() &&
       cu::CompressKeys(view, Hk, D, 0, n2, sc.k2_kernel(), sc.k2_stride(), k2, nullptr).ok() &&
       cu::SelectSparseBlocks(q, first, T, view, shape, blocks, counts, scratch, nullptr).ok() &&
-      cu::BlockSparseAttention(q, first, T, view, shape, blocks, counts, o, nullptr).ok() &&
+      cu::BlockSparseAttention(q, first, T, view, shape, blocks, o, scratch, nullptr).ok() &&
       cudaDeviceSynchronize() == cudaSuccess) {
     r.stage1_seconds = MedianDeviceSeconds(
         [&] { (void)cu::SelectSparseBlocks(q, first, T, view, shape, blocks, counts, scratch, nullptr); });
     r.stage2_seconds =
-        MedianDeviceSeconds([&] { (void)cu::BlockSparseAttention(q, first, T, view, shape, blocks, counts, o, nullptr); });
+        MedianDeviceSeconds([&] { (void)cu::BlockSparseAttention(q, first, T, view, shape, blocks, o, scratch, nullptr); });
     std::vector<int> n(T * Hk);
     cudaMemcpy(n.data(), counts, n.size() * 4, cudaMemcpyDeviceToHost);
     const int window = sc.window_blocks(), keep = sc.selected_blocks() - sc.init_blocks - window - 1;

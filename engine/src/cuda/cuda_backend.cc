@@ -744,8 +744,7 @@ class CudaBackend final : public Backend {
           cuda::SelectSparseBlocks(q, first, T, view, shape, sc.blocks.get(), sc.counts.get(), sc, stream_));
     }
     Section section(this, "sparse_stage2");
-    return cuda::BlockSparseAttention(q, first, T, view, shape, sparse ? sc.blocks.get() : nullptr,
-                                      sparse ? sc.counts.get() : nullptr, o, stream_);
+    return cuda::BlockSparseAttention(q, first, T, view, shape, sparse ? sc.blocks.get() : nullptr, o, sc, stream_);
   }
 
   // Adds the device time of the enclosing scope to profile_[kind] when profiling.

@@ -43,6 +43,7 @@ struct SparseScratch {
   DeviceBuffer<float> partial;  // split-K partial softmax states
   DeviceBuffer<float> scores;  // stage-1 block scores of a batch of prefill rows
   DeviceBuffer<float> lse;     // decode stage 1: the k2 splits' partial log-sum-exps
+  DeviceBuffer<float> running;  // prefill stage 2: rows' softmax max and sum between launches
   DeviceBuffer<int> blocks, counts;
 };
 
@@ -76,10 +77,11 @@ absl::Status SelectSparseBlocksRows(const float* q, int rows, const SparseCacheV
                                     int64_t max_position, const SparseShape& shape, int* blocks, int* counts,
                                     SparseScratch& scratch, cudaStream_t stream);
 
-// Stage 2 of the prefill path: softmax attention over the listed blocks, or (blocks null) over
-// every block up to each row's (dense causal attention).
+// Stage 2 of the prefill path: softmax attention over the blocks SelectSparseBlocks listed (the
+// lists' layout, not their counts, tells the init and local blocks from the chosen ones), or
+// (blocks null) over every block up to each row's (dense causal attention).
 absl::Status BlockSparseAttention(const float* q, int64_t first, int64_t T, const SparseCacheView& cache,
-                                  const SparseShape& shape, const int* blocks, const int* counts, float* o,
+                                  const SparseShape& shape, const int* blocks, float* o, SparseScratch& scratch,
                                   cudaStream_t stream);
 
 // Decode: one row for each of `rows` sequences in a single launch, fp32: row r reads caches[r]

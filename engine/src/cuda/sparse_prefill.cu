@@ -9,8 +9,11 @@
 //   TopKKernel: the `keep` best candidate blocks of each (token, group) by a bitwise search for
 //     the keep-th largest score (ties: the lower block), plus the forced init and local blocks;
 //     lists come out in ascending order.
-//   BlockAttentionKernel: stage 2. One warp per (token, group): the group's 16 heads are the MMA
-//     rows, K/V half-blocks stream through shared memory with cp.async, online softmax in registers.
+//   SharedBlocksKernel, ChosenBlocksKernel: stage 2, the group's 16 heads of a token as the MMA
+//     rows, K/V half-blocks streaming through shared memory with cp.async, online softmax in
+//     registers. The first takes the blocks that all tokens of a query block attend (init and
+//     local, or all of them for dense rows) with its warps sharing each K/V tile; the second each
+//     token's chosen blocks, in launches over ranges of blocks that fit in L2.
 // Only candidate blocks (init <= b < b_q - window) are scored: with a local window of at least one
 // block, every k1 entry they pool over is visible to every token of the query block.
 #include <algorithm>
@@ -37,8 +40,10 @@ constexpr int kKeyTile = 64;        // compressed keys per stage-1 tile: 16 bloc
 constexpr int kKeyStages = 3;       // stage-1 key tiles in flight
 constexpr int kMaxScoreSplits = 64;  // decode: thread blocks per row and KV group
 constexpr int kTopKThreads = 256;
-constexpr int kAttnWarps = 2;
-constexpr int kHalf = 32;  // keys per stage-2 pipeline step
+constexpr int kAttnWarps = 2;     // ChosenBlocksKernel: rows (warps) per thread block
+constexpr int kSharedRows = 4;    // SharedBlocksKernel: rows (warps) per thread block (two blocks an SM)
+constexpr int kSharedStages = 3;  // SharedBlocksKernel: half-blocks in flight
+constexpr int kHalf = 32;         // keys per stage-2 pipeline step
 
 struct Candidates {
   int init, window, keep;  // forced init blocks, local blocks before b_q, blocks chosen by score
@@ -678,84 +683,61 @@ struct AttnParams {
   SparseCacheView cache;  // K/V rows
   int H, Hk, G;
   float scale_log2;
-  const int* blocks;  // [T, Hk, selected], or null: every block up to the query's (dense causal)
-  const int* counts;
+  const int* blocks;  // [T, Hk, selected] as TopKKernel lays them out, or null: dense causal
   int selected;
-  float* o;  // [T, H, D]
+  Candidates cand;
+  float* o;        // [T, H, D]: the output; between launches, rows' unnormalised sums
+  float* running;  // [T, H, 2]: between launches, each (row, head)'s running max and sum
+  // ChosenBlocksKernel: this launch's blocks [block_lo, block_hi); `last` normalises the output.
+  int64_t block_lo, block_hi;
+  bool last;
 };
 
-template <int D>
-__global__ void __launch_bounds__(kAttnWarps * 32) BlockAttentionKernel(AttnParams p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, tq = lane % 4;
-  const int64_t r = int64_t(blockIdx.x) * kAttnWarps + warp;
-  if (r >= p.T) return;  // warps never synchronise with each other
-  const int g = blockIdx.y;
-  Bf16* stage_base = reinterpret_cast<Bf16*>(smem_raw) + warp * 2 * 2 * kHalf * D;  // [2][K | V][kHalf, D]
-  const int64_t pos = p.first + r, bq = pos / kBlock;
-  const int* list = p.blocks ? p.blocks + (r * p.Hk + g) * p.selected : nullptr;
-  const int nblocks = p.blocks ? p.counts[r * p.Hk + g] : int(bq + 1);
+// Whether a row attends blocks of its own choice beyond the blocks that every row of its query
+// block attends (the init and local blocks): only sparse rows past the point where the
+// candidates outnumber the blocks to keep.
+__device__ __forceinline__ bool HasChosenBlocks(const AttnParams& p, int64_t bq) {
+  return p.blocks != nullptr && p.cand.Count(bq) > p.cand.keep;
+}
 
-  // Q as A fragments: rows = the group's heads (zero beyond G), bf16.
-  uint32_t qa[D / 16][4];
-  const float* qrow = p.q + (r * p.H + int64_t(g) * p.G) * D;
+// The group's heads of one row as A fragments: rows = heads (zero beyond G), bf16.
+template <int D>
+__device__ __forceinline__ void LoadQueryFragments(const float* qrow, int G, uint32_t (&qa)[D / 16][4]) {
+  const int lane = threadIdx.x % 32, gq = lane / 4, tq = lane % 4;
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk)
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int h = gq + 8 * (i % 2), col = kk * 16 + 2 * tq + 8 * (i / 2);
       float2 x{0.0f, 0.0f};
-      if (h < p.G) x = *reinterpret_cast<const float2*>(qrow + int64_t(h) * D + col);
+      if (h < G) x = *reinterpret_cast<const float2*>(qrow + int64_t(h) * D + col);
       qa[kk][i] = PackBf16(x.x, x.y);
     }
+}
 
-  // Pipeline steps: half-blocks that hold at least one key <= pos.
-  auto step_key0 = [&](int s) -> int64_t {
-    const int64_t b = list ? list[s / 2] : s / 2;
-    return b * kBlock + (s % 2) * kHalf;
-  };
-  const int steps = 2 * nblocks;
-  auto issue = [&](int s, int stage) {
-    const int64_t key0 = step_key0(s);
-    Bf16* ks = stage_base + stage * 2 * kHalf * D;
-    Bf16* vs = ks + kHalf * D;
-    const int64_t half_at = KvRowOffset(p.cache, key0, p.Hk * D) + g * D;  // a block is whole in one page
-    for (int c = lane; c < kHalf * D / 8; c += 32) {
-      const int row = c / (D / 8), cc = c % (D / 8);
-      const bool valid = key0 + row <= pos;
-      const int64_t at = half_at + int64_t(valid ? row : 0) * p.Hk * D + cc * 8;
-      CpAsync16(ks + Swizzled<D>(row, cc * 8), p.cache.k + at, valid);
-      CpAsync16(vs + Swizzled<D>(row, cc * 8), p.cache.v + at, valid);
-    }
-    CpAsyncCommit();
-  };
-  auto next_step = [&](int s) {  // the first step from s on with a visible key, or steps
-    while (s < steps && step_key0(s) > pos) ++s;
-    return s;
-  };
+// A warp's online-softmax state for its 16 head rows: lane (g, t) holds rows g and g + 8,
+// columns n * 8 + 2t, +1 of the output, and its own keys' share of each row's sum.
+template <int D>
+struct SoftmaxState {
+  float o[D / 8][4];
+  float m[2], l[2];
 
-  float oacc[D / 8][4];
+  __device__ __forceinline__ void Clear() {
 #pragma unroll
-  for (int n = 0; n < D / 8; ++n)
+    for (int n = 0; n < D / 8; ++n)
 #pragma unroll
-    for (int c = 0; c < 4; ++c) oacc[n][c] = 0.0f;
-  float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.0f, 0.0f};
+      for (int c = 0; c < 4; ++c) o[n][c] = 0.0f;
+    m[0] = m[1] = -INFINITY;
+    l[0] = l[1] = 0.0f;
+  }
 
-  int cur = next_step(0), stage = 0;
-  if (cur < steps) issue(cur, 0);
-  while (cur < steps) {
-    const int nxt = next_step(cur + 1);
-    if (nxt < steps) {
-      issue(nxt, stage ^ 1);
-      CpAsyncWait<1>();
-    } else {
-      CpAsyncWait<0>();
-    }
-    __syncwarp();
-    const Bf16* ks = stage_base + stage * 2 * kHalf * D;
-    const Bf16* vs = ks + kHalf * D;
-    const int64_t key0 = step_key0(cur);
-
+  // One 32-key step: scores of the rows against the K tile ks, then O += P V from vs (both
+  // [kHalf, D] swizzled). With kCausal, keys after `pos` are masked; the step must hold a key
+  // at or before pos.
+  template <bool kCausal>
+  __device__ __forceinline__ void Attend(const uint32_t (&qa)[D / 16][4], const Bf16* ks, const Bf16* vs,
+                                         int64_t key0, int64_t pos, float scale_log2) {
+    const int lane = threadIdx.x % 32, tq = lane % 4;
     float s[4][4];  // scores: heads x 32 keys
 #pragma unroll
     for (int n = 0; n < 4; ++n)
@@ -775,8 +757,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32) BlockAttentionKernel(AttnPara
     for (int n = 0; n < 4; ++n)
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        const int64_t key = key0 + n * 8 + 2 * tq + (c % 2);
-        s[n][c] = key <= pos ? s[n][c] * p.scale_log2 : -INFINITY;
+        s[n][c] *= scale_log2;
+        if (kCausal && key0 + n * 8 + 2 * tq + (c % 2) > pos) s[n][c] = -INFINITY;
         mx[c / 2] = fmaxf(mx[c / 2], s[n][c]);
       }
     float corr[2];
@@ -784,21 +766,25 @@ __global__ void __launch_bounds__(kAttnWarps * 32) BlockAttentionKernel(AttnPara
     for (int h = 0; h < 2; ++h) {
       mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 1));
       mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 2));
-      const float mn = fmaxf(mrow[h], mx[h]);  // finite: every step has a visible key
-      corr[h] = Exp2(mrow[h] - mn);
-      mrow[h] = mn;
-      lrow[h] *= corr[h];
+      const float mn = fmaxf(m[h], mx[h]);  // finite: the step has a visible key
+      corr[h] = Exp2(m[h] - mn);
+      m[h] = mn;
+      l[h] *= corr[h];
     }
+    // Once a row's max has settled, most steps leave it alone: skip the rescale (a quarter of a
+    // step's instructions) when no row of the warp moved.
+    if (__any_sync(0xffffffff, corr[0] != 1.0f || corr[1] != 1.0f)) {
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n)
+      for (int n = 0; n < D / 8; ++n)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) oacc[n][c] *= corr[c / 2];
+        for (int c = 0; c < 4; ++c) o[n][c] *= corr[c / 2];
+    }
 #pragma unroll
     for (int n = 0; n < 4; ++n)
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        s[n][c] = Exp2(s[n][c] - mrow[c / 2]);
-        lrow[c / 2] += s[n][c];
+        s[n][c] = Exp2(s[n][c] - m[c / 2]);
+        l[c / 2] += s[n][c];
       }
 #pragma unroll
     for (int ks16 = 0; ks16 < 2; ++ks16) {
@@ -809,29 +795,187 @@ __global__ void __launch_bounds__(kAttnWarps * 32) BlockAttentionKernel(AttnPara
       for (int dp = 0; dp < D / 16; ++dp) {
         uint32_t vb[4];
         LdMatrixX4Trans(vb, vs + Swizzled<D>(ks16 * 16 + (lane % 8) + 8 * ((lane / 8) % 2), dp * 16 + 8 * (lane / 16)));
-        MmaBf16(oacc[2 * dp], pa, vb[0], vb[1]);
-        MmaBf16(oacc[2 * dp + 1], pa, vb[2], vb[3]);
+        MmaBf16(o[2 * dp], pa, vb[0], vb[1]);
+        MmaBf16(o[2 * dp + 1], pa, vb[2], vb[3]);
       }
     }
-    __syncwarp();  // this stage is refilled two steps later
-    cur = nxt;
-    stage ^= 1;
   }
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    lrow[h] += __shfl_xor_sync(0xffffffff, lrow[h], 1);
-    lrow[h] += __shfl_xor_sync(0xffffffff, lrow[h], 2);
-  }
-  float* orow = p.o + (r * p.H + int64_t(g) * p.G) * D;
-#pragma unroll
-  for (int n = 0; n < D / 8; ++n)
+
+  // The state a launch left for this row (o: its G head rows; running: their max and sum).
+  __device__ __forceinline__ void Load(const float* orow, const float* running, int G) {
+    const int lane = threadIdx.x % 32, gq = lane / 4, tq = lane % 4;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int head = gq + 8 * h;
-      if (head < p.G)
-        *reinterpret_cast<float2*>(orow + int64_t(head) * D + n * 8 + 2 * tq) =
-            float2{oacc[n][2 * h] / lrow[h], oacc[n][2 * h + 1] / lrow[h]};
+      m[h] = head < G ? running[2 * head] : -INFINITY;
+      l[h] = head < G && tq == 0 ? running[2 * head + 1] : 0.0f;  // one lane holds the carried sum
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        float2 x{0.0f, 0.0f};
+        if (head < G) x = *reinterpret_cast<const float2*>(orow + int64_t(head) * D + n * 8 + 2 * tq);
+        o[n][2 * h] = x.x;
+        o[n][2 * h + 1] = x.y;
+      }
     }
+  }
+
+  // Writes the rows: normalised (`last`), or the unnormalised sums with each row's max and sum
+  // into `running` for a later launch.
+  __device__ __forceinline__ void Store(float* orow, float* running, int G, bool last) {
+    const int lane = threadIdx.x % 32, gq = lane / 4, tq = lane % 4;
+    float total[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      total[h] = l[h] + __shfl_xor_sync(0xffffffff, l[h], 1);
+      total[h] += __shfl_xor_sync(0xffffffff, total[h], 2);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int head = gq + 8 * h;
+      if (head >= G) continue;
+      const float scale = last ? 1.0f / total[h] : 1.0f;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n)
+        *reinterpret_cast<float2*>(orow + int64_t(head) * D + n * 8 + 2 * tq) =
+            float2{o[n][2 * h] * scale, o[n][2 * h + 1] * scale};
+      if (!last && tq == 0) {
+        running[2 * head] = m[h];
+        running[2 * head + 1] = total[h];
+      }
+    }
+  }
+};
+
+// Issues one K/V half-block (keys key0 .. key0 + kHalf - 1 of group g, those after `last_key`
+// as zeros) into ks / vs with cp.async, threads `part` of `parts` each taking a share.
+template <int D>
+__device__ __forceinline__ void IssueHalfBlock(const AttnParams& p, int g, int64_t key0, int64_t last_key, Bf16* ks,
+                                               Bf16* vs, int part, int parts) {
+  const int64_t half_at = KvRowOffset(p.cache, key0, p.Hk * D) + g * D;  // a block is whole in one page
+  for (int c = part; c < kHalf * D / 8; c += parts) {
+    const int row = c / (D / 8), cc = c % (D / 8);
+    const bool valid = key0 + row <= last_key;
+    const int64_t at = half_at + int64_t(valid ? row : 0) * p.Hk * D + cc * 8;
+    CpAsync16(ks + Swizzled<D>(row, cc * 8), p.cache.k + at, valid);
+    CpAsync16(vs + Swizzled<D>(row, cc * 8), p.cache.v + at, valid);
+  }
+  CpAsyncCommit();
+}
+
+// The blocks every row of a query block attends: the init and local blocks for rows with
+// blocks of their own choice, else (dense rows, and sparse rows with fewer candidates than
+// blocks to keep) every block up to the query's. A thread block takes kSharedRows consecutive
+// positions (a warp each, all in one query block) of one KV group, and its warps share each K/V
+// half-block in shared memory: the local window is read once per kSharedRows rows instead of
+// once per row. Rows with chosen blocks leave their state for ChosenBlocksKernel, the rest their
+// output.
+template <int D>
+__global__ void __launch_bounds__(kSharedRows * 32) SharedBlocksKernel(AttnParams p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Bf16* stages = reinterpret_cast<Bf16*>(smem_raw);  // [kSharedStages][K | V][kHalf, D]
+  const int warp = threadIdx.x / 32, g = blockIdx.y;
+  const int64_t pos0 = (p.first / kSharedRows + blockIdx.x) * kSharedRows;  // an aligned group of positions
+  const int64_t pos = pos0 + warp, r = pos - p.first, bq = pos0 / kBlock;
+  const bool active = pos >= p.first && r < p.T;
+  const int64_t last_pos = min(pos0 + kSharedRows, p.first + p.T) - 1;  // the block's last row
+  const bool chosen = HasChosenBlocks(p, bq);
+  // Half-block steps: the init blocks, then from block `local0` on up to b_q.
+  const int init = chosen ? p.cand.init : 0;
+  const int64_t local0 = chosen ? bq - p.cand.window : init;
+  const int64_t steps = 2 * (init + bq - local0 + 1);
+  auto step_key0 = [&](int64_t s) {
+    const int64_t b = s / 2 < init ? s / 2 : local0 + (s / 2 - init);
+    return b * kBlock + (s % 2) * kHalf;
+  };
+  // The last half-block holds no key of this thread block when last_pos is in the first half.
+  const int64_t used = step_key0(steps - 1) > last_pos ? steps - 1 : steps;
+
+  uint32_t qa[D / 16][4];
+  if (active) LoadQueryFragments<D>(p.q + (r * p.H + int64_t(g) * p.G) * D, p.G, qa);
+  SoftmaxState<D> st;
+  st.Clear();
+  auto issue = [&](int64_t s) {
+    Bf16* ks = stages + (s % kSharedStages) * 2 * kHalf * D;
+    IssueHalfBlock<D>(p, g, step_key0(s), last_pos, ks, ks + kHalf * D, threadIdx.x, kSharedRows * 32);
+  };
+  for (int64_t s = 0; s < kSharedStages - 1; ++s)
+    if (s < used) issue(s);
+    else CpAsyncCommit();  // empty groups keep the wait count uniform
+  for (int64_t s = 0; s < used; ++s) {
+    CpAsyncWait<kSharedStages - 2>();
+    __syncthreads();  // step s is in for every thread, and step s - 1's buffer is free
+    if (s + kSharedStages - 1 < used) issue(s + kSharedStages - 1);
+    else CpAsyncCommit();
+    const int64_t key0 = step_key0(s);
+    if (active && key0 <= pos) {
+      const Bf16* ks = stages + (s % kSharedStages) * 2 * kHalf * D;
+      if (key0 + kHalf - 1 > pos) st.template Attend<true>(qa, ks, ks + kHalf * D, key0, pos, p.scale_log2);
+      else st.template Attend<false>(qa, ks, ks + kHalf * D, key0, pos, p.scale_log2);
+    }
+  }
+  if (active) {
+    const int64_t at = r * p.H + int64_t(g) * p.G;
+    st.Store(p.o + at * D, p.running + at * 2, p.G, /*last=*/!chosen);
+  }
+}
+
+// The blocks a sparse row chose (its list's entries after the init blocks, before the local
+// ones), those in [block_lo, block_hi): one warp per (row, group), continuing the state that
+// SharedBlocksKernel or the previous launch left. Chosen blocks lie wholly before the query,
+// so no key is masked. Each warp streams its K/V half-blocks through its own two buffers.
+//
+// The chosen blocks of different rows seldom coincide, so their K/V comes from L2 or memory
+// once per row. Launches over ranges of blocks whose K/V fits in L2 keep a long context's
+// reads in L2; each launch then reads and writes the state once more.
+template <int D>
+__global__ void __launch_bounds__(kAttnWarps * 32) ChosenBlocksKernel(AttnParams p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t r = int64_t(blockIdx.x) * kAttnWarps + warp;
+  if (r >= p.T) return;  // warps never synchronise with each other
+  const int g = blockIdx.y;
+  const int64_t pos = p.first + r;
+  if (!HasChosenBlocks(p, pos / kBlock)) return;
+  Bf16* stage_base = reinterpret_cast<Bf16*>(smem_raw) + warp * 2 * 2 * kHalf * D;  // [2][K | V][kHalf, D]
+  const int* list = p.blocks + (r * p.Hk + g) * p.selected + p.cand.init;
+  // This launch's entries: [first_entry, end_entry) of the ascending list.
+  int first_entry = 0, end_entry = 0;
+  for (int e0 = 0; e0 < p.cand.keep; e0 += 32) {
+    const int b = e0 + lane < p.cand.keep ? list[e0 + lane] : INT_MAX;
+    first_entry += __popc(__ballot_sync(0xffffffff, b < p.block_lo));
+    end_entry += __popc(__ballot_sync(0xffffffff, b < p.block_hi));
+  }
+  const int64_t at = r * p.H + int64_t(g) * p.G;
+  float* orow = p.o + at * D;
+  float* running = p.running + at * 2;
+  if (first_entry == end_entry && !p.last) return;  // nothing to add in this range
+
+  uint32_t qa[D / 16][4];
+  LoadQueryFragments<D>(p.q + at * D, p.G, qa);
+  SoftmaxState<D> st;
+  st.Load(orow, running, p.G);
+  const int steps = 2 * (end_entry - first_entry);
+  auto step_key0 = [&](int s) {
+    return int64_t(list[first_entry + s / 2]) * kBlock + (s % 2) * kHalf;
+  };
+  auto issue = [&](int s, int stage) {
+    Bf16* ks = stage_base + stage * 2 * kHalf * D;
+    IssueHalfBlock<D>(p, g, step_key0(s), pos, ks, ks + kHalf * D, lane, 32);
+  };
+  if (steps > 0) issue(0, 0);
+  for (int s = 0; s < steps; ++s) {
+    if (s + 1 < steps) {
+      issue(s + 1, (s + 1) % 2);
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
+    __syncwarp();
+    const Bf16* ks = stage_base + (s % 2) * 2 * kHalf * D;
+    st.template Attend<false>(qa, ks, ks + kHalf * D, step_key0(s), pos, p.scale_log2);
+    __syncwarp();  // this stage is refilled two steps later
+  }
+  st.Store(orow, running, p.G, p.last);
 }
 
 static_assert(kKvPageTokens % kBlock == 0, "a sparse block must not straddle KV pages");
@@ -913,13 +1057,38 @@ absl::Status LaunchTopK(const TopKParams& p, cudaStream_t stream) {
   return absl::OkStatus();
 }
 
+// Blocks per ChosenBlocksKernel launch: a KV group's K/V of that many blocks fills half of L2
+// (the rest holds the rows' state and lists passing through). A launch's thread blocks run
+// through one group's rows, then the other's.
+absl::StatusOr<int64_t> ChosenRangeBlocks(int dim) {
+  int device = 0, l2_bytes = 0;
+  SALA_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  SALA_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device));
+  return std::max<int64_t>(1, int64_t(l2_bytes) / 2 / (2 * kBlock * dim * int64_t(sizeof(Bf16))));
+}
+
 template <int D>
-absl::Status LaunchAttention(const AttnParams& p, cudaStream_t stream) {
+absl::Status LaunchAttention(AttnParams p, cudaStream_t stream) {
+  const size_t shared_smem = size_t(kSharedStages) * 2 * kHalf * D * sizeof(Bf16);
+  SALA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(SharedBlocksKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 int(shared_smem)));
+  const int64_t groups = (p.first + p.T - 1) / kSharedRows - p.first / kSharedRows + 1;
+  SharedBlocksKernel<D><<<dim3(unsigned(groups), p.Hk), kSharedRows * 32, shared_smem, stream>>>(p);
+  SALA_CUDA_CHECK_LAUNCH();
+  if (p.blocks == nullptr) return absl::OkStatus();
+  // Chosen blocks lie before b_q - window for the chunk's last query block.
+  const int64_t end_block = std::max<int64_t>(1, (p.first + p.T - 1) / kBlock - p.cand.window);
+  SALA_ASSIGN_OR_RETURN(const int64_t range, ChosenRangeBlocks(D));
   const size_t smem = size_t(kAttnWarps) * 2 * 2 * kHalf * D * sizeof(Bf16);
   SALA_CUDA_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(BlockAttentionKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  BlockAttentionKernel<D><<<dim3(unsigned((p.T + kAttnWarps - 1) / kAttnWarps), p.Hk), kAttnWarps * 32, smem, stream>>>(p);
-  SALA_CUDA_CHECK_LAUNCH();
+      cudaFuncSetAttribute(ChosenBlocksKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  for (int64_t lo = 0; lo < end_block; lo += range) {
+    p.block_lo = lo;
+    p.block_hi = lo + range;
+    p.last = lo + range >= end_block;
+    ChosenBlocksKernel<D><<<dim3(unsigned((p.T + kAttnWarps - 1) / kAttnWarps), p.Hk), kAttnWarps * 32, smem, stream>>>(p);
+    SALA_CUDA_CHECK_LAUNCH();
+  }
   return absl::OkStatus();
 }
 
@@ -995,12 +1164,14 @@ absl::Status SelectSparseBlocksRows(const float* q, int rows, const SparseCacheV
 }
 
 absl::Status BlockSparseAttention(const float* q, int64_t first, int64_t T, const SparseCacheView& cache,
-                                  const SparseShape& shape, const int* blocks, const int* counts, float* o,
+                                  const SparseShape& shape, const int* blocks, float* o, SparseScratch& scratch,
                                   cudaStream_t stream) {
   SALA_RETURN_IF_ERROR(CheckShape(shape));
   if (T == 0) return absl::OkStatus();
-  const AttnParams p{q, first, T, cache, shape.heads, shape.kv_heads, shape.heads / shape.kv_heads,
-                     kLog2e / std::sqrt(float(shape.dim)), blocks, counts, shape.selected_blocks, o};
+  if (blocks) SALA_RETURN_IF_ERROR(scratch.running.Reserve(size_t(T) * shape.heads * 2));
+  AttnParams p{q, first, T, cache, shape.heads, shape.kv_heads, shape.heads / shape.kv_heads,
+               kLog2e / std::sqrt(float(shape.dim)), blocks, shape.selected_blocks, MakeCandidates(shape), o,
+               blocks ? scratch.running.get() : nullptr, 0, 0, true};
   return shape.dim == 128 ? LaunchAttention<128>(p, stream) : LaunchAttention<64>(p, stream);
 }
 
