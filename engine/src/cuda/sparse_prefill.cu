@@ -10,7 +10,7 @@
 //     the keep-th largest score (ties: the lower block), plus the forced init and local blocks;
 //     lists come out in ascending order.
 //   SharedBlocksKernel, ChosenBlocksKernel: stage 2, the group's 16 heads of a token as the MMA
-//     rows, K/V half-blocks streaming through shared memory with cp.async, online softmax in
+//     rows, K/V tiles streaming through shared memory with cp.async, online softmax in
 //     registers. The first takes the blocks that all tokens of a query block attend (init and
 //     local, or all of them for dense rows) with its warps sharing each K/V tile; the second each
 //     token's chosen blocks, in launches over ranges of blocks that fit in L2.
@@ -40,10 +40,14 @@ constexpr int kKeyTile = 64;        // compressed keys per stage-1 tile: 16 bloc
 constexpr int kKeyStages = 3;       // stage-1 key tiles in flight
 constexpr int kMaxScoreSplits = 64;  // decode: thread blocks per row and KV group
 constexpr int kTopKThreads = 256;
+// Stage 2, measured on an H100 (sala-bench --sparse_contexts): shared blocks in 64-key steps
+// took 1.30 ms a chunk against 1.48 in 32-key steps; chosen blocks in 16-key steps (small
+// buffers, 12 warps an SM) 2% less than in 32-key steps at 1M.
 constexpr int kAttnWarps = 2;     // ChosenBlocksKernel: rows (warps) per thread block
-constexpr int kSharedRows = 4;    // SharedBlocksKernel: rows (warps) per thread block (two blocks an SM)
-constexpr int kSharedStages = 3;  // SharedBlocksKernel: half-blocks in flight
-constexpr int kHalf = 32;         // keys per stage-2 pipeline step
+constexpr int kChosenKeys = 16;   // ChosenBlocksKernel: keys per step
+constexpr int kSharedRows = 4;    // SharedBlocksKernel: rows (warps) per thread block
+constexpr int kSharedStages = 3;  // SharedBlocksKernel: steps in flight
+constexpr int kSharedKeys = 64;   // SharedBlocksKernel: keys per step
 
 struct Candidates {
   int init, window, keep;  // forced init blocks, local blocks before b_q, blocks chosen by score
@@ -731,22 +735,22 @@ struct SoftmaxState {
     l[0] = l[1] = 0.0f;
   }
 
-  // One 32-key step: scores of the rows against the K tile ks, then O += P V from vs (both
-  // [kHalf, D] swizzled). With kCausal, keys after `pos` are masked; the step must hold a key
-  // at or before pos.
-  template <bool kCausal>
+  // One step of Keys keys: scores of the rows against the K tile ks, then O += P V from vs (both
+  // [Keys, D] swizzled). With kCausal, keys after `pos` are masked; the step must hold a key at
+  // or before pos.
+  template <bool kCausal, int Keys>
   __device__ __forceinline__ void Attend(const uint32_t (&qa)[D / 16][4], const Bf16* ks, const Bf16* vs,
                                          int64_t key0, int64_t pos, float scale_log2) {
     const int lane = threadIdx.x % 32, tq = lane % 4;
-    float s[4][4];  // scores: heads x 32 keys
+    float s[Keys / 8][4];  // scores: heads x keys
 #pragma unroll
-    for (int n = 0; n < 4; ++n)
+    for (int n = 0; n < Keys / 8; ++n)
 #pragma unroll
       for (int c = 0; c < 4; ++c) s[n][c] = 0.0f;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk)
 #pragma unroll
-      for (int np = 0; np < 2; ++np) {
+      for (int np = 0; np < Keys / 16; ++np) {
         uint32_t kb[4];
         LdMatrixX4(kb, ks + Swizzled<D>(np * 16 + (lane % 8) + 8 * (lane / 16), kk * 16 + 8 * ((lane / 8) % 2)));
         MmaBf16(s[2 * np], qa[kk], kb[0], kb[1]);
@@ -754,7 +758,7 @@ struct SoftmaxState {
       }
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int n = 0; n < 4; ++n)
+    for (int n = 0; n < Keys / 8; ++n)
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         s[n][c] *= scale_log2;
@@ -780,14 +784,14 @@ struct SoftmaxState {
         for (int c = 0; c < 4; ++c) o[n][c] *= corr[c / 2];
     }
 #pragma unroll
-    for (int n = 0; n < 4; ++n)
+    for (int n = 0; n < Keys / 8; ++n)
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         s[n][c] = Exp2(s[n][c] - m[c / 2]);
         l[c / 2] += s[n][c];
       }
 #pragma unroll
-    for (int ks16 = 0; ks16 < 2; ++ks16) {
+    for (int ks16 = 0; ks16 < Keys / 16; ++ks16) {
       const uint32_t pa[4] = {PackBf16(s[2 * ks16][0], s[2 * ks16][1]), PackBf16(s[2 * ks16][2], s[2 * ks16][3]),
                               PackBf16(s[2 * ks16 + 1][0], s[2 * ks16 + 1][1]),
                               PackBf16(s[2 * ks16 + 1][2], s[2 * ks16 + 1][3])};
@@ -846,13 +850,13 @@ struct SoftmaxState {
   }
 };
 
-// Issues one K/V half-block (keys key0 .. key0 + kHalf - 1 of group g, those after `last_key`
-// as zeros) into ks / vs with cp.async, threads `part` of `parts` each taking a share.
-template <int D>
-__device__ __forceinline__ void IssueHalfBlock(const AttnParams& p, int g, int64_t key0, int64_t last_key, Bf16* ks,
+// Issues the K/V of keys key0 .. key0 + Keys - 1 of group g (those after `last_key` as zeros)
+// into ks / vs with cp.async, threads `part` of `parts` each taking a share.
+template <int D, int Keys>
+__device__ __forceinline__ void IssueKeys(const AttnParams& p, int g, int64_t key0, int64_t last_key, Bf16* ks,
                                                Bf16* vs, int part, int parts) {
   const int64_t half_at = KvRowOffset(p.cache, key0, p.Hk * D) + g * D;  // a block is whole in one page
-  for (int c = part; c < kHalf * D / 8; c += parts) {
+  for (int c = part; c < Keys * D / 8; c += parts) {
     const int row = c / (D / 8), cc = c % (D / 8);
     const bool valid = key0 + row <= last_key;
     const int64_t at = half_at + int64_t(valid ? row : 0) * p.Hk * D + cc * 8;
@@ -866,13 +870,14 @@ __device__ __forceinline__ void IssueHalfBlock(const AttnParams& p, int g, int64
 // blocks of their own choice, else (dense rows, and sparse rows with fewer candidates than
 // blocks to keep) every block up to the query's. A thread block takes kSharedRows consecutive
 // positions (a warp each, all in one query block) of one KV group, and its warps share each K/V
-// half-block in shared memory: the local window is read once per kSharedRows rows instead of
+// tile in shared memory: the local window is read once per kSharedRows rows instead of
 // once per row. Rows with chosen blocks leave their state for ChosenBlocksKernel, the rest their
 // output.
 template <int D>
 __global__ void __launch_bounds__(kSharedRows * 32) SharedBlocksKernel(AttnParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  Bf16* stages = reinterpret_cast<Bf16*>(smem_raw);  // [kSharedStages][K | V][kHalf, D]
+  Bf16* stages = reinterpret_cast<Bf16*>(smem_raw);  // [kSharedStages][K | V][kSharedKeys, D]
+  constexpr int kPerBlock = kBlock / kSharedKeys;
   const int warp = threadIdx.x / 32, g = blockIdx.y;
   const int64_t pos0 = (p.first / kSharedRows + blockIdx.x) * kSharedRows;  // an aligned group of positions
   const int64_t pos = pos0 + warp, r = pos - p.first, bq = pos0 / kBlock;
@@ -882,12 +887,12 @@ __global__ void __launch_bounds__(kSharedRows * 32) SharedBlocksKernel(AttnParam
   // Half-block steps: the init blocks, then from block `local0` on up to b_q.
   const int init = chosen ? p.cand.init : 0;
   const int64_t local0 = chosen ? bq - p.cand.window : init;
-  const int64_t steps = 2 * (init + bq - local0 + 1);
+  const int64_t steps = kPerBlock * (init + bq - local0 + 1);
   auto step_key0 = [&](int64_t s) {
-    const int64_t b = s / 2 < init ? s / 2 : local0 + (s / 2 - init);
-    return b * kBlock + (s % 2) * kHalf;
+    const int64_t b = s / kPerBlock < init ? s / kPerBlock : local0 + (s / kPerBlock - init);
+    return b * kBlock + (s % kPerBlock) * kSharedKeys;
   };
-  // The last half-block holds no key of this thread block when last_pos is in the first half.
+  // The last step holds no key of this thread block when last_pos is in the block's first half.
   const int64_t used = step_key0(steps - 1) > last_pos ? steps - 1 : steps;
 
   uint32_t qa[D / 16][4];
@@ -895,8 +900,8 @@ __global__ void __launch_bounds__(kSharedRows * 32) SharedBlocksKernel(AttnParam
   SoftmaxState<D> st;
   st.Clear();
   auto issue = [&](int64_t s) {
-    Bf16* ks = stages + (s % kSharedStages) * 2 * kHalf * D;
-    IssueHalfBlock<D>(p, g, step_key0(s), last_pos, ks, ks + kHalf * D, threadIdx.x, kSharedRows * 32);
+    Bf16* ks = stages + (s % kSharedStages) * 2 * kSharedKeys * D;
+    IssueKeys<D, kSharedKeys>(p, g, step_key0(s), last_pos, ks, ks + kSharedKeys * D, threadIdx.x, kSharedRows * 32);
   };
   for (int64_t s = 0; s < kSharedStages - 1; ++s)
     if (s < used) issue(s);
@@ -908,9 +913,11 @@ __global__ void __launch_bounds__(kSharedRows * 32) SharedBlocksKernel(AttnParam
     else CpAsyncCommit();
     const int64_t key0 = step_key0(s);
     if (active && key0 <= pos) {
-      const Bf16* ks = stages + (s % kSharedStages) * 2 * kHalf * D;
-      if (key0 + kHalf - 1 > pos) st.template Attend<true>(qa, ks, ks + kHalf * D, key0, pos, p.scale_log2);
-      else st.template Attend<false>(qa, ks, ks + kHalf * D, key0, pos, p.scale_log2);
+      const Bf16* ks = stages + (s % kSharedStages) * 2 * kSharedKeys * D;
+      if (key0 + kSharedKeys - 1 > pos)
+        st.template Attend<true, kSharedKeys>(qa, ks, ks + kSharedKeys * D, key0, pos, p.scale_log2);
+      else
+        st.template Attend<false, kSharedKeys>(qa, ks, ks + kSharedKeys * D, key0, pos, p.scale_log2);
     }
   }
   if (active) {
@@ -922,7 +929,7 @@ __global__ void __launch_bounds__(kSharedRows * 32) SharedBlocksKernel(AttnParam
 // The blocks a sparse row chose (its list's entries after the init blocks, before the local
 // ones), those in [block_lo, block_hi): one warp per (row, group), continuing the state that
 // SharedBlocksKernel or the previous launch left. Chosen blocks lie wholly before the query,
-// so no key is masked. Each warp streams its K/V half-blocks through its own two buffers.
+// so no key is masked. Each warp streams its K/V tiles through its own two buffers.
 //
 // The chosen blocks of different rows seldom coincide, so their K/V comes from L2 or memory
 // once per row. Launches over ranges of blocks whose K/V fits in L2 keep a long context's
@@ -936,7 +943,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) ChosenBlocksKernel(AttnParams
   const int g = blockIdx.y;
   const int64_t pos = p.first + r;
   if (!HasChosenBlocks(p, pos / kBlock)) return;
-  Bf16* stage_base = reinterpret_cast<Bf16*>(smem_raw) + warp * 2 * 2 * kHalf * D;  // [2][K | V][kHalf, D]
+  Bf16* stage_base = reinterpret_cast<Bf16*>(smem_raw) + warp * 2 * 2 * kChosenKeys * D;  // [2][K | V][kChosenKeys, D]
   const int* list = p.blocks + (r * p.Hk + g) * p.selected + p.cand.init;
   // This launch's entries: [first_entry, end_entry) of the ascending list.
   int first_entry = 0, end_entry = 0;
@@ -954,13 +961,14 @@ __global__ void __launch_bounds__(kAttnWarps * 32) ChosenBlocksKernel(AttnParams
   LoadQueryFragments<D>(p.q + at * D, p.G, qa);
   SoftmaxState<D> st;
   st.Load(orow, running, p.G);
-  const int steps = 2 * (end_entry - first_entry);
+  constexpr int kPerBlock = kBlock / kChosenKeys;
+  const int steps = kPerBlock * (end_entry - first_entry);
   auto step_key0 = [&](int s) {
-    return int64_t(list[first_entry + s / 2]) * kBlock + (s % 2) * kHalf;
+    return int64_t(list[first_entry + s / kPerBlock]) * kBlock + (s % kPerBlock) * kChosenKeys;
   };
   auto issue = [&](int s, int stage) {
-    Bf16* ks = stage_base + stage * 2 * kHalf * D;
-    IssueHalfBlock<D>(p, g, step_key0(s), pos, ks, ks + kHalf * D, lane, 32);
+    Bf16* ks = stage_base + stage * 2 * kChosenKeys * D;
+    IssueKeys<D, kChosenKeys>(p, g, step_key0(s), pos, ks, ks + kChosenKeys * D, lane, 32);
   };
   if (steps > 0) issue(0, 0);
   for (int s = 0; s < steps; ++s) {
@@ -971,8 +979,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32) ChosenBlocksKernel(AttnParams
       CpAsyncWait<0>();
     }
     __syncwarp();
-    const Bf16* ks = stage_base + (s % 2) * 2 * kHalf * D;
-    st.template Attend<false>(qa, ks, ks + kHalf * D, step_key0(s), pos, p.scale_log2);
+    const Bf16* ks = stage_base + (s % 2) * 2 * kChosenKeys * D;
+    st.template Attend<false, kChosenKeys>(qa, ks, ks + kChosenKeys * D, step_key0(s), pos, p.scale_log2);
     __syncwarp();  // this stage is refilled two steps later
   }
   st.Store(orow, running, p.G, p.last);
@@ -1069,7 +1077,7 @@ absl::StatusOr<int64_t> ChosenRangeBlocks(int dim) {
 
 template <int D>
 absl::Status LaunchAttention(AttnParams p, cudaStream_t stream) {
-  const size_t shared_smem = size_t(kSharedStages) * 2 * kHalf * D * sizeof(Bf16);
+  const size_t shared_smem = size_t(kSharedStages) * 2 * kSharedKeys * D * sizeof(Bf16);
   SALA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(SharedBlocksKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                  int(shared_smem)));
   const int64_t groups = (p.first + p.T - 1) / kSharedRows - p.first / kSharedRows + 1;
@@ -1079,7 +1087,7 @@ absl::Status LaunchAttention(AttnParams p, cudaStream_t stream) {
   // Chosen blocks lie before b_q - window for the chunk's last query block.
   const int64_t end_block = std::max<int64_t>(1, (p.first + p.T - 1) / kBlock - p.cand.window);
   SALA_ASSIGN_OR_RETURN(const int64_t range, ChosenRangeBlocks(D));
-  const size_t smem = size_t(kAttnWarps) * 2 * 2 * kHalf * D * sizeof(Bf16);
+  const size_t smem = size_t(kAttnWarps) * 2 * 2 * kChosenKeys * D * sizeof(Bf16);
   SALA_CUDA_RETURN_IF_ERROR(
       cudaFuncSetAttribute(ChosenBlocksKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   for (int64_t lo = 0; lo < end_block; lo += range) {
