@@ -510,9 +510,11 @@ int ExpectBlocksUpToTies(const SparseFixture& f, const float* q_group, int g, in
 }
 
 // Stage 1 of a prefill: the GPU's block lists against SelectBlocks', up to near-ties.
+// 300000: above 4096 candidate blocks, where the top-k takes 1024 threads a row.
 TEST_F(GpuTest, SparseBlockSelectionMatchesCpu) {
   for (auto [L, T, heads, kv_heads, dim] : {std::tuple{1500, 40, 4, 2, 64}, {2100, 100, 32, 2, 128},
-                                            {9000, 33, 32, 2, 128}, {70000, 20, 32, 2, 128}}) {
+                                            {9000, 33, 32, 2, 128}, {70000, 20, 32, 2, 128},
+                                            {300000, 4, 32, 2, 128}}) {
     SparseFixture f(L, heads, kv_heads, dim, 40);
     const auto q = Random(T * heads * dim, 41, 1.0f);
     const int S = f.shape.selected_blocks;

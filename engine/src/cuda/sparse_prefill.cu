@@ -39,7 +39,6 @@ __host__ __device__ constexpr int ScoreThreads(int tokens) { return tokens * 16;
 constexpr int kKeyTile = 64;        // compressed keys per stage-1 tile: 16 blocks of k1
 constexpr int kKeyStages = 3;       // stage-1 key tiles in flight
 constexpr int kMaxScoreSplits = 64;  // decode: thread blocks per row and KV group
-constexpr int kTopKThreads = 256;
 // Stage 2, measured on an H100 (sala-bench --sparse_contexts): shared blocks in 64-key steps
 // took 1.30 ms a chunk against 1.48 in 32-key steps; chosen blocks in 16-key steps (small
 // buffers, 12 warps an SM) 2% less than in 32-key steps at 1M.
@@ -583,8 +582,9 @@ struct TopKParams {
 };
 
 // Exclusive prefix sums of two per-thread counts over the block (thread order), and totals.
+template <int Threads>
 __device__ void BlockScan2(int a, int b, int& a_excl, int& b_excl, int& a_total, int& b_total) {
-  __shared__ int warp_a[kTopKThreads / 32], warp_b[kTopKThreads / 32];
+  __shared__ int warp_a[Threads / 32], warp_b[Threads / 32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   int ia = a, ib = b;
   for (int off = 1; off < 32; off <<= 1) {
@@ -600,7 +600,7 @@ __device__ void BlockScan2(int a, int b, int& a_excl, int& b_excl, int& a_total,
   }
   __syncthreads();
   int pa = 0, pb = 0, ta = 0, tb = 0;
-  for (int w = 0; w < kTopKThreads / 32; ++w) {
+  for (int w = 0; w < Threads / 32; ++w) {
     if (w < warp) {
       pa += warp_a[w];
       pb += warp_b[w];
@@ -614,17 +614,19 @@ __device__ void BlockScan2(int a, int b, int& a_excl, int& b_excl, int& a_total,
   b_total = tb;
 }
 
-// E candidate scores per thread, contiguous, so that thread order is block order.
-template <int E>
-__global__ void __launch_bounds__(kTopKThreads) TopKKernel(TopKParams p) {
-  __shared__ int warp_counts[2][kTopKThreads / 32];
+// E candidate scores per thread, contiguous, so that thread order is block order. Blocks of
+// 1024 threads above 4096 candidates: with 64 scores a thread (256 threads) the kernel took 225
+// registers, one block an SM, and at 1M spent 3.3 ms of a chunk's 16.8 ms of stage 1.
+template <int E, int Threads>
+__global__ void __launch_bounds__(Threads) TopKKernel(TopKParams p) {
+  __shared__ int warp_counts[2][Threads / 32];
   const int64_t r = blockIdx.x;
   const int g = blockIdx.y, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t pos = p.positions ? p.positions[r] : p.first + r, bq = pos / kBlock;
   const int64_t nc = p.cand.Count(bq);
   int* out = p.blocks + (r * p.Hk + g) * p.selected;
   if (nc <= p.cand.keep) {  // every block up to b_q
-    for (int64_t b = threadIdx.x; b <= bq; b += kTopKThreads) out[b] = int(b);
+    for (int64_t b = threadIdx.x; b <= bq; b += Threads) out[b] = int(b);
     if (threadIdx.x == 0) p.counts[r * p.Hk + g] = int(bq + 1);
     return;
   }
@@ -644,14 +646,16 @@ __global__ void __launch_bounds__(kTopKThreads) TopKKernel(TopKParams p) {
   uint32_t tau = 0;
   for (int bit = 30; bit >= 0; --bit) {
     const uint32_t trial = tau | (1u << bit);
-    int cnt = 0;
+    // Four counts side by side: one count's chain of E dependent adds was the kernel's first
+    // stall (fixed-latency dependencies, at 1M 0.82 ms a launch of 2048 rows on an H100).
+    int part[4] = {0, 0, 0, 0};
 #pragma unroll
-    for (int e = 0; e < E; ++e) cnt += v[e] >= trial;
-    cnt = int(__reduce_add_sync(0xffffffff, unsigned(cnt)));
+    for (int e = 0; e < E; ++e) part[e % 4] += v[e] >= trial;
+    const int cnt = int(__reduce_add_sync(0xffffffff, unsigned((part[0] + part[1]) + (part[2] + part[3]))));
     if (lane == 0) warp_counts[bit & 1][warp] = cnt;
     __syncthreads();
-    int total = 0;
-    for (int w = 0; w < kTopKThreads / 32; ++w) total += warp_counts[bit & 1][w];
+    const int total =
+        int(__reduce_add_sync(0xffffffff, lane < Threads / 32 ? unsigned(warp_counts[bit & 1][lane]) : 0u));
     if (total >= p.cand.keep) tau = trial;
   }
   int gt = 0, eq = 0;
@@ -662,7 +666,7 @@ __global__ void __launch_bounds__(kTopKThreads) TopKKernel(TopKParams p) {
     eq += valid && v[e] == tau;
   }
   int gt_excl, eq_excl, gt_total, eq_total;
-  BlockScan2(gt, eq, gt_excl, eq_excl, gt_total, eq_total);
+  BlockScan2<Threads>(gt, eq, gt_excl, eq_excl, gt_total, eq_total);
   const int need_eq = p.cand.keep - gt_total;  // ties at tau: the lowest blocks
   int at = p.cand.init + gt_excl + min(eq_excl, need_eq), eq_rank = eq_excl;
 #pragma unroll
@@ -675,8 +679,8 @@ __global__ void __launch_bounds__(kTopKThreads) TopKKernel(TopKParams p) {
       ++eq_rank;
     }
   }
-  for (int b = threadIdx.x; b < p.cand.init; b += kTopKThreads) out[b] = b;
-  for (int w = threadIdx.x; w <= p.cand.window; w += kTopKThreads)
+  for (int b = threadIdx.x; b < p.cand.init; b += Threads) out[b] = b;
+  for (int w = threadIdx.x; w <= p.cand.window; w += Threads)
     out[p.cand.init + p.cand.keep + w] = int(bq - p.cand.window + w);
   if (threadIdx.x == 0) p.counts[r * p.Hk + g] = p.cand.init + p.cand.keep + p.cand.window + 1;
 }
@@ -1056,10 +1060,10 @@ absl::Status LaunchPrefillScores(const PrefillScorer& scorer, const ScoreParams&
 
 absl::Status LaunchTopK(const TopKParams& p, cudaStream_t stream) {
   const dim3 grid(unsigned(p.T), p.Hk);
-  if (p.ncap <= 4 * kTopKThreads) TopKKernel<4><<<grid, kTopKThreads, 0, stream>>>(p);
-  else if (p.ncap <= 16 * kTopKThreads) TopKKernel<16><<<grid, kTopKThreads, 0, stream>>>(p);
-  else if (p.ncap <= 64 * kTopKThreads) TopKKernel<64><<<grid, kTopKThreads, 0, stream>>>(p);
-  else if (p.ncap <= 128 * kTopKThreads) TopKKernel<128><<<grid, kTopKThreads, 0, stream>>>(p);
+  if (p.ncap <= 4 * 256) TopKKernel<4, 256><<<grid, 256, 0, stream>>>(p);
+  else if (p.ncap <= 16 * 256) TopKKernel<16, 256><<<grid, 256, 0, stream>>>(p);
+  else if (p.ncap <= 16 * 1024) TopKKernel<16, 1024><<<grid, 1024, 0, stream>>>(p);
+  else if (p.ncap <= 32 * 1024) TopKKernel<32, 1024><<<grid, 1024, 0, stream>>>(p);
   else return absl::ResourceExhaustedError("context too long for sparse block selection (above 2M tokens)");
   SALA_CUDA_CHECK_LAUNCH();
   return absl::OkStatus();
