@@ -858,12 +858,12 @@ struct SoftmaxState {
 // into ks / vs with cp.async, threads `part` of `parts` each taking a share.
 template <int D, int Keys>
 __device__ __forceinline__ void IssueKeys(const AttnParams& p, int g, int64_t key0, int64_t last_key, Bf16* ks,
-                                               Bf16* vs, int part, int parts) {
-  const int64_t half_at = KvRowOffset(p.cache, key0, p.Hk * D) + g * D;  // a block is whole in one page
+                                          Bf16* vs, int part, int parts) {
+  const int64_t tile_at = KvRowOffset(p.cache, key0, p.Hk * D) + g * D;  // a block is whole in one page
   for (int c = part; c < Keys * D / 8; c += parts) {
     const int row = c / (D / 8), cc = c % (D / 8);
     const bool valid = key0 + row <= last_key;
-    const int64_t at = half_at + int64_t(valid ? row : 0) * p.Hk * D + cc * 8;
+    const int64_t at = tile_at + int64_t(valid ? row : 0) * p.Hk * D + cc * 8;
     CpAsync16(ks + Swizzled<D>(row, cc * 8), p.cache.k + at, valid);
     CpAsync16(vs + Swizzled<D>(row, cc * 8), p.cache.v + at, valid);
   }
@@ -888,7 +888,7 @@ __global__ void __launch_bounds__(kSharedRows * 32) SharedBlocksKernel(AttnParam
   const bool active = pos >= p.first && r < p.T;
   const int64_t last_pos = min(pos0 + kSharedRows, p.first + p.T) - 1;  // the block's last row
   const bool chosen = HasChosenBlocks(p, bq);
-  // Half-block steps: the init blocks, then from block `local0` on up to b_q.
+  // Steps of kSharedKeys keys: the init blocks, then from block `local0` on up to b_q.
   const int init = chosen ? p.cand.init : 0;
   const int64_t local0 = chosen ? bq - p.cand.window : init;
   const int64_t steps = kPerBlock * (init + bq - local0 + 1);
@@ -896,7 +896,7 @@ __global__ void __launch_bounds__(kSharedRows * 32) SharedBlocksKernel(AttnParam
     const int64_t b = s / kPerBlock < init ? s / kPerBlock : local0 + (s / kPerBlock - init);
     return b * kBlock + (s % kPerBlock) * kSharedKeys;
   };
-  // The last step holds no key of this thread block when last_pos is in the block's first half.
+  // With steps shorter than a block, the last may hold no key of this thread block.
   const int64_t used = step_key0(steps - 1) > last_pos ? steps - 1 : steps;
 
   uint32_t qa[D / 16][4];
