@@ -648,10 +648,12 @@ __global__ void __launch_bounds__(Threads) TopKKernel(TopKParams p) {
     const uint32_t trial = tau | (1u << bit);
     // Four counts side by side: one count's chain of E dependent adds was the kernel's first
     // stall (fixed-latency dependencies, at 1M 0.82 ms a launch of 2048 rows on an H100).
-    int part[4] = {0, 0, 0, 0};
+    // Scores and trials are below 2^31, so v < trial is the sign bit of v - trial: a subtract
+    // and a shift-add a score.
+    unsigned part[4] = {0, 0, 0, 0};
 #pragma unroll
-    for (int e = 0; e < E; ++e) part[e % 4] += v[e] >= trial;
-    const int cnt = int(__reduce_add_sync(0xffffffff, unsigned((part[0] + part[1]) + (part[2] + part[3]))));
+    for (int e = 0; e < E; ++e) part[e % 4] += (v[e] - trial) >> 31;
+    const int cnt = E * 32 - int(__reduce_add_sync(0xffffffff, (part[0] + part[1]) + (part[2] + part[3])));
     if (lane == 0) warp_counts[bit & 1][warp] = cnt;
     __syncthreads();
     const int total =
