@@ -4,6 +4,7 @@
 #include "cuda_common.h"
 #include "gemv.h"
 #include "activation.cuh"
+#include "bf16x4.cuh"
 #include "warp.cuh"
 
 namespace sala::cuda {
@@ -75,12 +76,7 @@ __device__ void FormRows(const GemvFormedInput& input, int64_t in, __nv_bfloat16
   }
   for (int64_t v = threadIdx.x; v < vecs; v += blockDim.x) {
     float n[4] = {1.0f, 1.0f, 1.0f, 1.0f};
-    if (input.norm) {
-      const uint2 packed = *reinterpret_cast<const uint2*>(input.norm + v * 4);
-      const __nv_bfloat162* np = reinterpret_cast<const __nv_bfloat162*>(&packed);
-      const float2 n01 = __bfloat1622float2(np[0]), n23 = __bfloat1622float2(np[1]);
-      n[0] = n01.x, n[1] = n01.y, n[2] = n23.x, n[3] = n23.y;
-    }
+    if (input.norm) LoadBf16x4(input.norm + v * 4, n);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const float4 a = h[r * vecs + v];
@@ -89,8 +85,7 @@ __device__ void FormRows(const GemvFormedInput& input, int64_t in, __nv_bfloat16
         const float4 z = gate[r * vecs + v];
         e[0] *= SigmoidF(z.x), e[1] *= SigmoidF(z.y), e[2] *= SigmoidF(z.z), e[3] *= SigmoidF(z.w);
       }
-      const __nv_bfloat162 out[2] = {__floats2bfloat162_rn(e[0], e[1]), __floats2bfloat162_rn(e[2], e[3])};
-      *reinterpret_cast<uint2*>(x + r * in + v * 4) = *reinterpret_cast<const uint2*>(out);
+      StoreBf16x4(x + r * in + v * 4, e);
     }
   }
   __syncthreads();

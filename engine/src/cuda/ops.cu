@@ -2,6 +2,7 @@
 #include <cmath>
 
 #include "activation.cuh"
+#include "bf16x4.cuh"
 #include "cuda_common.h"
 #include "ops.h"
 #include "rope.cuh"
@@ -65,10 +66,7 @@ __device__ __forceinline__ void LoadFloats(const float* p, float* v) {
 template <int Vec>
 __device__ __forceinline__ void LoadBf16s(const __nv_bfloat16* p, float* v) {
   if constexpr (Vec == 4) {
-    const uint2 x = *reinterpret_cast<const uint2*>(p);
-    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x.x));
-    const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x.y));
-    v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
+    LoadBf16x4(p, v);
   } else {
     v[0] = __bfloat162float(*p);
   }
@@ -76,8 +74,7 @@ __device__ __forceinline__ void LoadBf16s(const __nv_bfloat16* p, float* v) {
 template <int Vec>
 __device__ __forceinline__ void StoreBf16s(__nv_bfloat16* p, const float* v) {
   if constexpr (Vec == 4) {
-    const __nv_bfloat162 a = __floats2bfloat162_rn(v[0], v[1]), b = __floats2bfloat162_rn(v[2], v[3]);
-    *reinterpret_cast<uint2*>(p) = uint2{*reinterpret_cast<const uint32_t*>(&a), *reinterpret_cast<const uint32_t*>(&b)};
+    StoreBf16x4(p, v);
   } else {
     *p = __float2bfloat16(v[0]);
   }
