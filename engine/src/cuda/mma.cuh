@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include <cstdint>
 
@@ -37,6 +38,22 @@ __device__ __forceinline__ uint32_t ToTf32(float x) { return (__float_as_uint(x)
 __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+__device__ __forceinline__ uint32_t PackF16(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+// Two f16 sums at once (f16 pairs as packed by PackF16).
+__device__ __forceinline__ uint32_t AddF16x2(uint32_t a, uint32_t b) {
+  const __half2 r = __hadd2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
+// The two values of an f16 pair, times `scale`.
+__device__ __forceinline__ void UnpackF16(uint32_t v, float scale, float& lo, float& hi) {
+  const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&v));
+  lo = f.x * scale;
+  hi = f.y * scale;
 }
 
 __device__ __forceinline__ uint32_t SmemAddress(const void* p) {

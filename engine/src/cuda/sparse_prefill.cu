@@ -77,22 +77,6 @@ struct ScoreParams {
 
 __device__ __forceinline__ float Exp2(float x) { return exp2f(x); }
 
-// 2^x on the FMA and integer pipes, for a share of the exponentials that would otherwise queue
-// for the MUFU: x = n + f with n an integer (rounded by the 1.5 * 2^23 trick) and |f| <= 1/2,
-// 2^f by its Taylor series to f^4 (relative error < 5e-5), 2^n added to the exponent field.
-// Flushes to 0 below 2^-126, like ex2.approx.ftz, and stops at 2^127.
-__device__ __forceinline__ float Exp2OnFma(float x) {
-  x = fminf(fmaxf(x, -126.0f), 127.0f);
-  const float t = x + 12582912.0f;
-  const float f = x - (t - 12582912.0f);
-  float q = fmaf(f, 0.0096181291f, 0.0555041087f);
-  q = fmaf(q, f, 0.2402265070f);
-  q = fmaf(q, f, 0.6931471806f);
-  q = fmaf(q, f, 1.0f);
-  const float y = __uint_as_float(__float_as_uint(q) + (__float_as_uint(t) << 23));
-  return x > -126.0f ? y : 0.0f;
-}
-
 // Stage 1's shared memory: the Q tile, later the key stages, then the per-head log-sum-exps.
 __host__ __device__ constexpr size_t ScoreSmemUnionBytes(int D, int tokens) {
   return (tokens * 16 > kKeyStages * kKeyTile ? tokens * 16 : kKeyStages * kKeyTile) * size_t(D) * sizeof(Bf16);
@@ -364,16 +348,16 @@ __host__ __device__ constexpr size_t ScoreWgmmaSmemBytes(int D) {
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // v[i] = (the half of v[0 .. 2 Half) this lane keeps) + (the other half, from lane ^ lane_bit),
-// for i < Half: the lane keeps the upper half where `upper` is set. Bit masks pick the halves (a
-// conditional picked addresses instead, and put v in local memory).
+// for i < Half, on f16 pairs: the lane keeps the upper half where `upper` is set. Bit masks pick
+// the halves (a conditional picked addresses instead, and put v in local memory).
 template <int Half>
-__device__ __forceinline__ void FoldHalf(float (&v)[16], bool upper, int lane_bit) {
+__device__ __forceinline__ void FoldHalf(uint32_t (&v)[8], bool upper, int lane_bit) {
   const uint32_t mask = upper ? ~0u : 0u;
 #pragma unroll
   for (int i = 0; i < Half; ++i) {
-    const uint32_t lo = __float_as_uint(v[i]), hi = __float_as_uint(v[i + Half]);
-    const float send = __uint_as_float((lo & mask) | (hi & ~mask)), keep = __uint_as_float((hi & mask) | (lo & ~mask));
-    v[i] = keep + __shfl_xor_sync(0xffffffff, send, lane_bit);
+    const uint32_t lo = v[i], hi = v[i + Half];
+    const uint32_t send = (lo & mask) | (hi & ~mask), keep = (hi & mask) | (lo & ~mask);
+    v[i] = AddF16x2(keep, __shfl_xor_sync(0xffffffff, send, lane_bit));
   }
 }
 
@@ -527,6 +511,12 @@ __global__ void __launch_bounds__(kWgThreads, 1) ScoreWgmmaKernel(ScoreParams p)
       lse[m][r] = gq + 8 * r < p.G && sum[m][r] > 0.0f ? mx[m][r] * sc + log2f(sum[m][r]) : INFINITY;
     }
 
+  float lse8[2][2];  // lse - 8: pass 2 takes 2^8 p
+#pragma unroll
+  for (int m = 0; m < 2; ++m)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) lse8[m][r] = lse[m][r] - 8.0f;
+
   // Pass 2: k1 scores of the candidate blocks, pooled over entries 4b-1 .. 4b+3, from a block
   // early so that entry 4 init - 1 is scanned too. Tile u holds blocks b0 + 16 u ...
   const int b0 = max(p.cand.init - 1, 0);
@@ -539,29 +529,34 @@ __global__ void __launch_bounds__(kWgThreads, 1) ScoreWgmmaKernel(ScoreParams p)
   float carry[2] = {-INFINITY, -INFINITY};              // key 63 of the previous tile (lanes g = 0)
   ScanKeysWgmma<D>(stages, q_desc, p.k1, p.Hk, g, j0, j_end, (j_end - j0 + kWgKeys - 1) / kWgKeys,
                    [&](int u, int m, float(&acc)[32]) {
-                     // v[2 n + c]: S of key 8 n + 2 t + c, summed over this lane's two heads.
-                     // A quarter of the exponentials go to the FMA pipe, off the MUFU queue that
-                     // stalls the warps most (up to 2% at 1M; three eighths were slower).
-                     float v[16];
+                     // v[n]: 2^8 S of keys 8 n + 2 t and 8 n + 2 t + 1 as an f16 pair, summed over
+                     // this lane's two heads. Folding pairs halves the shuffles and adds, which
+                     // with the MUFU queue stalled the warps most. The 2^8 (in lse8) keeps the
+                     // sums of 16 heads in f16's normal range from p = 2^-22 up to 16; a larger
+                     // sum saturates to infinity, which still ranks its block first.
+                     uint32_t v[8];
 #pragma unroll
-                     for (int n = 0; n < 8; ++n)
+                     for (int n = 0; n < 8; ++n) {
+                       float s2[2];
 #pragma unroll
                        for (int c = 0; c < 2; ++c)
-                         v[2 * n + c] = Exp2(fmaf(acc[4 * n + c], sc, -lse[m][0])) +
-                                        (n % 2 == 1 ? Exp2OnFma(fmaf(acc[4 * n + 2 + c], sc, -lse[m][1]))
-                                                    : Exp2(fmaf(acc[4 * n + 2 + c], sc, -lse[m][1])));
+                         s2[c] = Exp2(fmaf(acc[4 * n + c], sc, -lse8[m][0])) + Exp2(fmaf(acc[4 * n + 2 + c], sc, -lse8[m][1]));
+                       v[n] = PackF16(s2[0], s2[1]);
+                     }
                      // Sum over the eight lanes of a column (the other heads), halving the keys
                      // each lane keeps at each step: lane bit 4 (g & 4) keeps keys 32 .., then
                      // bit 3 keys 16 .. of those, bit 2 keys 8 ..: lane g ends with keys 8 g ...
-                     FoldHalf<8>(v, gq & 4, 16);
-                     FoldHalf<4>(v, gq & 2, 8);
-                     FoldHalf<2>(v, gq & 1, 4);
+                     FoldHalf<4>(v, gq & 4, 16);
+                     FoldHalf<2>(v, gq & 2, 8);
+                     FoldHalf<1>(v, gq & 1, 4);
+                     float key_even, key_odd;
+                     UnpackF16(v[0], 1.0f / 256, key_even, key_odd);
                      // Lanes t = 0 finish block 2 g of the tile (keys 8 g - 1 .. 8 g + 3), lanes
                      // t = 2 block 2 g + 1 (keys 8 g + 3 .. 8 g + 7).
-                     float pair = fmaxf(v[0], v[1]);
+                     float pair = fmaxf(key_even, key_odd);
                      pair = fmaxf(pair, __shfl_xor_sync(0xffffffff, pair, 1));
-                     const float prev = __shfl_sync(0xffffffff, v[1], from_prev);
-                     const float prev_group = __shfl_sync(0xffffffff, v[1], from_prev_group);
+                     const float prev = __shfl_sync(0xffffffff, key_odd, from_prev);
+                     const float prev_group = __shfl_sync(0xffffffff, key_odd, from_prev_group);
                      const float before = tq == 0 ? (gq > 0 ? prev_group : carry[m]) : prev;
                      carry[m] = prev_group;  // at g = 0: key 63, from lane 31
                      const int c = b0 + 16 * u + 2 * gq + tq / 2;
