@@ -612,9 +612,20 @@ __device__ void BlockScan2(int a, int b, int& a_excl, int& b_excl, int& a_total,
 // E candidate scores per thread, contiguous, so that thread order is block order. Blocks of
 // 1024 threads above 4096 candidates: with 64 scores a thread (256 threads) the kernel took 225
 // registers, one block an SM, and at 1M spent 3.3 ms of a chunk's 16.8 ms of stage 1.
+//
+// tau, the keep-th largest score, is the largest value with at least `keep` scores >= it; the
+// kernel keeps the scores above tau and the lowest blocks of those equal to it. It first bounds
+// tau from below by the keep-th largest of the threads' maxima (at least keep threads hold a
+// score >= that bound). With scores that are not mostly ties, about keep scores reach the bound:
+// those are gathered in block order, one a thread, and the bitwise search for tau runs over them
+// with one block-wide count a round, in place of E scores a thread and two reductions a round
+// over all of them (at 1M that search took 0.49 ms of a launch of 2048 rows). Where more than
+// one a thread reach the bound, the search runs over all scores.
 template <int E, int Threads>
 __global__ void __launch_bounds__(Threads) TopKKernel(TopKParams p) {
   __shared__ int warp_counts[2][Threads / 32];
+  __shared__ uint32_t gathered_score[Threads];
+  __shared__ int gathered_block[Threads];
   const int64_t r = blockIdx.x;
   const int g = blockIdx.y, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t pos = p.positions ? p.positions[r] : p.first + r, bq = pos / kBlock;
@@ -627,7 +638,7 @@ __global__ void __launch_bounds__(Threads) TopKKernel(TopKParams p) {
   }
   const float* row = p.scores + (r * p.Hk + g) * p.ncap;
   const int64_t i0 = int64_t(threadIdx.x) * E;
-  uint32_t v[E];  // non-negative floats order as their bit patterns
+  uint32_t v[E];  // non-negative floats order as their bit patterns; 0 past the candidates
 #pragma unroll
   for (int e = 0; e < E; e += 4) {
     float4 x{0, 0, 0, 0};
@@ -637,43 +648,80 @@ __global__ void __launch_bounds__(Threads) TopKKernel(TopKParams p) {
     v[e + 2] = i0 + e + 2 < nc ? __float_as_uint(x.z) : 0u;
     v[e + 3] = i0 + e + 3 < nc ? __float_as_uint(x.w) : 0u;
   }
-  // tau = the keep-th largest score: the largest value with at least `keep` scores >= it.
+  uint32_t top = 0;
+#pragma unroll
+  for (int e = 0; e < E; ++e) top = max(top, v[e]);
+  // Any value up to tau bounds it: the search stops at 8 mantissa bits (16 rounds, not 31),
+  // which gathers at most the scores within 0.4% below the keep-th largest maximum as well.
+  uint32_t bound = 0;
+  for (int bit = 30; bit >= 15; --bit) {
+    const uint32_t trial = bound | (1u << bit);
+    if (__syncthreads_count(top >= trial) >= p.cand.keep) bound = trial;
+  }
+  int reach = 0;
+#pragma unroll
+  for (int e = 0; e < E; ++e) reach += i0 + e < nc && v[e] >= bound;
+  int reach_excl, unused_excl, reach_total, unused_total;
+  BlockScan2<Threads>(reach, 0, reach_excl, unused_excl, reach_total, unused_total);
+  int gt, eq;  // this thread's scores above tau and equal to it, of those it takes part with
   uint32_t tau = 0;
-  for (int bit = 30; bit >= 0; --bit) {
-    const uint32_t trial = tau | (1u << bit);
-    // Four counts side by side: one count's chain of E dependent adds was the kernel's first
-    // stall (fixed-latency dependencies, at 1M 0.82 ms a launch of 2048 rows on an H100).
-    // Scores and trials are below 2^31, so v < trial is the sign bit of v - trial: a subtract
-    // and a shift-add a score.
-    unsigned part[4] = {0, 0, 0, 0};
+  if (reach_total <= Threads) {
 #pragma unroll
-    for (int e = 0; e < E; ++e) part[e % 4] += (v[e] - trial) >> 31;
-    const int cnt = E * 32 - int(__reduce_add_sync(0xffffffff, (part[0] + part[1]) + (part[2] + part[3])));
-    if (lane == 0) warp_counts[bit & 1][warp] = cnt;
+    for (int e = 0; e < E; ++e)
+      if (i0 + e < nc && v[e] >= bound) {
+        gathered_score[reach_excl] = v[e];
+        gathered_block[reach_excl++] = int(i0 + e);
+      }
     __syncthreads();
-    const int total =
-        int(__reduce_add_sync(0xffffffff, lane < Threads / 32 ? unsigned(warp_counts[bit & 1][lane]) : 0u));
-    if (total >= p.cand.keep) tau = trial;
-  }
-  int gt = 0, eq = 0;
+    const bool mine = int(threadIdx.x) < reach_total;
+    const uint32_t score = mine ? gathered_score[threadIdx.x] : 0u;
+    for (int bit = 30; bit >= 0; --bit) {
+      const uint32_t trial = tau | (1u << bit);
+      if (__syncthreads_count(mine && score >= trial) >= p.cand.keep) tau = trial;
+    }
+    gt = mine && score > tau;
+    eq = mine && score == tau;
+  } else {
+    for (int bit = 30; bit >= 0; --bit) {
+      const uint32_t trial = tau | (1u << bit);
+      // Four counts side by side: one count's chain of E dependent adds was the kernel's first
+      // stall (fixed-latency dependencies). Scores and trials are below 2^31, so v < trial is
+      // the sign bit of v - trial: a subtract and a shift-add a score.
+      unsigned part[4] = {0, 0, 0, 0};
 #pragma unroll
-  for (int e = 0; e < E; ++e) {
-    const bool valid = i0 + e < nc;
-    gt += valid && v[e] > tau;
-    eq += valid && v[e] == tau;
+      for (int e = 0; e < E; ++e) part[e % 4] += (v[e] - trial) >> 31;
+      const int cnt = E * 32 - int(__reduce_add_sync(0xffffffff, (part[0] + part[1]) + (part[2] + part[3])));
+      if (lane == 0) warp_counts[bit & 1][warp] = cnt;
+      __syncthreads();
+      const int total =
+          int(__reduce_add_sync(0xffffffff, lane < Threads / 32 ? unsigned(warp_counts[bit & 1][lane]) : 0u));
+      if (total >= p.cand.keep) tau = trial;
+    }
+    gt = eq = 0;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const bool valid = i0 + e < nc;
+      gt += valid && v[e] > tau;
+      eq += valid && v[e] == tau;
+    }
   }
+  __syncthreads();  // the scan's shared counts are free again
   int gt_excl, eq_excl, gt_total, eq_total;
   BlockScan2<Threads>(gt, eq, gt_excl, eq_excl, gt_total, eq_total);
   const int need_eq = p.cand.keep - gt_total;  // ties at tau: the lowest blocks
   int at = p.cand.init + gt_excl + min(eq_excl, need_eq), eq_rank = eq_excl;
+  if (reach_total <= Threads) {
+    if (gt || (eq && eq_rank < need_eq)) out[at] = p.cand.init + gathered_block[threadIdx.x];
+  } else {
 #pragma unroll
-  for (int e = 0; e < E; ++e) {
-    if (i0 + e >= nc) break;
-    if (v[e] > tau) {
-      out[at++] = int(p.cand.init + i0 + e);
-    } else if (v[e] == tau) {
-      if (eq_rank < need_eq) out[at++] = int(p.cand.init + i0 + e);
-      ++eq_rank;
+    for (int e = 0; e < E; ++e) {
+      if (i0 + e >= nc) break;
+      if (v[e] > tau) {
+        out[at++] = int(p.cand.init + i0 + e);
+      } else if (v[e] == tau) {
+        if (eq_rank < need_eq) out[at++] = int(p.cand.init + i0 + e);
+        ++eq_rank;
+      }
     }
   }
   for (int b = threadIdx.x; b < p.cand.init; b += Threads) out[b] = b;
