@@ -49,6 +49,25 @@ __device__ __forceinline__ uint32_t AddF16x2(uint32_t a, uint32_t b) {
   const __half2 r = __hadd2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
   return *reinterpret_cast<const uint32_t*>(&r);
 }
+// 2^x for an f16 pair x on the FMA and integer pipes, x clamped to [-13, 15], where the result
+// is a normal f16: x = n + f with n an integer (rounded by adding 1560, whose low mantissa bits
+// then hold n + 24) and |f| <= 1/2, 2^f by a degree-3 fit (relative error 7e-4 in f16
+// arithmetic), n added to the exponent fields. Takes some exponentials off the MUFU, which
+// serves 16 a cycle an SM; this takes 12 instructions a pair.
+__device__ __forceinline__ uint32_t Exp2F16x2OnFma(uint32_t x) {
+  const __half2 lo = __float2half2_rn(-13.0f), hi = __float2half2_rn(15.0f), magic = __float2half2_rn(1560.0f);
+  const __half2 xc = __hmin2(__hmax2(*reinterpret_cast<const __half2*>(&x), lo), hi);
+  const __half2 r = __hadd2(xc, magic);
+  const __half2 f = __hsub2(xc, __hsub2(r, magic));
+  __half2 q = __hfma2(f, __float2half2_rn(0.054595947f), __float2half2_rn(0.2421875f));
+  q = __hfma2(q, f, __float2half2_rn(0.693359375f));
+  q = __hfma2(q, f, __float2half2_rn(1.0f));
+  // Per half: q's bits lie in [0x39A8, 0x3DA8] and (n + 24) << 10 in [0x2C00, 0x9C00], so
+  // neither the add nor the subtract carries into the other half.
+  const uint32_t e = (*reinterpret_cast<const uint32_t*>(&r) & 0x003F003Fu) << 10;
+  return *reinterpret_cast<const uint32_t*>(&q) + e - 0x60006000u;
+}
+
 // The two values of an f16 pair, times `scale`.
 __device__ __forceinline__ void UnpackF16(uint32_t v, float scale, float& lo, float& hi) {
   const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&v));
