@@ -36,6 +36,7 @@ absl::StatusOr<DriverApi> LoadDriverApi() {
   SALA_RETURN_IF_ERROR(get("cuStreamWriteValue64", d.write_value64));
   SALA_RETURN_IF_ERROR(get("cuStreamWaitValue64", d.wait_value64));
   SALA_RETURN_IF_ERROR(get("cuPointerGetAttribute", d.pointer_attribute));
+  SALA_RETURN_IF_ERROR(get("cuTensorMapEncodeTiled", d.tensor_map_encode_tiled));
   return d;
 }
 

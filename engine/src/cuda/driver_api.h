@@ -1,6 +1,6 @@
 // The CUDA driver calls the engine makes beyond the runtime (virtual memory, memory shared
-// between processes, stream memory operations), looked up through the runtime: binaries then
-// need no libcuda at link time and still start on machines without a GPU driver.
+// between processes, stream memory operations, TMA tensor maps), looked up through the runtime:
+// binaries then need no libcuda at link time and still start on machines without a GPU driver.
 #pragma once
 
 #include <cuda.h>
@@ -23,6 +23,7 @@ struct DriverApi {
   decltype(&cuStreamWriteValue64) write_value64 = nullptr;
   decltype(&cuStreamWaitValue64) wait_value64 = nullptr;
   decltype(&cuPointerGetAttribute) pointer_attribute = nullptr;
+  decltype(&cuTensorMapEncodeTiled) tensor_map_encode_tiled = nullptr;
 };
 
 // FAILED_PRECONDITION where the driver lacks one of the calls.

@@ -1,5 +1,6 @@
 // Hopper warpgroup tensor-core building blocks (sm_90a only): wgmma.mma_async with both operands
-// in shared memory, its shared-memory descriptors, and the fences around it. Callers compile these
+// in shared memory, its shared-memory descriptors, and the fences around it; and the tensor
+// memory accelerator (TMA) copies with the shared-memory barriers that feed such operands. Callers compile these
 // only where __CUDA_ARCH_FEAT_SM90_ALL is defined and launch such kernels only on compute
 // capability 9.0 (HasWgmma in cuda_common.h); the PTX target of other GPUs never reaches them.
 //
@@ -68,6 +69,40 @@ __device__ __forceinline__ void WgmmaM64N64K16(float (&d)[32], uint32_t a, uint3
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
         "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
       : "r"(a), "r"(b), "r"(int(accumulate)), "r"(kSw128DescriptorHigh));
+}
+
+// Shared-memory barriers (mbarrier): a phase completes once `count` threads have arrived and
+// the bytes a thread announced with MbarArriveExpectTx have landed.
+__device__ __forceinline__ void MbarInit(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(SmemAddress(bar)), "r"(count) : "memory");
+}
+// Makes the initialised barriers visible to the TMA unit; a block-wide barrier must follow.
+__device__ __forceinline__ void FenceMbarInit() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+__device__ __forceinline__ void MbarArriveExpectTx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}\n" ::"r"(
+                   SmemAddress(bar)),
+               "r"(bytes)
+               : "memory");
+}
+// Whether the phase of parity `parity` has completed, the thread suspended for a while (a
+// system-dependent limit) if it has not yet: waiting warps then leave the issue slots to others.
+__device__ __forceinline__ bool MbarTryWait(uint64_t* bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(SmemAddress(bar)), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+// TMA: the box at coordinates (c0, c1, c2) of a 3-D tensor map into shared memory at dst, its
+// bytes counted on `bar`. The map must live in kernel parameter (or constant/global) space.
+__device__ __forceinline__ void TmaLoad3d(void* dst, const void* map, int c0, int c1, int c2, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+      "[%5];\n" ::"r"(SmemAddress(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(SmemAddress(bar))
+      : "memory");
 }
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
