@@ -5,7 +5,7 @@
 //     Q fragments in registers while bf16 key tiles stream through shared memory (cp.async, three
 //     deep); the MMA computes keys × heads, and a second MMA with a matrix of ones sums the heads.
 //   ScoreWgmmaKernel: stage 1 of a prefill on Hopper, the same scores from warpgroup MMAs that read
-//     Q and the key tiles from shared memory (see there).
+//     Q and the key tiles (loaded by TMA) from shared memory (see there).
 //   TopKKernel: the `keep` best candidate blocks of each (token, group) by a bitwise search for
 //     the keep-th largest score (ties: the lower block), plus the forced init and local blocks;
 //     lists come out in ascending order.
@@ -459,7 +459,8 @@ __device__ __forceinline__ void ScanKeysWgmma(KeyPipeline<D>& keys, uint32_t q_d
 // covering the entries that the launch's last query block reads.
 template <int D>
 __global__ void __launch_bounds__(kWgThreads, 1)
-    ScoreWgmmaKernel(ScoreParams p, const __grid_constant__ CUtensorMap k2_map, const __grid_constant__ CUtensorMap k1_map) {
+    ScoreWgmmaKernel(ScoreParams p, const __grid_constant__ CUtensorMap k2_map,
+                     const __grid_constant__ CUtensorMap k1_map) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ unsigned char smem_raw[];
   Bf16* qs = reinterpret_cast<Bf16*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -507,26 +508,26 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   for (int m = 0; m < 2; ++m) n2[m] = pos(m) + 1 >= 128 ? int((pos(m) + 1 - 128) / 64 + 1) : 0;
   float mx[2][2] = {{-INFINITY, -INFINITY}, {-INFINITY, -INFINITY}}, sum[2][2] = {{0, 0}, {0, 0}};  // [row tile][head]
   ScanKeysWgmma<D>(keys, q_desc, 0, keys.k2_tiles, [&](int u, int m, float(&acc)[32]) {
-                     if ((u + 1) * kWgKeys > n2[m]) {  // the token sees only part of this tile
+    if ((u + 1) * kWgKeys > n2[m]) {  // the token sees only part of this tile
 #pragma unroll
-                       for (int i = 0; i < 32; ++i)
-                         if (u * kWgKeys + 8 * (i / 4) + 2 * tq + i % 2 >= n2[m]) acc[i] = -INFINITY;
-                     }
+      for (int i = 0; i < 32; ++i)
+        if (u * kWgKeys + 8 * (i / 4) + 2 * tq + i % 2 >= n2[m]) acc[i] = -INFINITY;
+    }
 #pragma unroll
-                     for (int r = 0; r < 2; ++r) {
-                       float top = mx[m][r];
+    for (int r = 0; r < 2; ++r) {
+      float top = mx[m][r];
 #pragma unroll
-                       for (int n = 0; n < 8; ++n) top = fmaxf(top, fmaxf(acc[4 * n + 2 * r], acc[4 * n + 2 * r + 1]));
-                       if (top == -INFINITY) continue;
-                       const float off = top * sc;
-                       float s = 0.0f;
+      for (int n = 0; n < 8; ++n) top = fmaxf(top, fmaxf(acc[4 * n + 2 * r], acc[4 * n + 2 * r + 1]));
+      if (top == -INFINITY) continue;
+      const float off = top * sc;
+      float s = 0.0f;
 #pragma unroll
-                       for (int n = 0; n < 8; ++n)
-                         s += Exp2(fmaf(acc[4 * n + 2 * r], sc, -off)) + Exp2(fmaf(acc[4 * n + 2 * r + 1], sc, -off));
-                       sum[m][r] = sum[m][r] * Exp2((mx[m][r] - top) * sc) + s;
-                       mx[m][r] = top;
-                     }
-                   });
+      for (int n = 0; n < 8; ++n)
+        s += Exp2(fmaf(acc[4 * n + 2 * r], sc, -off)) + Exp2(fmaf(acc[4 * n + 2 * r + 1], sc, -off));
+      sum[m][r] = sum[m][r] * Exp2((mx[m][r] - top) * sc) + s;
+      mx[m][r] = top;
+    }
+  });
   float lse[2][2];  // log2 units; INFINITY for a padding head, so that its terms vanish
 #pragma unroll
   for (int m = 0; m < 2; ++m)
@@ -558,46 +559,46 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   const int from_prev_group = ((gq + 7) % 8) * 4 + 3;  // lane t = 3 of the previous 8 keys, cyclically
   float carry[2] = {-INFINITY, -INFINITY};              // key 63 of the previous tile (lanes g = 0)
   ScanKeysWgmma<D>(keys, q_desc, keys.k2_tiles, keys.k1_tiles, [&](int u, int m, float(&acc)[32]) {
-                     // v[n]: 2^8 S of keys 8 n + 2 t and 8 n + 2 t + 1 as an f16 pair, summed over
-                     // this lane's two heads. Folding pairs halves the shuffles and adds, which
-                     // with the MUFU queue stalled the warps most. The 2^8 (in lse8) keeps the
-                     // sums of 16 heads in f16's normal range from p = 2^-22 up to 16; a larger
-                     // sum saturates to infinity, which still ranks its block first.
-                     uint32_t v[8];
+    // v[n]: 2^8 S of keys 8 n + 2 t and 8 n + 2 t + 1 as an f16 pair, summed over
+    // this lane's two heads. Folding pairs halves the shuffles and adds, which
+    // with the MUFU queue stalled the warps most. The 2^8 (in lse8) keeps the
+    // sums of 16 heads in f16's normal range from p = 2^-22 up to 16; a larger
+    // sum saturates to infinity, which still ranks its block first.
+    uint32_t v[8];
 #pragma unroll
-                     for (int n = 0; n < 8; ++n) {
-                       float x[4];
+    for (int n = 0; n < 8; ++n) {
+      float x[4];
 #pragma unroll
-                       for (int c = 0; c < 4; ++c) x[c] = fmaf(acc[4 * n + c], sc, -lse8[m][c / 2]);
-                       // Three eighths off the MUFU (stage 1 at 1M on an H100: none 14.2 ms a
-                       // chunk, a quarter 13.5, three eighths 13.4, a half 13.8). Those terms
-                       // carry f16's rounding of x (up to 0.3%) and floor at p = 2^-21.
-                       if (n % 4 == 3 || n == 1) {
-                         v[n] = AddF16x2(Exp2F16x2OnFma(PackF16(x[0], x[1])), Exp2F16x2OnFma(PackF16(x[2], x[3])));
-                       } else {
-                         v[n] = PackF16(Exp2(x[0]) + Exp2(x[2]), Exp2(x[1]) + Exp2(x[3]));
-                       }
-                     }
-                     // Sum over the eight lanes of a column (the other heads), halving the keys
-                     // each lane keeps at each step: lane bit 4 (g & 4) keeps keys 32 .., then
-                     // bit 3 keys 16 .. of those, bit 2 keys 8 ..: lane g ends with keys 8 g ...
-                     FoldHalf<4>(v, gq & 4, 16);
-                     FoldHalf<2>(v, gq & 2, 8);
-                     FoldHalf<1>(v, gq & 1, 4);
-                     float key_even, key_odd;
-                     UnpackF16(v[0], 1.0f / 256, key_even, key_odd);
-                     // Lanes t = 0 finish block 2 g of the tile (keys 8 g - 1 .. 8 g + 3), lanes
-                     // t = 2 block 2 g + 1 (keys 8 g + 3 .. 8 g + 7).
-                     float pair = fmaxf(key_even, key_odd);
-                     pair = fmaxf(pair, __shfl_xor_sync(0xffffffff, pair, 1));
-                     const float prev = __shfl_sync(0xffffffff, key_odd, from_prev);
-                     const float prev_group = __shfl_sync(0xffffffff, key_odd, from_prev_group);
-                     const float before = tq == 0 ? (gq > 0 ? prev_group : carry[m]) : prev;
-                     carry[m] = prev_group;  // at g = 0: key 63, from lane 31
-                     const int c = b0 + 16 * u + 2 * gq + tq / 2;
-                     if (row_ok[m] && c >= p.cand.init && c < b_end)
-                       p.scores[((pos(m) - p.first) * p.Hk + g) * p.ncap + c - p.cand.init] = fmaxf(before, pair);
-                   });
+      for (int c = 0; c < 4; ++c) x[c] = fmaf(acc[4 * n + c], sc, -lse8[m][c / 2]);
+      // Three eighths off the MUFU (stage 1 at 1M on an H100: none 14.2 ms a
+      // chunk, a quarter 13.5, three eighths 13.4, a half 13.8). Those terms
+      // carry f16's rounding of x (up to 0.3%) and floor at p = 2^-21.
+      if (n % 4 == 3 || n == 1) {
+        v[n] = AddF16x2(Exp2F16x2OnFma(PackF16(x[0], x[1])), Exp2F16x2OnFma(PackF16(x[2], x[3])));
+      } else {
+        v[n] = PackF16(Exp2(x[0]) + Exp2(x[2]), Exp2(x[1]) + Exp2(x[3]));
+      }
+    }
+    // Sum over the eight lanes of a column (the other heads), halving the keys
+    // each lane keeps at each step: lane bit 4 (g & 4) keeps keys 32 .., then
+    // bit 3 keys 16 .. of those, bit 2 keys 8 ..: lane g ends with keys 8 g ...
+    FoldHalf<4>(v, gq & 4, 16);
+    FoldHalf<2>(v, gq & 2, 8);
+    FoldHalf<1>(v, gq & 1, 4);
+    float key_even, key_odd;
+    UnpackF16(v[0], 1.0f / 256, key_even, key_odd);
+    // Lanes t = 0 finish block 2 g of the tile (keys 8 g - 1 .. 8 g + 3), lanes
+    // t = 2 block 2 g + 1 (keys 8 g + 3 .. 8 g + 7).
+    float pair = fmaxf(key_even, key_odd);
+    pair = fmaxf(pair, __shfl_xor_sync(0xffffffff, pair, 1));
+    const float prev = __shfl_sync(0xffffffff, key_odd, from_prev);
+    const float prev_group = __shfl_sync(0xffffffff, key_odd, from_prev_group);
+    const float before = tq == 0 ? (gq > 0 ? prev_group : carry[m]) : prev;
+    carry[m] = prev_group;  // at g = 0: key 63, from lane 31
+    const int c = b0 + 16 * u + 2 * gq + tq / 2;
+    if (row_ok[m] && c >= p.cand.init && c < b_end)
+      p.scores[((pos(m) - p.first) * p.Hk + g) * p.ncap + c - p.cand.init] = fmaxf(before, pair);
+  });
 #endif
 }
 
@@ -639,7 +640,8 @@ __device__ void BlockScan2(int a, int b, int& a_excl, int& b_excl, int& a_total,
       wb += xb;
     }
   }
-  const int before_a = __shfl_sync(0xffffffff, wa, max(warp - 1, 0)), before_b = __shfl_sync(0xffffffff, wb, max(warp - 1, 0));
+  const int before_a = __shfl_sync(0xffffffff, wa, max(warp - 1, 0));
+  const int before_b = __shfl_sync(0xffffffff, wb, max(warp - 1, 0));
   a_excl = (warp > 0 ? before_a : 0) + ia - a;
   b_excl = (warp > 0 ? before_b : 0) + ib - b;
   a_total = __shfl_sync(0xffffffff, wa, 31);

@@ -1,8 +1,9 @@
 // Hopper warpgroup tensor-core building blocks (sm_90a only): wgmma.mma_async with both operands
 // in shared memory, its shared-memory descriptors, and the fences around it; and the tensor
-// memory accelerator (TMA) copies with the shared-memory barriers that feed such operands. Callers compile these
-// only where __CUDA_ARCH_FEAT_SM90_ALL is defined and launch such kernels only on compute
-// capability 9.0 (HasWgmma in cuda_common.h); the PTX target of other GPUs never reaches them.
+// memory accelerator (TMA) copies with the shared-memory barriers that feed such operands.
+// Callers compile these only where __CUDA_ARCH_FEAT_SM90_ALL is defined and launch such kernels
+// only on compute capability 9.0 (HasWgmma in cuda_common.h); the PTX target of other GPUs never
+// reaches them.
 //
 // Operand layout ("K-major, 128-byte swizzle"): a tile of R rows (the M or N index) by K bf16
 // values is stored as K / 64 column slabs of R rows x 64 values (128 bytes a row), slab s at
