@@ -528,7 +528,9 @@ __global__ void __launch_bounds__(kWgThreads, 1)
       mx[m][r] = top;
     }
   });
-  float lse[2][2];  // log2 units; INFINITY for a padding head, so that its terms vanish
+  // The log-sum-exp less 8 (pass 2 takes 2^8 p), log2 units; INFINITY for a padding head, so
+  // that its terms vanish.
+  float lse8[2][2];
 #pragma unroll
   for (int m = 0; m < 2; ++m)
 #pragma unroll
@@ -542,14 +544,8 @@ __global__ void __launch_bounds__(kWgThreads, 1)
           mx[m][r] = top;
         }
       }
-      lse[m][r] = gq + 8 * r < p.G && sum[m][r] > 0.0f ? mx[m][r] * sc + log2f(sum[m][r]) : INFINITY;
+      lse8[m][r] = gq + 8 * r < p.G && sum[m][r] > 0.0f ? mx[m][r] * sc + log2f(sum[m][r]) - 8.0f : INFINITY;
     }
-
-  float lse8[2][2];  // lse - 8: pass 2 takes 2^8 p
-#pragma unroll
-  for (int m = 0; m < 2; ++m)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) lse8[m][r] = lse[m][r] - 8.0f;
 
   // Pass 2: k1 scores of the candidate blocks, pooled over entries 4b-1 .. 4b+3. Tile u holds
   // blocks b0 + 16 u ...
@@ -648,6 +644,19 @@ __device__ void BlockScan2(int a, int b, int& a_excl, int& b_excl, int& a_total,
   b_total = __shfl_sync(0xffffffff, wb, 31);
 }
 
+// The largest x below 2^31 whose bits under low_bit are 0 and for which count(x, bit) >= keep,
+// where count is non-increasing in x: a bitwise search from the top bit, one count a round (bit:
+// the round's bit). Every thread of the block must call it.
+template <typename Count>
+__device__ __forceinline__ uint32_t LargestReaching(int low_bit, int keep, Count count) {
+  uint32_t x = 0;
+  for (int bit = 30; bit >= low_bit; --bit) {
+    const uint32_t trial = x | (1u << bit);
+    if (count(trial, bit) >= keep) x = trial;
+  }
+  return x;
+}
+
 // E candidate scores per thread, contiguous, so that thread order is block order. Blocks of
 // 1024 threads above 4096 candidates: with 64 scores a thread (256 threads) the kernel took 225
 // registers, one block an SM, and at 1M spent 3.3 ms of a chunk's 16.8 ms of stage 1.
@@ -692,18 +701,15 @@ __global__ void __launch_bounds__(Threads) TopKKernel(TopKParams p) {
   for (int e = 0; e < E; ++e) top = max(top, v[e]);
   // Any value up to tau bounds it: the search stops at 8 mantissa bits (16 rounds, not 31),
   // which gathers at most the scores within 0.4% below the keep-th largest maximum as well.
-  uint32_t bound = 0;
-  for (int bit = 30; bit >= 15; --bit) {
-    const uint32_t trial = bound | (1u << bit);
-    if (__syncthreads_count(top >= trial) >= p.cand.keep) bound = trial;
-  }
+  const uint32_t bound =
+      LargestReaching(15, p.cand.keep, [&](uint32_t trial, int) { return __syncthreads_count(top >= trial); });
   int reach = 0;
 #pragma unroll
   for (int e = 0; e < E; ++e) reach += i0 + e < nc && v[e] >= bound;
   int reach_excl, unused_excl, reach_total, unused_total;
   BlockScan2<Threads>(reach, 0, reach_excl, unused_excl, reach_total, unused_total);
   int gt, eq;  // this thread's scores above tau and equal to it, of those it takes part with
-  uint32_t tau = 0;
+  uint32_t tau;
   if (reach_total <= Threads) {
 #pragma unroll
     for (int e = 0; e < E; ++e)
@@ -714,15 +720,12 @@ __global__ void __launch_bounds__(Threads) TopKKernel(TopKParams p) {
     __syncthreads();
     const bool mine = int(threadIdx.x) < reach_total;
     const uint32_t score = mine ? gathered_score[threadIdx.x] : 0u;
-    for (int bit = 30; bit >= 0; --bit) {
-      const uint32_t trial = tau | (1u << bit);
-      if (__syncthreads_count(mine && score >= trial) >= p.cand.keep) tau = trial;
-    }
+    tau = LargestReaching(0, p.cand.keep,
+                          [&](uint32_t trial, int) { return __syncthreads_count(mine && score >= trial); });
     gt = mine && score > tau;
     eq = mine && score == tau;
   } else {
-    for (int bit = 30; bit >= 0; --bit) {
-      const uint32_t trial = tau | (1u << bit);
+    tau = LargestReaching(0, p.cand.keep, [&](uint32_t trial, int bit) {
       // Four counts side by side: one count's chain of E dependent adds was the kernel's first
       // stall (fixed-latency dependencies). Scores and trials are below 2^31, so v < trial is
       // the sign bit of v - trial: a subtract and a shift-add a score.
@@ -732,10 +735,8 @@ __global__ void __launch_bounds__(Threads) TopKKernel(TopKParams p) {
       const int cnt = E * 32 - int(__reduce_add_sync(0xffffffff, (part[0] + part[1]) + (part[2] + part[3])));
       if (lane == 0) warp_counts[bit & 1][warp] = cnt;
       __syncthreads();
-      const int total =
-          int(__reduce_add_sync(0xffffffff, lane < Threads / 32 ? unsigned(warp_counts[bit & 1][lane]) : 0u));
-      if (total >= p.cand.keep) tau = trial;
-    }
+      return int(__reduce_add_sync(0xffffffff, lane < Threads / 32 ? unsigned(warp_counts[bit & 1][lane]) : 0u));
+    });
     gt = eq = 0;
 #pragma unroll
     for (int e = 0; e < E; ++e) {
