@@ -2,10 +2,11 @@
 """Lightning (Simple-GLA) prefill: this engine's chunked kernel against flash-linear-attention's
 `chunk_simple_gla` at the same shape, on the same GPU.
 
-sala-bench times one prefill chunk of the lightning kernel (fp32 q/k/v, the state carried in and
-out) and writes it as "lightning_chunk" in its JSON; this script times `chunk_simple_gla` with the
-same tokens, heads, head dim, scale and per-head decay (g_gamma = -slope), the initial state
-given and the final state returned, in bf16 (its fast path) and in fp32 (our precision).
+sala-bench times one prefill chunk of the lightning kernel (f16 q/k and bf16 v, f16 tensor-core
+operands, the fp32 state carried in and out, fp32 output) and writes it as "lightning_chunk" in its
+JSON; this script times `chunk_simple_gla` with the same tokens, heads, head dim, scale and
+per-head decay (g_gamma = -slope), the initial state given and the final state returned, in bf16
+(its fast path) and in fp32.
 
 The GPU machines reach no package index: carry the wheels (pure Python, Triton kernels) and
 point --wheels at them; PyTorch and Triton are those of the machine.
@@ -98,7 +99,7 @@ def main():
         result[f"fla_{name}_seconds"] = sec
         result[f"speedup_vs_fla_{name}"] = sec / ours["seconds"]
     print(f"{result['gpu']}: lightning prefill chunk of {T} tokens, {H} heads, dim {D}")
-    print(f"  sala (fp32 in, tf32 tensor cores)  {1e3 * ours['seconds']:8.3f} ms")
+    print(f"  sala (f16 tensor cores)            {1e3 * ours['seconds']:8.3f} ms")
     for name in ("bf16", "fp32"):
         print(f"  fla chunk_simple_gla ({name:4s})      {1e3 * result[f'fla_{name}_seconds']:8.3f} ms"
               f"  -> sala is {result[f'speedup_vs_fla_{name}']:.2f}x")

@@ -133,42 +133,57 @@ std::pair<double, double> DecodeProjectionRates(const sala::ModelConfig& c, int 
 }
 
 // The lightning layers' chunked prefill kernel alone at the model's shapes: seconds for one
-// prefill chunk of `tokens` (random fp32 q/k/v, the state carried in and out), median of 10.
-// bench/fla_compare.py times flash-linear-attention's chunk_simple_gla at the same shape.
+// prefill chunk of `tokens` (random f16 q/k and bf16 v as the engine passes them, the state
+// carried in and out), median of 10. bench/fla_compare.py times flash-linear-attention's
+// chunk_simple_gla at the same shape.
 double LightningChunkSeconds(const sala::ModelConfig& c, int64_t tokens) {
   const int H = c.num_heads, Hk = c.lightning_nkv, D = c.head_dim;
   const int64_t nq = tokens * H * D, nkv = tokens * Hk * D, ns = int64_t(H) * D * D;
-  std::vector<float> host(std::max(nq, ns));
   uint64_t x = 88172645463325252ull;
-  auto upload = [&](float* dst, int64_t n, float scale) {
-    for (int64_t i = 0; i < n; ++i) {  // xorshift: fast enough for 10^8 values
-      x ^= x << 13, x ^= x >> 7, x ^= x << 17;
-      host[i] = scale * (float(x >> 40) * 0x1.0p-24f - 0.5f);
-    }
-    cudaMemcpy(dst, host.data(), n * 4, cudaMemcpyHostToDevice);
+  auto next = [&](float scale) {  // xorshift: fast enough for 10^8 values
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    return scale * (float(x >> 40) * 0x1.0p-24f - 0.5f);
   };
-  float *q, *k, *v, *state, *o, *slopes;
-  cudaMalloc(&q, nq * 4);
-  cudaMalloc(&k, nkv * 4);
-  cudaMalloc(&v, nkv * 4);
+  auto upload_half = [&](__half* dst, int64_t n, float scale) {
+    std::vector<__half> host(n);
+    for (auto& e : host) e = __float2half_rn(next(scale));
+    cudaMemcpy(dst, host.data(), n * 2, cudaMemcpyHostToDevice);
+  };
+  __half *q, *k;
+  __nv_bfloat16* v;
+  float *state, *o, *slopes, *scratch = nullptr;
+  cudaMalloc(&q, nq * 2);
+  cudaMalloc(&k, nkv * 2);
+  cudaMalloc(&v, nkv * 2);
   cudaMalloc(&o, nq * 4);
   cudaMalloc(&state, ns * 4);
   cudaMalloc(&slopes, H * 4);
-  upload(q, nq, 2.0f);
-  upload(k, nkv, 2.0f);
-  upload(v, nkv, 2.0f);
-  upload(state, ns, 0.1f);
+  upload_half(q, nq, 2.0f);
+  upload_half(k, nkv, 2.0f);
+  {
+    std::vector<__nv_bfloat16> host(nkv);
+    for (auto& e : host) e = __float2bfloat16(next(2.0f));
+    cudaMemcpy(v, host.data(), nkv * 2, cudaMemcpyHostToDevice);
+  }
+  {
+    std::vector<float> host(ns);
+    for (float& e : host) e = next(0.1f);
+    cudaMemcpy(state, host.data(), ns * 4, cudaMemcpyHostToDevice);
+  }
   std::vector<float> sl;
   for (double d : sala::LinearDecaySlopes(H)) sl.push_back(float(d));
   cudaMemcpy(slopes, sl.data(), H * 4, cudaMemcpyHostToDevice);
+  const absl::StatusOr<int64_t> scratch_floats = sala::cuda::LinearAttentionScratchFloats(tokens, H, D);
+  if (!scratch_floats.ok()) return 0;
+  cudaMalloc(&scratch, std::max<int64_t>(*scratch_floats, 1) * 4);
   const float scale = float(c.linear_query_scale());
   auto run = [&] {
-    return sala::cuda::LinearAttentionChunked(q, k, v, tokens, H, Hk, D, scale, slopes, state, o, nullptr);
+    return sala::cuda::LinearAttentionChunked(q, k, v, tokens, H, Hk, D, scale, slopes, state, o, scratch, nullptr);
   };
   double seconds = 0;
   if (run().ok() && run().ok())  // checked, and warm
     seconds = MedianDeviceSeconds([&] { (void)run(); }, /*warmup=*/0);
-  for (float* p : {q, k, v, o, state, slopes}) cudaFree(p);
+  for (void* p : std::initializer_list<void*>{q, k, v, o, state, slopes, scratch}) cudaFree(p);
   return seconds;
 }
 

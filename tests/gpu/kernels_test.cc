@@ -112,38 +112,54 @@ TEST_F(GpuTest, RmsNormAndNormGateMatchCpu) {
   }
 }
 
-// q and k in one launch: different head counts, k without a norm weight in one case.
+// f16 values to and from the device (the linear attention's prefill operands).
+std::vector<float> RoundedToHalf(std::vector<float> v) {
+  for (float& x : v) x = __half2float(__float2half_rn(x));
+  return v;
+}
+__half* HalfToDevice(const std::vector<float>& v) {
+  std::vector<__half> h(v.size());
+  for (size_t i = 0; i < v.size(); ++i) h[i] = __float2half_rn(v[i]);
+  return ToDevice(h);
+}
+std::vector<float> FromDeviceHalf(const __half* p, size_t n) {
+  std::vector<__half> h(n);
+  EXPECT_EQ(cudaMemcpy(h.data(), p, n * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+  std::vector<float> v(n);
+  for (size_t i = 0; i < n; ++i) v[i] = __half2float(h[i]);
+  return v;
+}
+
+// q and k in one launch: different head counts, k without a norm weight in one case; bf16 in,
+// f16 out, q in place and k into another buffer.
 TEST_F(GpuTest, HeadNormRopeMatchesCpuAtLargePositions) {
   for (int dim : {64, 128}) {
     const int rows = 5, hq = 3, hk = 2;
     const bool k_norm = dim == 64;
     const int64_t pos0 = 1000000;
-    auto q = Random(rows * hq * dim, 3, 2.0f), k = Random(rows * hk * dim, 5, 2.0f);
+    auto q = Random(rows * hq * dim, 3, 2.0f, true), k = Random(rows * hk * dim, 5, 2.0f, true);
     auto wq = Random(dim, 4, 1.0f, true), wk = Random(dim, 6, 1.0f, true);
-    // CPU: norm, then RoPE with row r at position_of(r).
-    auto reference = [&](const std::vector<float>& x, int heads, const float* w, auto position_of) {
+    // CPU: norm, then RoPE with row r at pos0 + r.
+    auto reference = [&](const std::vector<float>& x, int heads, const float* w) {
       std::vector<float> ref = x;
       if (w) cpu::RmsNorm(x.data(), rows * heads, dim, w, 1e-6, ref.data());
-      for (int r = 0; r < rows; ++r) cpu::Rope(ref.data() + r * heads * dim, 1, heads, dim, position_of(r), 10000.0);
+      for (int r = 0; r < rows; ++r) cpu::Rope(ref.data() + r * heads * dim, 1, heads, dim, pos0 + r, 10000.0);
       return ref;
     };
-    auto check = [&](auto position_of, auto run, const char* what) {
-      float* dq = ToDevice(q);
-      float* dk = ToDevice(k);
-      ASSERT_TRUE(run(cuda::NormedHeads{dq, hq, Bf16ToDevice(wq)},
-                      cuda::NormedHeads{dk, hk, k_norm ? Bf16ToDevice(wk) : nullptr})
-                      .ok());
-      EXPECT_LT(testing::RelativeError(FromDevice(dq, q.size()), reference(q, hq, wq.data(), position_of)), 1e-4)
-          << what << " q, dim " << dim;
-      EXPECT_LT(testing::RelativeError(FromDevice(dk, k.size()), reference(k, hk, k_norm ? wk.data() : nullptr, position_of)),
-                1e-4)
-          << what << " k, dim " << dim;
-    };
-    check([&](int r) { return pos0 + r; },
-          [&](cuda::NormedHeads a, cuda::NormedHeads b) {
-            return cuda::HeadNormRope(a, b, rows, dim, 1e-6f, pos0, 10000.0, true, nullptr);
-          },
-          "consecutive");
+    __nv_bfloat16* dq = Bf16ToDevice(q);
+    __half* dk = Poisoned<__half>(k.size());
+    ASSERT_TRUE(cuda::HeadNormRope({dq, reinterpret_cast<__half*>(dq), hq, Bf16ToDevice(wq)},
+                                   {Bf16ToDevice(k), dk, hk, k_norm ? Bf16ToDevice(wk) : nullptr}, rows, dim, 1e-6f,
+                                   pos0, 10000.0, true, nullptr)
+                    .ok());
+    // Within f16 rounding (2^-11 of each value).
+    EXPECT_LT(testing::RelativeError(FromDeviceHalf(reinterpret_cast<__half*>(dq), q.size()),
+                                     reference(q, hq, wq.data())),
+              1e-3)
+        << "q, dim " << dim;
+    EXPECT_LT(testing::RelativeError(FromDeviceHalf(dk, k.size()), reference(k, hk, k_norm ? wk.data() : nullptr)),
+              1e-3)
+        << "k, dim " << dim;
   }
 }
 
@@ -271,14 +287,17 @@ TEST_F(GpuTest, GemvOverFormedRowsWithResidualAddMatchesCpu) {
   EXPECT_FALSE(cuda::GemvFormed(none, 4, 8192, &one, 1, nullptr).ok());
 }
 
-// Tensor cores with tf32 inputs: tolerances of the order of tf32 rounding.
+// f16 q and k, bf16 v, f16 tensor-core operands: tolerances of the order of f16 rounding. The
+// lengths cut the sequence into one segment (1, 63, 64, 65 tokens), several of one chunk or more,
+// and segments of several chunks with a partial last one (3001 with 4 heads, 8192 with 32).
 TEST_F(GpuTest, LinearAttentionChunkedMatchesCpu) {
   for (auto [T, H, Hk, D] : {std::tuple{1, 4, 4, 64}, {63, 4, 2, 64}, {64, 4, 4, 64}, {65, 4, 4, 128},
-                             {300, 8, 8, 128}, {1000, 32, 32, 128},
-                             {3001, 4, 2, 128}}) {
+                             {300, 8, 8, 128}, {1000, 32, 32, 128}, {3001, 4, 2, 128}, {8192, 32, 32, 128},
+                             {5000, 8, 8, 64}}) {
     const auto slopes = LinearDecaySlopes(H);
     std::vector<float> fslopes(slopes.begin(), slopes.end());
-    auto q = Random(T * H * D, 7), k = Random(T * Hk * D, 8), v = Random(T * Hk * D, 9);
+    auto q = RoundedToHalf(Random(T * H * D, 7)), k = RoundedToHalf(Random(T * Hk * D, 8));
+    auto v = Random(T * Hk * D, 9, 1.0f, true);
     auto s0 = Random(size_t(H) * D * D, 10, 0.1f);
     std::vector<float> ref_state = s0, ref_o(T * H * D);
     const double scale = 1.0 / std::sqrt(double(D));
@@ -286,11 +305,15 @@ TEST_F(GpuTest, LinearAttentionChunkedMatchesCpu) {
                                 ref_o.data());
     float* state = ToDevice(s0);
     float* o = Poisoned<float>(ref_o.size());
-    ASSERT_TRUE(cuda::LinearAttentionChunked(ToDevice(q), ToDevice(k), ToDevice(v), T, H, Hk, D, float(scale),
-                                             ToDevice(fslopes), state, o, nullptr)
+    const auto scratch = cuda::LinearAttentionScratchFloats(T, H, D);
+    ASSERT_TRUE(scratch.ok());
+    ASSERT_TRUE(cuda::LinearAttentionChunked(HalfToDevice(q), HalfToDevice(k), Bf16ToDevice(v), T, H, Hk, D,
+                                             float(scale), ToDevice(fslopes), state, o, Poisoned<float>(*scratch),
+                                             nullptr)
                     .ok());
     EXPECT_LT(testing::RelativeError(FromDevice(o, ref_o.size()), ref_o), 5e-3) << T << " " << H << " " << Hk << " " << D;
-    EXPECT_LT(testing::RelativeError(FromDevice(state, ref_state.size()), ref_state), 5e-3);
+    EXPECT_LT(testing::RelativeError(FromDevice(state, ref_state.size()), ref_state), 5e-3)
+        << T << " " << H << " " << Hk << " " << D;
   }
 }
 

@@ -655,7 +655,13 @@ class CudaBackend final : public Backend {
     const int H = config_.num_heads, Hk = config_.lightning_nkv, D = config_.head_dim;
     const float eps = float(config_.rms_norm_eps), scale = float(config_.linear_query_scale());
     cudaStream_t s = stream_;
-    SALA_RETURN_IF_ERROR(ProjectQkvGate(R, w, H, Hk, D, config_.use_output_gate));
+    // Prefill projects q, k and v in bf16 (the chunked kernel's operands are 16-bit), into the
+    // first half of the fp32 buffers; a decode step keeps fp32 for its GEMV and step kernel.
+    auto* q16 = reinterpret_cast<Bf16*>(q_.get());
+    auto* k16 = reinterpret_cast<Bf16*>(k_.get());
+    auto* v16 = reinterpret_cast<Bf16*>(v_.get());
+    if (decode_step_) SALA_RETURN_IF_ERROR(ProjectQkvGate(R, w, H, Hk, D, config_.use_output_gate));
+    else SALA_RETURN_IF_ERROR(ProjectQkvGate(R, w, H, Hk, D, config_.use_output_gate, {q16, k16, v16}));
     const int slot = config_.slot_of(layer);
     const __nv_bfloat16* q_norm = config_.qk_norm ? w.q_norm.get() : nullptr;
     const __nv_bfloat16* k_norm = config_.qk_norm ? w.k_norm.get() : nullptr;
@@ -672,11 +678,17 @@ class CudaBackend final : public Backend {
     } else {
       // A prefill chunk: one segment.
       const Segment& seg = segs[0];
-      SALA_RETURN_IF_ERROR(cuda::HeadNormRope({q_.get(), H, q_norm}, {k_.get(), Hk, k_norm}, int(seg.rows), D, eps,
+      // q and k become f16 in place.
+      auto* qh = reinterpret_cast<__half*>(q16);
+      auto* kh = reinterpret_cast<__half*>(k16);
+      SALA_RETURN_IF_ERROR(cuda::HeadNormRope({q16, qh, H, q_norm}, {k16, kh, Hk, k_norm}, int(seg.rows), D, eps,
                                               seg.state->tokens, config_.rope_theta, config_.lightning_use_rope, s));
+      SALA_ASSIGN_OR_RETURN(const int64_t scratch, cuda::LinearAttentionScratchFloats(seg.rows, H, D));
+      SALA_RETURN_IF_ERROR(linear_scratch_.Reserve(scratch));
       Section section(this, "linear_attention");
-      SALA_RETURN_IF_ERROR(cuda::LinearAttentionChunked(q_.get(), k_.get(), v_.get(), seg.rows, H, Hk, D, scale,
-                                                        slopes_.get(), seg.dev->linear[slot].get(), o_.get(), s));
+      SALA_RETURN_IF_ERROR(cuda::LinearAttentionChunked(qh, kh, v16, seg.rows, H, Hk, D, scale, slopes_.get(),
+                                                        seg.dev->linear[slot].get(), o_.get(),
+                                                        linear_scratch_.get(), s));
     }
     return OutputProjection(config_.use_output_norm ? w.o_norm.get() : nullptr, config_.use_output_gate, R, H * D,
                             w.o.get());
@@ -802,11 +814,17 @@ class CudaBackend final : public Backend {
                                               stream_));
     return MmAddResidual(ob_.get(), R, width, w_o);
   }
-  // The attention input projections of a layer from the normed h_ into q_, k_, v_ (and z_ with a gate).
-  absl::Status ProjectQkvGate(int64_t R, const LayerWeights& w, int H, int Hk, int D, bool gate) {
-    const cuda::GemvWeight all[] = {{w.q.get(), int64_t(H) * D, q_.get()},
-                                    {w.k.get(), int64_t(Hk) * D, k_.get()},
-                                    {w.v.get(), int64_t(Hk) * D, v_.get()},
+  // The attention input projections of a layer from the normed h_ into q_, k_, v_ (and z_ with a
+  // gate), or q, k and v rounded to bf16 into `qkv16`.
+  struct Bf16Qkv {
+    Bf16 *q, *k, *v;
+  };
+  absl::Status ProjectQkvGate(int64_t R, const LayerWeights& w, int H, int Hk, int D, bool gate,
+                              Bf16Qkv qkv16 = {nullptr, nullptr, nullptr}) {
+    const bool bf16 = qkv16.q != nullptr;
+    const cuda::GemvWeight all[] = {{w.q.get(), int64_t(H) * D, bf16 ? nullptr : q_.get(), false, 1.0f, qkv16.q},
+                                    {w.k.get(), int64_t(Hk) * D, bf16 ? nullptr : k_.get(), false, 1.0f, qkv16.k},
+                                    {w.v.get(), int64_t(Hk) * D, bf16 ? nullptr : v_.get(), false, 1.0f, qkv16.v},
                                     {w.gate.get(), int64_t(H) * D, z_.get()}};
     return NormedMm(w.input_norm.get(), 1.0f, R, std::span(all, gate ? 4 : 3));
   }
@@ -830,6 +848,7 @@ class CudaBackend final : public Backend {
   DeviceBuffer<Bf16> embed_, final_norm_, lm_head_;
   std::vector<LayerWeights> layers_;
   DeviceBuffer<float> slopes_;
+  DeviceBuffer<float> linear_scratch_;  // the chunked linear attention's segment states
   DeviceBuffer<float> h_, q_, k_, v_, z_, o_, logits_;
   DeviceBuffer<Bf16> xb_, ob_, g_, u_, gb_, last_;
   DeviceBuffer<int> ids_;  // a prefill chunk's tokens

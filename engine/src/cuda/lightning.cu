@@ -11,268 +11,309 @@ namespace sala::cuda {
 namespace {
 
 constexpr int kChunk = 64;
-constexpr int kThreads = 256;   // eight warps
-constexpr int kSliceCols = 32;  // value columns (of the state and the output) per block
+constexpr float kLog2e = 1.4426950408889634f;
+// The state is held divided by 64, so that as an f16 MMA operand it stays in range up to a
+// magnitude of 4M; the decay weights of the update carry the factor.
+constexpr float kStateScale = 1.0f / 64;
 
-// One block per (value-column slice, head) walks the sequence in 64-token chunks with its slice
-// of the state in registers, so no per-chunk state ever leaves the chip (MODEL_SPEC §3):
-//   O   = exp(G_i) s Q S_in + (s Q Kᵀ ⊙ exp(G_i − G_j) [j <= i]) V
-//   S_out = exp(g len) S_in + (K ⊙ exp(g (len − 1 − j)))ᵀ V
-// The four slices of a head each recompute the chunk's Q Kᵀ, rather than share it through another
-// pass over global memory. Tensor cores take tf32: q and k enter as fp32 bit patterns (the MMA drops
-// the low mantissa bits); v, the scores and the state are rounded to nearest on their way into
-// shared memory (truncating those as well changed the built-in model's greedy tokens against
-// the CPU oracle).
+// Prefill walks 64-token chunks with each warp holding 16 value columns of the head's state
+// (Sᵀ, fp32, in MMA accumulators), so the state never passes through shared memory:
+//   Oᵀ     = exp(G_i) s Sᵀ_in Qᵀ + Vᵀ (s Q Kᵀ ⊙ exp(G_i − G_j) [j <= i])ᵀ
+//   Sᵀ_out = exp(g len) Sᵀ_in + (V ⊙ exp(g (len − 1 − j)))ᵀ K
+// An Sᵀ accumulator fragment, packed to f16 pairs, is the A fragment of the next product. The
+// scores are the one thing the warps share: computed by all, through shared memory.
 //
-// Fragments come from ldmatrix, whose 8x8 b16 matrices are 8 rows of four 32-bit words: lane
-// (g, t) receives word t of row g, which is a tf32 fragment's layout when the rows are the
-// operand's m or n index and the words its k index. So every tile is stored with the summation
-// index of its product along the row: Q and K [token][dim], the scores [token][key], Vᵀ and the
-// decayed Vᵀ [column][token], Sᵀ [column][key dim]. Row strides of 4 words mod 8 put the eight
-// rows of a matrix on different banks. Only the state update reads Kᵀ, word by word.
+// Parallel over segments of the sequence: SegmentStatesKernel first computes each segment's own
+// state (from zero), then ChunkedKernel starts segment p from the initial state and the earlier
+// segments' states, decayed. Operands are f16 (q and k as HeadNormRope leaves them, v converted
+// from bf16 on its way into a fragment, the scores and the state packed), accumulation fp32.
 template <int kDim>
-struct ChunkTiles {
-  static constexpr int kQKStride = kDim + 4;     // Q, K [token][dim]; Sᵀ [column][key dim]
-  static constexpr int kKeyStride = kChunk + 4;  // scores [token][key]; Vᵀ, decayed Vᵀ [column][token]
-  static constexpr int kQKTile = kChunk * kQKStride;
-  static constexpr int kVTile = kSliceCols * kKeyStride;
-  static constexpr int kQ = 0;  // [2 stages][kChunk][kQKStride]
-  static constexpr int kK = kQ + 2 * kQKTile;
-  static constexpr int kV = kK + 2 * kQKTile;  // [2][kSliceCols][kKeyStride]
-  static constexpr int kVDecayed = kV + 2 * kVTile;
-  static constexpr int kSTile = kSliceCols * kQKStride;
-  static constexpr int kS = kVDecayed + 2 * kVTile;  // [2][kSliceCols][kQKStride]: this block's S_inᵀ
-  static constexpr int kA = kS + 2 * kSTile;         // [kChunk][kKeyStride]
-  static constexpr size_t kBytes = size_t(kA + kChunk * kKeyStride) * sizeof(uint32_t);
+struct Tiles {
+  static constexpr int kWarps = kDim / 16;  // a warp per 16 value columns
+  static constexpr int kThreads = 32 * kWarps;
+  // Rows padded by 16 bytes, so that ldmatrix's eight row addresses fall in different banks (and
+  // every address is a lane's base plus a constant).
+  static constexpr int kStride = kDim + 8;
+  static constexpr int kScoreStride = kChunk + 8;
+  static constexpr int kTile = kChunk * kStride;  // 16-bit values of a Q, K or V tile, [token][dim]
+  static constexpr int kScoreTile = kChunk * kScoreStride;
+  static constexpr size_t kChunkedBytes = size_t(2 * 3 * kTile + kScoreTile) * 2;  // two stages of Q, K, V
+  static constexpr size_t kStatesBytes = size_t(2 * 2 * kTile) * 2;                // two stages of K, V
 };
 
-__device__ int ChunkLen(int64_t T, int64_t c) { return T - c * kChunk < kChunk ? int(T - c * kChunk) : kChunk; }
-
-// The A fragment of rows r0 .. r0 + 15, k 8 kk .. + 7 of a row-major tile.
-__device__ __forceinline__ void LoadA(uint32_t (&a)[4], const uint32_t* tile, int stride, int r0, int kk) {
-  const int lane = threadIdx.x % 32;
-  LdMatrixX4(a, tile + (r0 + lane % 8 + 8 * (lane / 8 % 2)) * stride + 8 * kk + 4 * (lane / 16));
-}
-// B fragments of rows (n) n0 .. n0 + 7 for k steps 2 kp and 2 kp + 1: {b0, b1} of each.
-__device__ __forceinline__ void LoadB2(uint32_t (&b)[4], const uint32_t* tile, int stride, int n0, int kp) {
-  const int lane = threadIdx.x % 32;
-  LdMatrixX4(b, tile + (n0 + lane % 8) * stride + 16 * kp + 4 * (lane / 8));
-}
-__device__ __forceinline__ void MmaTf32Pair(float (&d)[4], const uint32_t (&a0)[4], const uint32_t (&a1)[4],
-                                            const uint32_t (&b)[4]) {
-  MmaTf32(d, a0, b[0], b[1]);
-  MmaTf32(d, a1, b[2], b[3]);
-}
-
-// Warp w: query rows 16 (w % 4) .. + 15; for the scores keys 32 (w / 4) .. + 31, for the output
-// value columns 16 (w / 4) .. + 15 of the slice; for the state, key dims and columns of an even
-// share of the slice (kDim 128: 16 key dims, all 32 columns).
+// Copies 64-token tiles of one head of a [T, heads, kDim] 16-bit tensor into shared memory by
+// cp.async, 16 bytes a piece: a thread's pieces are one column position in every kRowStep-th row.
 template <int kDim>
-__global__ void __launch_bounds__(kThreads, 1)
-    ChunkedKernel(const float* q, const float* k, const float* v, int64_t T, int H, int Hk, float scale,
-                  const float* slopes, float* state, float* o) {
-  using L = ChunkTiles<kDim>;
-  extern __shared__ __align__(16) uint32_t lsmem[];
-  const int h = blockIdx.y, kh = h / (H / Hk), col0 = blockIdx.x * kSliceCols;
-  const float g = -slopes[h];
-  const int64_t chunks = (T + kChunk - 1) / kChunk;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, tq = lane % 4;
-  const int i0 = 16 * (warp % 4), half = warp / 4;
-  constexpr int kStateRowTiles = kDim / 16, kStateWarpsPerRow = kThreads / 32 / kStateRowTiles;
-  constexpr int kStateTiles = kSliceCols / 8 / kStateWarpsPerRow;  // 8-column tiles per warp
-  const int s0 = 16 * (warp % kStateRowTiles), sc0 = 8 * kStateTiles * (warp / kStateRowTiles);
-  uint32_t* A = lsmem + L::kA;
+struct TileLoader {
+  static constexpr int kPieces = kDim / 8, kRowStep = Tiles<kDim>::kThreads / kPieces;
+  const uint16_t* src;  // this thread's first piece in the tile of rows 0 ..
+  int64_t row_stride;
+  int row, col;
 
-  // q and k: each thread copies 16-byte pieces of one column position in every kRowStep-th row.
-  constexpr int kPieces = kDim / 4, kRowStep = kThreads / kPieces;
-  const int piece_row = threadIdx.x / kPieces, piece_col = 4 * (threadIdx.x % kPieces);
-  const int64_t q_row = int64_t(H) * kDim, k_row = int64_t(Hk) * kDim;  // floats between tokens
-  const float* q_piece = q + int64_t(piece_row) * q_row + h * kDim + piece_col;
-  const float* k_piece = k + int64_t(piece_row) * k_row + kh * kDim + piece_col;
-  const auto issue_qk = [&](int64_t c, int stage) {
-    uint32_t* Qs = lsmem + L::kQ + stage * L::kQKTile + piece_row * L::kQKStride + piece_col;
-    uint32_t* Ks = lsmem + L::kK + stage * L::kQKTile + piece_row * L::kQKStride + piece_col;
-    const int len = ChunkLen(T, c);
-    const float* qc = q_piece + c * kChunk * q_row;
-    const float* kc = k_piece + c * kChunk * k_row;
+  // x: the head's first column in row 0.
+  __device__ TileLoader(const uint16_t* x, int64_t row_stride) : row_stride(row_stride) {
+    row = threadIdx.x / kPieces;
+    col = 8 * (threadIdx.x % kPieces);
+    src = x + row * row_stride + col;
+  }
+  // Rows first .. first + 63 into `tile`; rows at or past `end` read as zeros.
+  __device__ __forceinline__ void Load(uint16_t* tile, int64_t first, int64_t end) const {
+    const uint16_t* p = src + first * row_stride;
+    const int64_t step = kRowStep * row_stride;
+    const int64_t rows_left = end - first - row;
+    uint16_t* dst = tile + row * Tiles<kDim>::kStride + col;
 #pragma unroll
-    for (int r = 0; r < kChunk; r += kRowStep) {
-      const bool valid = piece_row + r < len;  // rows past the end are zero-filled from row 0
-      CpAsync16(Qs + r * L::kQKStride, valid ? qc + r * q_row : qc, valid);
-      CpAsync16(Ks + r * L::kQKStride, valid ? kc + r * k_row : kc, valid);
+    for (int r = 0; r < kChunk; r += kRowStep, p += step) {
+      const bool valid = r < rows_left;
+      CpAsync16(dst + r * Tiles<kDim>::kStride, valid ? p : src, valid);
     }
-    CpAsyncCommit();
-  };
-  // The slice of v, transposed: lane = token (of 32), the warp's 8 columns, loaded a chunk ahead
-  // into registers, then stored rounded, plus the copy decayed for the state update.
-  static_assert(kChunk * kSliceCols / 8 == kThreads, "two 16-byte pieces of v per thread");
-  const int v_row = 32 * (warp / 4) + lane, v_col = 8 * (warp % 4);
-  const auto load_v = [&](int64_t c, float4 (&x)[2]) {
-    x[0] = x[1] = float4{0, 0, 0, 0};
-    if (v_row < ChunkLen(T, c)) {
-      const float4* src = reinterpret_cast<const float4*>(v + ((c * kChunk + v_row) * Hk + kh) * kDim + col0 + v_col);
-      x[0] = src[0];
-      x[1] = src[1];
-    }
-  };
-  const auto store_v = [&](int64_t c, int stage, const float4 (&x)[2]) {
-    const float w = __expf(g * float(ChunkLen(T, c) - 1 - v_row));
-    uint32_t* Vt = lsmem + L::kV + stage * L::kVTile + v_col * L::kKeyStride + v_row;
-    uint32_t* Vd = lsmem + L::kVDecayed + stage * L::kVTile + v_col * L::kKeyStride + v_row;
-    const float e[8] = {x[0].x, x[0].y, x[0].z, x[0].w, x[1].x, x[1].y, x[1].z, x[1].w};
+  }
+};
+
+// Four 8x8 matrices of a [row][col] tile (row stride kStride) by ldmatrix. Plain: the A fragment of rows
+// r0 .. r0 + 15 (m) and cols c0 .. c0 + 15 (k), which is also the B fragments of two n tiles of
+// rows (n) with cols as k: {r[0], r[2]} for rows r0 .., {r[1], r[3]} for rows r0 + 8 ...
+template <int kStride>
+__device__ __forceinline__ void LdRows(uint32_t (&r)[4], const uint16_t* tile, int r0, int c0) {
+  const int lane = threadIdx.x % 32;
+  LdMatrixX4(r, tile + (r0 + lane % 8 + 8 * (lane / 8 % 2)) * kStride + c0 + 8 * (lane / 16));
+}
+// Transposed: the A fragment of m = cols c0 .. c0 + 15 and k = rows r0 .. r0 + 15, and the B
+// fragments of k = rows, n = two 8-col tiles: {r[0], r[2]} for cols c0 .., {r[1], r[3]} for c0 + 8 ...
+template <int kStride>
+__device__ __forceinline__ void LdRowsTrans(uint32_t (&r)[4], const uint16_t* tile, int r0, int c0) {
+  const int lane = threadIdx.x % 32;
+  LdMatrixX4Trans(r, tile + (r0 + lane % 8 + 8 * (lane / 16)) * kStride + c0 + 8 * (lane / 8 % 2));
+}
+
+__device__ __forceinline__ uint32_t MulF16x2(uint32_t a, uint32_t b) {
+  const __half2 r = __hmul2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
+  return *reinterpret_cast<const uint32_t*>(&r);
+}
+
+// Sᵀ of this warp's 16 columns (c0 ..) as C fragments over key-dim tiles of 8:
+// acc[n][0..1] = S[8n + 2t (+1)][c0 + g] / 64, acc[n][2..3] the same at column c0 + g + 8.
+template <int kDim>
+__device__ __forceinline__ void AddState(float (&acc)[kDim / 8][4], const float* S, int c0, float weight) {
+  const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      Vt[i * L::kKeyStride] = ToTf32(e[i]);
-      Vd[i * L::kKeyStride] = ToTf32(w * e[i]);
-    }
-  };
-  // Sᵀ alternates between two buffers, so that a chunk's S_out can be stored while other warps
-  // still read its S_in.
-  const auto store_state = [&](const float (&acc)[kStateTiles][4], int64_t c) {
+  for (int n = 0; n < kDim / 8; ++n)
 #pragma unroll
-    for (int n = 0; n < kStateTiles; ++n) {
-      uint32_t* col = lsmem + L::kS + (c & 1) * L::kSTile + (sc0 + 8 * n + 2 * tq) * L::kQKStride + s0 + gq;
-      col[0] = ToTf32(acc[n][0]);
-      col[L::kQKStride] = ToTf32(acc[n][1]);
-      col[8] = ToTf32(acc[n][2]);
-      col[L::kQKStride + 8] = ToTf32(acc[n][3]);
-    }
-  };
-  // Per-thread constants: the decay mask of its score entries, and the decay of its rows' S_in term.
-  float mask[4][4];
+    for (int e = 0; e < 4; ++e)
+      acc[n][e] += kStateScale * weight * S[(8 * n + 2 * t + e % 2) * kDim + c0 + g + 8 * (e / 2)];
+}
+template <int kDim>
+__device__ __forceinline__ void StoreState(const float (&acc)[kDim / 8][4], float* S, int c0) {
+  const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
 #pragma unroll
-  for (int n = 0; n < 4; ++n)
+  for (int n = 0; n < kDim / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) S[(8 * n + 2 * t + e % 2) * kDim + c0 + g + 8 * (e / 2)] = acc[n][e] / kStateScale;
+}
+
+// Sᵀ = exp(g len) Sᵀ + (V ⊙ w)ᵀ K for one chunk of `len` tokens, w_j = exp(g (len − 1 − j)).
+template <int kDim>
+__device__ __forceinline__ void UpdateState(float (&acc)[kDim / 8][4], const uint16_t* Ks, const uint16_t* Vs,
+                                            int len, float g2, int c0) {
+  const int t = threadIdx.x % 4;
+  const float chunk_decay = exp2f(g2 * float(len));
+#pragma unroll
+  for (int n = 0; n < kDim / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[n][e] *= chunk_decay;
+#pragma unroll
+  for (int ks = 0; ks < kChunk / 16; ++ks) {
+    // Tokens 16 ks + 2t (+1) in va[0..1], 16 ks + 2t + 8 (+9) in va[2..3]. Rows past len are zero
+    // in V, and so is their weight (the exponential of a positive argument could overflow).
+    float w[4];
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int i = i0 + gq + 8 * (e / 2), j = 32 * half + 8 * n + 2 * tq + e % 2;
-      mask[n][e] = j <= i ? scale * __expf(g * float(i - j)) : 0.0f;
+      const int j = 16 * ks + 2 * t + e % 2 + 8 * (e / 2);
+      w[e] = j < len ? kStateScale * exp2f(g2 * float(len - 1 - j)) : 0.0f;
     }
-  const float row_scale[2] = {scale * __expf(g * float(i0 + gq + 1)), scale * __expf(g * float(i0 + gq + 9))};
-
-  float4 v_next[2];
-  issue_qk(0, 0);
-  load_v(0, v_next);
-  store_v(0, 0, v_next);
-  float* state_h = state + int64_t(h) * kDim * kDim;
-  float sacc[kStateTiles][4];
+    const uint32_t w_lo = PackF16(w[0], w[1]), w_hi = PackF16(w[2], w[3]);
+    uint32_t va[4];
+    LdRowsTrans<Tiles<kDim>::kStride>(va, Vs, 16 * ks, c0);
 #pragma unroll
-  for (int n = 0; n < kStateTiles; ++n) {
-    const int col = col0 + sc0 + 8 * n + 2 * tq;
-    const float2 lo = *reinterpret_cast<const float2*>(state_h + (s0 + gq) * kDim + col);
-    const float2 hi = *reinterpret_cast<const float2*>(state_h + (s0 + gq + 8) * kDim + col);
-    sacc[n][0] = lo.x, sacc[n][1] = lo.y, sacc[n][2] = hi.x, sacc[n][3] = hi.y;
+    for (int r = 0; r < 4; ++r) va[r] = MulF16x2(Bf16x2ToF16x2(va[r]), r < 2 ? w_lo : w_hi);
+#pragma unroll
+    for (int np = 0; np < kDim / 16; ++np) {
+      uint32_t b[4];
+      LdRowsTrans<Tiles<kDim>::kStride>(b, Ks, 16 * ks, 16 * np);
+      MmaF16(acc[2 * np], va, b[0], b[2]);
+      MmaF16(acc[2 * np + 1], va, b[1], b[3]);
+    }
   }
-  store_state(sacc, 0);
+}
 
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int stage = int(c & 1), len = ChunkLen(T, c);
+// Block (p, h): segment p < P − 1 of head h from a zero state into seg_states slot 1 + p; block
+// P − 1 copies the initial state into slot 0 (ChunkedKernel's last segment overwrites `state`).
+template <int kDim>
+__global__ void __launch_bounds__(Tiles<kDim>::kThreads)
+    SegmentStatesKernel(const __half* k, const __nv_bfloat16* v, int H, int Hk, int64_t seg_len, const float* slopes,
+                        const float* state, float* seg_states) {
+  using L = Tiles<kDim>;
+  extern __shared__ __align__(128) uint16_t lsmem[];
+  const int p = blockIdx.x, P = gridDim.x, h = blockIdx.y, kh = h / (H / Hk), c0 = 16 * (threadIdx.x / 32);
+  constexpr int64_t kHeadState = int64_t(kDim) * kDim;
+  if (p == P - 1) {
+    for (int i = threadIdx.x; i < kHeadState; i += L::kThreads)
+      seg_states[h * kHeadState + i] = state[h * kHeadState + i];
+    return;
+  }
+  const float g2 = -slopes[h] * kLog2e;
+  const int64_t first = p * seg_len, row_stride = int64_t(Hk) * kDim;
+  const TileLoader<kDim> k_tiles(reinterpret_cast<const uint16_t*>(k) + kh * kDim, row_stride);
+  const TileLoader<kDim> v_tiles(reinterpret_cast<const uint16_t*>(v) + kh * kDim, row_stride);
+  const int chunks = int(seg_len / kChunk);  // every segment but the last is whole chunks
+  const auto load = [&](int c, int stage) {
+    uint16_t* tiles = lsmem + stage * 2 * L::kTile;
+    k_tiles.Load(tiles, first + c * kChunk, first + seg_len);
+    v_tiles.Load(tiles + L::kTile, first + c * kChunk, first + seg_len);
+    CpAsyncCommit();
+  };
+  float acc[kDim / 8][4] = {};
+  load(0, 0);
+  for (int c = 0; c < chunks; ++c) {
     CpAsyncWait<0>();
-    __syncthreads();  // chunk c's tiles and S_in are in place; every warp is done with chunk c − 1
-    if (c + 1 < chunks) {
-      issue_qk(c + 1, stage ^ 1);
-      load_v(c + 1, v_next);
-    }
-    const uint32_t* Qs = lsmem + L::kQ + stage * L::kQKTile;
-    const uint32_t* Ks = lsmem + L::kK + stage * L::kQKTile;
-    const uint32_t* Vt = lsmem + L::kV + stage * L::kVTile;
-    const uint32_t* Vd = lsmem + L::kVDecayed + stage * L::kVTile;
-    const uint32_t* St = lsmem + L::kS + stage * L::kSTile;
+    __syncthreads();  // chunk c's tiles are in place; every warp is done with chunk c − 1's
+    if (c + 1 < chunks) load(c + 1, (c + 1) & 1);
+    const uint16_t* tiles = lsmem + (c & 1) * 2 * L::kTile;
+    UpdateState<kDim>(acc, tiles, tiles + L::kTile, kChunk, g2, c0);
+  }
+  StoreState<kDim>(acc, seg_states + ((1 + p) * int64_t(H) + h) * kHeadState, c0);
+}
 
-    uint32_t qf[kDim / 8][4];
+// Block (p, h): the outputs of segment p of head h. The last segment leaves its end state in `state`.
+template <int kDim>
+__global__ void __launch_bounds__(Tiles<kDim>::kThreads, 2)
+    ChunkedKernel(const __half* q, const __half* k, const __nv_bfloat16* v, int64_t T, int H, int Hk, int64_t seg_len,
+                  float scale, const float* slopes, float* state, const float* seg_states, float* o) {
+  using L = Tiles<kDim>;
+  extern __shared__ __align__(128) uint16_t lsmem[];
+  const int p = blockIdx.x, P = gridDim.x, h = blockIdx.y, kh = h / (H / Hk);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, c0 = 16 * warp;
+  constexpr int64_t kHeadState = int64_t(kDim) * kDim;
+  const float gn = -slopes[h], g2 = gn * kLog2e;
+  const int64_t first = p * seg_len, end = T < first + seg_len ? T : first + seg_len;
+  const int chunks = int((end - first + kChunk - 1) / kChunk);
+  const int64_t q_stride = int64_t(H) * kDim, kv_stride = int64_t(Hk) * kDim;
+  const TileLoader<kDim> q_tiles(reinterpret_cast<const uint16_t*>(q) + h * kDim, q_stride);
+  const TileLoader<kDim> k_tiles(reinterpret_cast<const uint16_t*>(k) + kh * kDim, kv_stride);
+  const TileLoader<kDim> v_tiles(reinterpret_cast<const uint16_t*>(v) + kh * kDim, kv_stride);
+  uint16_t* As = lsmem + 6 * L::kTile;  // the chunk's masked scores [query][key]
+  const auto load = [&](int c, int stage) {
+    uint16_t* tiles = lsmem + stage * 3 * L::kTile;
+    const int64_t r0 = first + c * kChunk;
+    q_tiles.Load(tiles, r0, end);
+    k_tiles.Load(tiles + L::kTile, r0, end);
+    v_tiles.Load(tiles + 2 * L::kTile, r0, end);
+    CpAsyncCommit();
+  };
+  load(0, 0);
+  // The segment's starting state: the initial state decayed over `first` tokens, plus each earlier
+  // segment's own state decayed over the segments after it.
+  float acc[kDim / 8][4] = {};
+  AddState<kDim>(acc, (P > 1 ? seg_states : state) + h * kHeadState, c0, expf(gn * float(first)));
+  for (int s = 0; s < p; ++s)
+    AddState<kDim>(acc, seg_states + ((1 + s) * int64_t(H) + h) * kHeadState, c0,
+                   expf(gn * float((p - 1 - s) * seg_len)));
+
+  // Scores: warp w takes query rows 16 (w % 4) .. + 15 against kKeys keys from kKeys (w / 4).
+  constexpr int kKeys = 4 * kChunk / L::kWarps, kKeyTiles = kKeys / 8;
+  const int i0 = 16 * (warp % 4), jb = kKeys * (warp / 4);
+  for (int c = 0; c < chunks; ++c) {
+    const int64_t r0 = first + c * kChunk;
+    const int len = end - r0 < kChunk ? int(end - r0) : kChunk;
+    CpAsyncWait<0>();
+    __syncthreads();  // chunk c's tiles are in place; every warp is done with chunk c − 1's and its scores
+    if (c + 1 < chunks) load(c + 1, (c + 1) & 1);
+    const uint16_t* Qs = lsmem + (c & 1) * 3 * L::kTile;
+    const uint16_t* Ks = Qs + L::kTile;
+    const uint16_t* Vs = Qs + 2 * L::kTile;
+    {
+      float sc[kKeyTiles][4] = {};
 #pragma unroll
-    for (int kk = 0; kk < kDim / 8; ++kk) LoadA(qf[kk], Qs, L::kQKStride, i0, kk);
-    // Scores of this warp's rows against its 32 keys, the tiles wholly above the diagonal skipped.
-    float sc[4][4] = {};
+      for (int kk = 0; kk < kDim / 16; ++kk) {
+        uint32_t a[4];
+        LdRows<L::kStride>(a, Qs, i0, 16 * kk);
 #pragma unroll
-    for (int n = 0; n < 4; ++n) {
-      const int j0 = 32 * half + 8 * n;
-      if (j0 > i0 + 15) break;
+        for (int np = 0; np < kKeyTiles / 2; ++np) {
+          if (jb + 16 * np > i0 + 15) break;  // wholly above the diagonal
+          uint32_t b[4];
+          LdRows<L::kStride>(b, Ks, jb + 16 * np, 16 * kk);
+          MmaF16(sc[2 * np], a, b[0], b[2]);
+          MmaF16(sc[2 * np + 1], a, b[1], b[3]);
+        }
+      }
+      // Masked and scaled into As. Every entry the output reads below (keys up to the end of the
+      // query's 16-row tile) is written.
 #pragma unroll
-      for (int kp = 0; kp < kDim / 16; ++kp) {
-        uint32_t b[4];
-        LoadB2(b, Ks, L::kQKStride, j0, kp);
-        MmaTf32Pair(sc[n], qf[2 * kp], qf[2 * kp + 1], b);
+      for (int n = 0; n < kKeyTiles; ++n) {
+        const int j0 = jb + 8 * n;
+        if (j0 > i0 + 15) break;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int i = i0 + g + 8 * r, j = j0 + 2 * t;
+          const float x0 = j <= i ? scale * sc[n][2 * r] * exp2f(g2 * float(i - j)) : 0.0f;
+          const float x1 = j + 1 <= i ? scale * sc[n][2 * r + 1] * exp2f(g2 * float(i - j - 1)) : 0.0f;
+          *reinterpret_cast<uint32_t*>(As + i * L::kScoreStride + j) = PackF16Sat(x0, x1);
+        }
       }
     }
+    __syncthreads();  // the scores are complete
+    // Oᵀ of this warp's 16 columns, 32 tokens at a time.
+#pragma unroll 1
+    for (int th = 0; th < 2; ++th) {
+      float oacc[4][4] = {};
 #pragma unroll
-    for (int n = 0; n < 4; ++n) {
-      const int j0 = 32 * half + 8 * n;
-      if (j0 > i0 + 15) break;
+      for (int kk = 0; kk < kDim / 16; ++kk) {
+        const uint32_t a[4] = {PackF16Sat(acc[2 * kk][0], acc[2 * kk][1]), PackF16Sat(acc[2 * kk][2], acc[2 * kk][3]),
+                               PackF16Sat(acc[2 * kk + 1][0], acc[2 * kk + 1][1]),
+                               PackF16Sat(acc[2 * kk + 1][2], acc[2 * kk + 1][3])};
 #pragma unroll
-      for (int e = 0; e < 4; e += 2)  // rows g and g + 8, two adjacent keys each
-        *reinterpret_cast<uint2*>(A + (i0 + gq + 8 * (e / 2)) * L::kKeyStride + j0 + 2 * tq) =
-            uint2{ToTf32(sc[n][e] * mask[n][e]), ToTf32(sc[n][e + 1] * mask[n][e + 1])};
+        for (int np = 0; np < 2; ++np) {
+          uint32_t b[4];
+          LdRows<L::kStride>(b, Qs, 32 * th + 16 * np, 16 * kk);
+          MmaF16(oacc[2 * np], a, b[0], b[2]);
+          MmaF16(oacc[2 * np + 1], a, b[1], b[3]);
+        }
+      }
+      // Token i's S_in term: exp(g (i + 1)) s, the state's scale undone.
+#pragma unroll
+      for (int n = 0; n < 4; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = 32 * th + 8 * n + 2 * t + e % 2;
+          oacc[n][e] *= scale / kStateScale * exp2f(g2 * float(i + 1));
+        }
+#pragma unroll
+      for (int ks = 0; ks < 2 * th + 2; ++ks) {
+        uint32_t va[4];
+        LdRowsTrans<Tiles<kDim>::kStride>(va, Vs, 16 * ks, c0);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) va[r] = Bf16x2ToF16x2(va[r]);
+#pragma unroll
+        for (int np = 0; np < 2; ++np) {
+          const int n0 = 32 * th + 16 * np;
+          if (16 * ks > n0 + 15) continue;  // keys all after these queries
+          uint32_t b[4];
+          LdRows<L::kScoreStride>(b, As, n0, 16 * ks);
+          MmaF16(oacc[2 * np], va, b[0], b[2]);
+          MmaF16(oacc[2 * np + 1], va, b[1], b[3]);
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < 4; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = 32 * th + 8 * n + 2 * t + e % 2;
+          if (i < len) o[((r0 + i) * H + h) * kDim + c0 + g + 8 * (e / 2)] = oacc[n][e];
+        }
     }
-    // Inter-chunk part: Q S_in over this warp's 16 columns.
-    float oacc[2][4] = {};
-#pragma unroll
-    for (int n = 0; n < 2; ++n)
-#pragma unroll
-      for (int kp = 0; kp < kDim / 16; ++kp) {
-        uint32_t b[4];
-        LoadB2(b, St, L::kQKStride, 16 * half + 8 * n, kp);
-        MmaTf32Pair(oacc[n], qf[2 * kp], qf[2 * kp + 1], b);
-      }
-    // The rows' score tile is complete: only the two warps of these rows wrote and read it.
-    asm volatile("bar.sync %0, 64;\n" ::"r"(1 + warp % 4));
-#pragma unroll
-    for (int n = 0; n < 2; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) oacc[n][e] *= row_scale[e / 2];
-    // Intra-chunk part: keys up to the last row of the warp's tile, 16 at a time.
-#pragma unroll
-    for (int kp = 0; kp < kChunk / 16; ++kp) {
-      if (16 * kp > i0) break;
-      uint32_t a0[4], a1[4];
-      LoadA(a0, A, L::kKeyStride, i0, 2 * kp);
-      LoadA(a1, A, L::kKeyStride, i0, 2 * kp + 1);
-#pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        uint32_t b[4];
-        LoadB2(b, Vt, L::kKeyStride, 16 * half + 8 * n, kp);
-        MmaTf32Pair(oacc[n], a0, a1, b);
-      }
-    }
-#pragma unroll
-    for (int n = 0; n < 2; ++n)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int i = i0 + gq + 8 * r;
-        if (i < len)
-          *reinterpret_cast<float2*>(o + ((c * kChunk + i) * H + h) * kDim + col0 + 16 * half + 8 * n + 2 * tq) =
-              float2{oacc[n][2 * r], oacc[n][2 * r + 1]};
-      }
-    // State: S_out = exp(g len) S_in + Kᵀ (decayed V) in registers, then S_outᵀ rounded for the
-    // next chunk's Q S_in.
-    const float chunk_decay = __expf(g * float(len));
-#pragma unroll
-    for (int n = 0; n < kStateTiles; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) sacc[n][e] *= chunk_decay;
-#pragma unroll
-    for (int kp = 0; kp < kChunk / 16; ++kp) {
-      uint32_t a[2][4];
-#pragma unroll
-      for (int s = 0; s < 2; ++s) {
-        const uint32_t* r = Ks + (16 * kp + 8 * s + tq) * L::kQKStride + s0 + gq;
-        a[s][0] = r[0], a[s][1] = r[8], a[s][2] = r[4 * L::kQKStride], a[s][3] = r[4 * L::kQKStride + 8];
-      }
-#pragma unroll
-      for (int n = 0; n < kStateTiles; ++n) {
-        uint32_t b[4];
-        LoadB2(b, Vd, L::kKeyStride, sc0 + 8 * n, kp);
-        MmaTf32Pair(sacc[n], a[0], a[1], b);
-      }
-    }
-    store_state(sacc, c + 1);
-    if (c + 1 < chunks) store_v(c + 1, stage ^ 1, v_next);
+    UpdateState<kDim>(acc, Ks, Vs, len, g2, c0);
   }
-#pragma unroll
-  for (int n = 0; n < kStateTiles; ++n) {
-    const int col = col0 + sc0 + 8 * n + 2 * tq;
-    *reinterpret_cast<float2*>(state_h + (s0 + gq) * kDim + col) = float2{sacc[n][0], sacc[n][1]};
-    *reinterpret_cast<float2*>(state_h + (s0 + gq + 8) * kDim + col) = float2{sacc[n][2], sacc[n][3]};
-  }
+  if (p == P - 1) StoreState<kDim>(acc, state + h * kHeadState, c0);
 }
 
 // Decode: one block per (sequence, head). A thread owns four adjacent columns (16-byte loads and
@@ -367,29 +408,66 @@ __global__ void StepKernel(const float* q, const float* k, const float* v, int H
       make_float4(scale * sum.x, scale * sum.y, scale * sum.z, scale * sum.w);
 }
 
+// Segments of whole chunks, as many as fill the GPU with ChunkedKernel blocks (one per segment
+// and head), at most one per chunk.
+struct SegmentPlan {
+  int segments;
+  int64_t seg_len;
+};
 template <int kDim>
-absl::Status LaunchChunked(const float* q, const float* k, const float* v, int64_t T, int heads, int kv_heads,
-                           float scale, const float* slopes, float* state, float* o, cudaStream_t stream) {
-  constexpr size_t smem = ChunkTiles<kDim>::kBytes;
-  SALA_CUDA_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(ChunkedKernel<kDim>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  ChunkedKernel<kDim><<<dim3(kDim / kSliceCols, heads), kThreads, smem, stream>>>(q, k, v, T, heads, kv_heads, scale,
-                                                                                   slopes, state, o);
-  SALA_CUDA_CHECK_LAUNCH();
-  return absl::OkStatus();
+absl::StatusOr<SegmentPlan> PlanSegments(int64_t T, int heads) {
+  SALA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(ChunkedKernel<kDim>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 int(Tiles<kDim>::kChunkedBytes)));
+  SALA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+      SegmentStatesKernel<kDim>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Tiles<kDim>::kStatesBytes)));
+  int resident = 0;
+  SALA_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &resident, ChunkedKernel<kDim>, Tiles<kDim>::kThreads, Tiles<kDim>::kChunkedBytes));
+  SALA_ASSIGN_OR_RETURN(const int sms, MultiprocessorCount());
+  const int64_t chunks = (T + kChunk - 1) / kChunk;
+  const int64_t want = std::clamp<int64_t>(int64_t(std::max(resident, 1)) * sms / heads, 1, chunks);
+  const int64_t seg_chunks = (chunks + want - 1) / want;
+  return SegmentPlan{int((chunks + seg_chunks - 1) / seg_chunks), seg_chunks * kChunk};
+}
+
+absl::StatusOr<SegmentPlan> Plan(int64_t T, int heads, int dim) {
+  if (dim != 64 && dim != 128) return absl::InvalidArgumentError("linear attention prefill needs head_dim 64 or 128");
+  return dim == 128 ? PlanSegments<128>(T, heads) : PlanSegments<64>(T, heads);
+}
+
+template <int kDim>
+void LaunchChunked(const __half* q, const __half* k, const __nv_bfloat16* v, int64_t T, int heads, int kv_heads,
+                   float scale, const float* slopes, float* state, float* o, float* scratch, SegmentPlan plan,
+                   cudaStream_t stream) {
+  using L = Tiles<kDim>;
+  if (plan.segments > 1)
+    SegmentStatesKernel<kDim><<<dim3(plan.segments, heads), L::kThreads, L::kStatesBytes, stream>>>(
+        k, v, heads, kv_heads, plan.seg_len, slopes, state, scratch);
+  ChunkedKernel<kDim><<<dim3(plan.segments, heads), L::kThreads, L::kChunkedBytes, stream>>>(
+      q, k, v, T, heads, kv_heads, plan.seg_len, scale, slopes, state, scratch, o);
 }
 
 }  // namespace
 
-absl::Status LinearAttentionChunked(const float* q, const float* k, const float* v, int64_t T, int heads,
+absl::StatusOr<int64_t> LinearAttentionScratchFloats(int64_t T, int heads, int dim) {
+  if (T == 0) return 0;
+  SALA_ASSIGN_OR_RETURN(const SegmentPlan plan, Plan(T, heads, dim));
+  return plan.segments > 1 ? int64_t(plan.segments) * heads * dim * dim : 0;
+}
+
+absl::Status LinearAttentionChunked(const __half* q, const __half* k, const __nv_bfloat16* v, int64_t T, int heads,
                                     int kv_heads, int dim, float scale, const float* slopes, float* state, float* o,
-                                    cudaStream_t stream) {
+                                    float* scratch, cudaStream_t stream) {
   if (T == 0) return absl::OkStatus();
-  if (dim != 64 && dim != 128) return absl::InvalidArgumentError("linear attention prefill needs head_dim 64 or 128");
   if (kv_heads <= 0 || heads % kv_heads != 0)
     return absl::InvalidArgumentError("linear attention prefill needs heads a multiple of kv_heads");
-  return dim == 128 ? LaunchChunked<128>(q, k, v, T, heads, kv_heads, scale, slopes, state, o, stream)
-                    : LaunchChunked<64>(q, k, v, T, heads, kv_heads, scale, slopes, state, o, stream);
+  SALA_ASSIGN_OR_RETURN(const SegmentPlan plan, Plan(T, heads, dim));
+  if (plan.segments > 1 && scratch == nullptr)
+    return absl::InvalidArgumentError("linear attention prefill needs LinearAttentionScratchFloats of scratch");
+  if (dim == 128) LaunchChunked<128>(q, k, v, T, heads, kv_heads, scale, slopes, state, o, scratch, plan, stream);
+  else LaunchChunked<64>(q, k, v, T, heads, kv_heads, scale, slopes, state, o, scratch, plan, stream);
+  SALA_CUDA_CHECK_LAUNCH();
+  return absl::OkStatus();
 }
 
 absl::Status LinearAttentionStep(const float* q, const float* k, const float* v, int batch, int heads, int kv_heads,

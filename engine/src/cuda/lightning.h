@@ -1,21 +1,28 @@
-// Simple-GLA of the linear layers (MODEL_SPEC §3) on the GPU; fp32 q, k, v, state and output.
+// Simple-GLA of the linear layers (MODEL_SPEC §3) on the GPU: fp32 state and output; prefill
+// takes f16 q and k and bf16 v (tensor-core operands), decode fp32 ones.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include <cstdint>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 
 namespace sala::cuda {
 
-// One sequence, T tokens, chunked form: q [T, H, D]; k, v [T, Hkv, D]; state [H, D, D] updated
-// in place; o [T, H, D]. `slopes` (device, [H]) gives the log-decay g_h = -slope_h. D is 64 or 128.
-absl::Status LinearAttentionChunked(const float* q, const float* k, const float* v, int64_t T, int heads,
+// One sequence, T tokens, chunked form: q [T, H, D] and k [T, Hkv, D] in f16 (as HeadNormRope
+// leaves them), v [T, Hkv, D] in bf16; state [H, D, D] (fp32) updated in place; o [T, H, D]
+// (fp32). `slopes` (device, [H]) gives the log-decay g_h = -slope_h. D is 64 or 128. The
+// sequence is cut into segments that run in parallel, their states combined in `scratch`
+// (device, LinearAttentionScratchFloats(T, H, D) floats; may be null where that is 0).
+absl::StatusOr<int64_t> LinearAttentionScratchFloats(int64_t T, int heads, int dim);
+absl::Status LinearAttentionChunked(const __half* q, const __half* k, const __nv_bfloat16* v, int64_t T, int heads,
                                     int kv_heads, int dim, float scale, const float* slopes, float* state, float* o,
-                                    cudaStream_t stream);
+                                    float* scratch, cudaStream_t stream);
 
 // What a decode step does to q and k before the update, as HeadNormRope does in prefill:
 // per-head RMSNorm with these weights (null: none), then NeoX RoPE at positions[b] (a device

@@ -1,4 +1,4 @@
-// Warp-level tensor-core building blocks (sm_80+): mma.sync m16n8k16 bf16 and m16n8k8 tf32,
+// Warp-level tensor-core building blocks (sm_80+): mma.sync m16n8k16 bf16 and f16,
 // ldmatrix, cp.async, and a swizzled shared-memory layout for row-major bf16 tiles.
 //
 // Fragment layouts (g = lane / 4, t = lane % 4):
@@ -22,18 +22,13 @@ __device__ __forceinline__ void MmaBf16(float (&d)[4], const uint32_t (&a)[4], u
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// tf32 m16n8k8: A a0 (g, t), a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4); B b0 (k t, n g), b1 (k t+4, n g).
-__device__ __forceinline__ void MmaTf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+__device__ __forceinline__ void MmaF16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-
-// fp32 rounded to the nearest tf32 (ties away from zero), as cvt.rna.tf32.f32 rounds finite values
-// short of overflow; sm_90 lowers that cvt to five instructions with an infinity check.
-__device__ __forceinline__ uint32_t ToTf32(float x) { return (__float_as_uint(x) + 0x1000u) & 0xffffe000u; }
 
 __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
@@ -43,6 +38,16 @@ __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
 __device__ __forceinline__ uint32_t PackF16(float lo, float hi) {
   const __half2 v = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
+}
+// As PackF16, but values beyond f16's range become ±65504 rather than infinities.
+__device__ __forceinline__ uint32_t PackF16Sat(float lo, float hi) {
+  uint32_t r;
+  asm("cvt.rn.satfinite.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+// A bf16 pair as an f16 pair (exact within f16's range, saturated beyond it).
+__device__ __forceinline__ uint32_t Bf16x2ToF16x2(uint32_t v) {
+  return PackF16Sat(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
 }
 // Two f16 sums at once (f16 pairs as packed by PackF16).
 __device__ __forceinline__ uint32_t AddF16x2(uint32_t a, uint32_t b) {

@@ -133,13 +133,15 @@ __global__ void __launch_bounds__(kThreads) HeadNormRopeKernel(NormedHeads q, No
     const bool is_k = head >= q.heads;
     const int heads = is_k ? k.heads : q.heads;
     const __nv_bfloat16* w = is_k ? k.weight : q.weight;
-    float* p = (is_k ? k.x : q.x) + (row * heads + (is_k ? head - q.heads : head)) * kDim;
+    const int64_t offset = (row * heads + (is_k ? head - q.heads : head)) * kDim;
+    const __nv_bfloat16* in = (is_k ? k.in : q.in) + offset;
+    __half* out = (is_k ? k.out : q.out) + offset;
     float a[Pairs], b[Pairs];
     float ss = 0.0f;
 #pragma unroll
     for (int i = 0; i < Pairs; ++i) {
-      a[i] = p[lane + 32 * i];
-      b[i] = p[kHalf + lane + 32 * i];
+      a[i] = __bfloat162float(in[lane + 32 * i]);
+      b[i] = __bfloat162float(in[kHalf + lane + 32 * i]);
       ss += a[i] * a[i] + b[i] * b[i];
     }
     if (w) {
@@ -153,8 +155,8 @@ __global__ void __launch_bounds__(kThreads) HeadNormRopeKernel(NormedHeads q, No
 #pragma unroll
     for (int i = 0; i < Pairs; ++i) {
       Rotate(a[i], b[i], sn[i], cs[i]);
-      p[lane + 32 * i] = a[i];
-      p[kHalf + lane + 32 * i] = b[i];
+      out[lane + 32 * i] = __float2half_rn(fminf(fmaxf(a[i], -65504.0f), 65504.0f));
+      out[kHalf + lane + 32 * i] = __float2half_rn(fminf(fmaxf(b[i], -65504.0f), 65504.0f));
     }
   }
 }

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -17,14 +18,16 @@ absl::Status Embed(const int* ids, int rows, const __nv_bfloat16* embed, int wid
 // y = bf16(x * rsqrt(mean(x²) + eps) * weight) (weight in bf16), per row; `post_scale` multiplies the result.
 absl::Status RmsNormToBf16(const float* x, int rows, int width, const __nv_bfloat16* weight, float eps,
                            float post_scale, __nv_bfloat16* y, cudaStream_t stream);
-// Query or key heads [rows, heads, dim] for HeadNormRope, with their norm weight (or null: no norm).
+// Query or key heads [rows, heads, dim] for HeadNormRope: bf16 as projected (`in`), written to
+// `out` in f16 (the same memory or another), with their norm weight (or null: no norm).
 struct NormedHeads {
-  float* x;
+  const __nv_bfloat16* in;
+  __half* out;
   int heads;
   const __nv_bfloat16* weight;
 };
-// In place on q and k in one launch: per-head RMSNorm (where a weight is given) then NeoX RoPE
-// at pos0 + row (if rope). Head dim 64, 128 or 256.
+// q and k in one launch: per-head RMSNorm (where a weight is given) then NeoX RoPE at pos0 + row
+// (if rope), in fp32, the result rounded to f16 (saturated at ±65504). Head dim 64, 128 or 256.
 absl::Status HeadNormRope(NormedHeads q, NormedHeads k, int rows, int dim, float eps, int64_t pos0, double theta,
                           bool rope, cudaStream_t stream);
 // The attention output: y = bf16(RMSNorm(o) * sigmoid(z)) over rows of `width`, norm and gate
