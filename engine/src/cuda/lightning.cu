@@ -1,4 +1,7 @@
 #include <algorithm>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "cuda_common.h"
 #include "lightning.h"
@@ -121,15 +124,20 @@ __device__ __forceinline__ void UpdateState(float (&acc)[kDim / 8][4], const uin
   for (int n = 0; n < kDim / 8; ++n)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[n][e] *= chunk_decay;
+  // Token j = 16 ks + j' has weight w'(j') exp(16 g (3 − ks)): four exponentials a chunk, not 16.
+  float w_top[4];
 #pragma unroll
-  for (int ks = 0; ks < kChunk / 16; ++ks) {
+  for (int e = 0; e < 4; ++e) w_top[e] = kStateScale * exp2f(g2 * float(len - 49 - (2 * t + e % 2 + 8 * (e / 2))));
+  const float w_step = exp2f(16.0f * g2);
+#pragma unroll
+  for (int ks = kChunk / 16 - 1; ks >= 0; --ks) {
     // Tokens 16 ks + 2t (+1) in va[0..1], 16 ks + 2t + 8 (+9) in va[2..3]. Rows past len are zero
-    // in V, and so is their weight (the exponential of a positive argument could overflow).
+    // in V, and so is their weight (the exponential of a positive argument may overflow).
     float w[4];
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int j = 16 * ks + 2 * t + e % 2 + 8 * (e / 2);
-      w[e] = j < len ? kStateScale * exp2f(g2 * float(len - 1 - j)) : 0.0f;
+      w[e] = 16 * ks + 2 * t + e % 2 + 8 * (e / 2) < len ? w_top[e] : 0.0f;
+      w_top[e] *= w_step;
     }
     const uint32_t w_lo = PackF16(w[0], w[1]), w_hi = PackF16(w[2], w[3]);
     uint32_t va[4];
@@ -247,7 +255,12 @@ __global__ void __launch_bounds__(Tiles<kDim>::kThreads, 2)
         }
       }
       // Masked and scaled into As. Every entry the output reads below (keys up to the end of the
-      // query's 16-row tile) is written.
+      // query's 16-row tile) is written. The decay exp(g (i − j)) of tile n is that of tile 0
+      // times exp(−8 g n); beyond the diagonal it may overflow, and is not used.
+      float mask[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) mask[e] = scale * exp2f(g2 * float(i0 + g + 8 * (e / 2) - jb - 2 * t - e % 2));
+      const float mask_step = exp2f(-8.0f * g2);
 #pragma unroll
       for (int n = 0; n < kKeyTiles; ++n) {
         const int j0 = jb + 8 * n;
@@ -255,62 +268,65 @@ __global__ void __launch_bounds__(Tiles<kDim>::kThreads, 2)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int i = i0 + g + 8 * r, j = j0 + 2 * t;
-          const float x0 = j <= i ? scale * sc[n][2 * r] * exp2f(g2 * float(i - j)) : 0.0f;
-          const float x1 = j + 1 <= i ? scale * sc[n][2 * r + 1] * exp2f(g2 * float(i - j - 1)) : 0.0f;
+          const float x0 = j <= i ? sc[n][2 * r] * mask[2 * r] : 0.0f;
+          const float x1 = j + 1 <= i ? sc[n][2 * r + 1] * mask[2 * r + 1] : 0.0f;
           *reinterpret_cast<uint32_t*>(As + i * L::kScoreStride + j) = PackF16Sat(x0, x1);
         }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) mask[e] *= mask_step;
       }
     }
     __syncthreads();  // the scores are complete
-    // Oᵀ of this warp's 16 columns, 32 tokens at a time.
-#pragma unroll 1
-    for (int th = 0; th < 2; ++th) {
-      float oacc[4][4] = {};
+    // Oᵀ of this warp's 16 columns: the S_in term first, for all 64 tokens (each Sᵀ pair packed once).
+    float oacc[kChunk / 8][4] = {};
 #pragma unroll
-      for (int kk = 0; kk < kDim / 16; ++kk) {
-        const uint32_t a[4] = {PackF16Sat(acc[2 * kk][0], acc[2 * kk][1]), PackF16Sat(acc[2 * kk][2], acc[2 * kk][3]),
-                               PackF16Sat(acc[2 * kk + 1][0], acc[2 * kk + 1][1]),
-                               PackF16Sat(acc[2 * kk + 1][2], acc[2 * kk + 1][3])};
+    for (int kk = 0; kk < kDim / 16; ++kk) {
+      const uint32_t a[4] = {PackF16Sat(acc[2 * kk][0], acc[2 * kk][1]), PackF16Sat(acc[2 * kk][2], acc[2 * kk][3]),
+                             PackF16Sat(acc[2 * kk + 1][0], acc[2 * kk + 1][1]),
+                             PackF16Sat(acc[2 * kk + 1][2], acc[2 * kk + 1][3])};
 #pragma unroll
-        for (int np = 0; np < 2; ++np) {
-          uint32_t b[4];
-          LdRows<L::kStride>(b, Qs, 32 * th + 16 * np, 16 * kk);
-          MmaF16(oacc[2 * np], a, b[0], b[2]);
-          MmaF16(oacc[2 * np + 1], a, b[1], b[3]);
-        }
+      for (int np = 0; np < kChunk / 16; ++np) {
+        uint32_t b[4];
+        LdRows<L::kStride>(b, Qs, 16 * np, 16 * kk);
+        MmaF16(oacc[2 * np], a, b[0], b[2]);
+        MmaF16(oacc[2 * np + 1], a, b[1], b[3]);
       }
-      // Token i's S_in term: exp(g (i + 1)) s, the state's scale undone.
-#pragma unroll
-      for (int n = 0; n < 4; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = 32 * th + 8 * n + 2 * t + e % 2;
-          oacc[n][e] *= scale / kStateScale * exp2f(g2 * float(i + 1));
-        }
-#pragma unroll
-      for (int ks = 0; ks < 2 * th + 2; ++ks) {
-        uint32_t va[4];
-        LdRowsTrans<Tiles<kDim>::kStride>(va, Vs, 16 * ks, c0);
-#pragma unroll
-        for (int r = 0; r < 4; ++r) va[r] = Bf16x2ToF16x2(va[r]);
-#pragma unroll
-        for (int np = 0; np < 2; ++np) {
-          const int n0 = 32 * th + 16 * np;
-          if (16 * ks > n0 + 15) continue;  // keys all after these queries
-          uint32_t b[4];
-          LdRows<L::kScoreStride>(b, As, n0, 16 * ks);
-          MmaF16(oacc[2 * np], va, b[0], b[2]);
-          MmaF16(oacc[2 * np + 1], va, b[1], b[3]);
-        }
-      }
-#pragma unroll
-      for (int n = 0; n < 4; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = 32 * th + 8 * n + 2 * t + e % 2;
-          if (i < len) o[((r0 + i) * H + h) * kDim + c0 + g + 8 * (e / 2)] = oacc[n][e];
-        }
     }
+    {
+      // Token i = 8 n + 2t (+1): exp(g (i + 1)) s, the state's scale undone.
+      float row_scale[2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) row_scale[e] = scale / kStateScale * exp2f(g2 * float(2 * t + e + 1));
+      const float row_step = exp2f(8.0f * g2);
+#pragma unroll
+      for (int n = 0; n < kChunk / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) oacc[n][e] *= row_scale[e % 2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) row_scale[e] *= row_step;
+      }
+    }
+#pragma unroll
+    for (int ks = 0; ks < kChunk / 16; ++ks) {
+      uint32_t va[4];
+      LdRowsTrans<Tiles<kDim>::kStride>(va, Vs, 16 * ks, c0);
+#pragma unroll
+      for (int r = 0; r < 4; ++r) va[r] = Bf16x2ToF16x2(va[r]);
+#pragma unroll
+      for (int np = ks; np < kChunk / 16; ++np) {  // queries from the keys' tile on
+        uint32_t b[4];
+        LdRows<L::kScoreStride>(b, As, 16 * np, 16 * ks);
+        MmaF16(oacc[2 * np], va, b[0], b[2]);
+        MmaF16(oacc[2 * np + 1], va, b[1], b[3]);
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < kChunk / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = 8 * n + 2 * t + e % 2;
+        if (i < len) o[((r0 + i) * H + h) * kDim + c0 + g + 8 * (e / 2)] = oacc[n][e];
+      }
     UpdateState<kDim>(acc, Ks, Vs, len, g2, c0);
   }
   if (p == P - 1) StoreState<kDim>(acc, state + h * kHeadState, c0);
@@ -414,8 +430,17 @@ struct SegmentPlan {
   int segments;
   int64_t seg_len;
 };
+// What the plan needs of the current device: its SMs and how many ChunkedKernel blocks each
+// holds. Found once per device (with the kernels' shared-memory limits set there), since a
+// prefill chunk asks for it in every linear layer.
 template <int kDim>
-absl::StatusOr<SegmentPlan> PlanSegments(int64_t T, int heads) {
+absl::StatusOr<std::pair<int, int>> ChunkedResidency() {
+  static std::mutex mu;
+  static std::map<int, std::pair<int, int>> known;  // device -> (SMs, blocks per SM)
+  int device = 0;
+  SALA_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  std::lock_guard<std::mutex> lock(mu);
+  if (auto it = known.find(device); it != known.end()) return it->second;
   SALA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(ChunkedKernel<kDim>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                  int(Tiles<kDim>::kChunkedBytes)));
   SALA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
@@ -424,8 +449,14 @@ absl::StatusOr<SegmentPlan> PlanSegments(int64_t T, int heads) {
   SALA_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
       &resident, ChunkedKernel<kDim>, Tiles<kDim>::kThreads, Tiles<kDim>::kChunkedBytes));
   SALA_ASSIGN_OR_RETURN(const int sms, MultiprocessorCount());
+  return known[device] = {sms, std::max(resident, 1)};
+}
+
+template <int kDim>
+absl::StatusOr<SegmentPlan> PlanSegments(int64_t T, int heads) {
+  SALA_ASSIGN_OR_RETURN(const auto residency, ChunkedResidency<kDim>());
   const int64_t chunks = (T + kChunk - 1) / kChunk;
-  const int64_t want = std::clamp<int64_t>(int64_t(std::max(resident, 1)) * sms / heads, 1, chunks);
+  const int64_t want = std::clamp<int64_t>(int64_t(residency.first) * residency.second / heads, 1, chunks);
   const int64_t seg_chunks = (chunks + want - 1) / want;
   return SegmentPlan{int((chunks + seg_chunks - 1) / seg_chunks), seg_chunks * kChunk};
 }
