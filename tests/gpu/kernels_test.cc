@@ -68,12 +68,18 @@ std::vector<float> FromDevice(const float* p, size_t n) {
   return v;
 }
 
-std::vector<float> FromDeviceBf16(const __nv_bfloat16* p, size_t n) {
-  std::vector<uint16_t> h(n);
+// n 16-bit values from the device, each widened to fp32 by `widen`.
+template <typename T, typename Widen>
+std::vector<float> FromDevice16(const T* p, size_t n, Widen widen) {
+  std::vector<T> h(n);
   EXPECT_EQ(cudaMemcpy(h.data(), p, n * 2, cudaMemcpyDeviceToHost), cudaSuccess);
   std::vector<float> v(n);
-  for (size_t i = 0; i < n; ++i) v[i] = Bf16ToF32(h[i]);
+  for (size_t i = 0; i < n; ++i) v[i] = widen(h[i]);
   return v;
+}
+
+std::vector<float> FromDeviceBf16(const __nv_bfloat16* p, size_t n) {
+  return FromDevice16(reinterpret_cast<const uint16_t*>(p), n, [](uint16_t x) { return Bf16ToF32(x); });
 }
 
 // Compressed keys are the CPU's fp32 means rounded to bf16: every entry within one bf16 step of
@@ -123,11 +129,7 @@ __half* HalfToDevice(const std::vector<float>& v) {
   return ToDevice(h);
 }
 std::vector<float> FromDeviceHalf(const __half* p, size_t n) {
-  std::vector<__half> h(n);
-  EXPECT_EQ(cudaMemcpy(h.data(), p, n * 2, cudaMemcpyDeviceToHost), cudaSuccess);
-  std::vector<float> v(n);
-  for (size_t i = 0; i < n; ++i) v[i] = __half2float(h[i]);
-  return v;
+  return FromDevice16(p, n, [](__half x) { return __half2float(x); });
 }
 
 // q and k in one launch: different head counts, k without a norm weight in one case; bf16 in,
