@@ -156,22 +156,16 @@ __device__ __forceinline__ void UpdateState(float (&acc)[kDim / 8][4], const uin
   }
 }
 
-// Block (p, h): segment p < P − 1 of head h from a zero state into seg_states slot 1 + p; block
-// P − 1 copies the initial state into slot 0 (ChunkedKernel's last segment overwrites `state`).
+// Block (p, h), p < P − 1: segment p of head h from a zero state into seg_states slot 1 + p.
 // CombineStatesKernel then turns the slots into each segment's starting state.
 template <int kDim>
 __global__ void __launch_bounds__(Tiles<kDim>::kThreads)
     SegmentStatesKernel(const __half* k, const __nv_bfloat16* v, int H, int Hk, int64_t seg_len, const float* slopes,
-                        const float* state, float* seg_states) {
+                        float* seg_states) {
   using L = Tiles<kDim>;
   extern __shared__ __align__(128) uint16_t lsmem[];
-  const int p = blockIdx.x, P = gridDim.x, h = blockIdx.y, kh = h / (H / Hk), c0 = 16 * (threadIdx.x / 32);
+  const int p = blockIdx.x, h = blockIdx.y, kh = h / (H / Hk), c0 = 16 * (threadIdx.x / 32);
   constexpr int64_t kHeadState = int64_t(kDim) * kDim;
-  if (p == P - 1) {
-    for (int i = threadIdx.x; i < kHeadState; i += L::kThreads)
-      seg_states[h * kHeadState + i] = state[h * kHeadState + i];
-    return;
-  }
   const float g2 = -slopes[h] * kLog2e;
   const int64_t first = p * seg_len, row_stride = int64_t(Hk) * kDim;
   const TileLoader<kDim> k_tiles(reinterpret_cast<const uint16_t*>(k) + kh * kDim, row_stride);
@@ -197,16 +191,18 @@ __global__ void __launch_bounds__(Tiles<kDim>::kThreads)
   StoreState<kDim>(acc, seg_states + ((1 + p) * int64_t(H) + h) * kHeadState, c0);
 }
 
-// Slot p (p >= 1) held segment p − 1's own state; it becomes segment p's starting state,
-// S_p = exp(g seg_len) S_{p−1} + slot p, from slot 0's initial state on. A thread per state entry.
-__global__ void CombineStatesKernel(float* seg_states, int P, int H, int64_t head_state, int64_t seg_len,
-                                    const float* slopes) {
+// Each segment's starting state into its slot: S_0 = the initial state, S_p = exp(g seg_len)
+// S_{p−1} + slot p (which held segment p − 1's own state). A thread per state entry. The copies
+// leave `state` free for ChunkedKernel's last segment to overwrite.
+__global__ void CombineStatesKernel(const float* state, float* seg_states, int P, int H, int64_t head_state,
+                                    int64_t seg_len, const float* slopes) {
   const int h = blockIdx.y;
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= head_state) return;
   const float decay = expf(-slopes[h] * float(seg_len));
   float* x = seg_states + h * head_state + e;
-  float S = x[0];
+  float S = state[h * head_state + e];
+  x[0] = S;
   for (int p = 1; p < P; ++p) {
     float* slot = x + p * H * head_state;
     S = decay * S + *slot;
@@ -490,11 +486,11 @@ void LaunchChunked(const __half* q, const __half* k, const __nv_bfloat16* v, int
                    cudaStream_t stream) {
   using L = Tiles<kDim>;
   if (plan.segments > 1) {
-    SegmentStatesKernel<kDim><<<dim3(plan.segments, heads), L::kThreads, L::kStatesBytes, stream>>>(
-        k, v, heads, kv_heads, plan.seg_len, slopes, state, scratch);
+    SegmentStatesKernel<kDim><<<dim3(plan.segments - 1, heads), L::kThreads, L::kStatesBytes, stream>>>(
+        k, v, heads, kv_heads, plan.seg_len, slopes, scratch);
     constexpr int kHeadState = kDim * kDim, kCombineThreads = 256;
     CombineStatesKernel<<<dim3(kHeadState / kCombineThreads, heads), kCombineThreads, 0, stream>>>(
-        scratch, plan.segments, heads, kHeadState, plan.seg_len, slopes);
+        state, scratch, plan.segments, heads, kHeadState, plan.seg_len, slopes);
   }
   ChunkedKernel<kDim><<<dim3(plan.segments, heads), L::kThreads, L::kChunkedBytes, stream>>>(
       q, k, v, T, heads, kv_heads, plan.seg_len, scale, slopes, state, scratch, o);
