@@ -3,7 +3,7 @@
 `chunk_simple_gla` at the same shape, on the same GPU.
 
 sala-bench times one prefill chunk of the lightning kernel (f16 q/k and bf16 v, f16 tensor-core
-operands, the fp32 state carried in and out, fp32 output) and writes it as "lightning_chunk" in its
+operands, the fp32 state carried in and out, bf16 output) and writes it as "lightning_chunk" in its
 JSON; this script times `chunk_simple_gla` with the same tokens, heads, head dim, scale and
 per-head decay (g_gamma = -slope), the initial state given and the final state returned, in bf16
 (its fast path) and in fp32.

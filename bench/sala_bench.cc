@@ -134,7 +134,7 @@ std::pair<double, double> DecodeProjectionRates(const sala::ModelConfig& c, int 
 
 // The lightning layers' chunked prefill kernel alone at the model's shapes: seconds for one
 // prefill chunk of `tokens` (random f16 q/k and bf16 v as the engine passes them, the state
-// carried in and out), median of 10. bench/fla_compare.py times flash-linear-attention's
+// carried in and out, the output in bf16), median of 10. bench/fla_compare.py times flash-linear-attention's
 // chunk_simple_gla at the same shape.
 double LightningChunkSeconds(const sala::ModelConfig& c, int64_t tokens) {
   const int H = c.num_heads, Hk = c.lightning_nkv, D = c.head_dim;
@@ -150,12 +150,12 @@ double LightningChunkSeconds(const sala::ModelConfig& c, int64_t tokens) {
     cudaMemcpy(dst, host.data(), n * 2, cudaMemcpyHostToDevice);
   };
   __half *q, *k;
-  __nv_bfloat16* v;
-  float *state, *o, *slopes, *scratch = nullptr;
+  __nv_bfloat16 *v, *o;
+  float *state, *slopes, *scratch = nullptr;
   cudaMalloc(&q, nq * 2);
   cudaMalloc(&k, nkv * 2);
   cudaMalloc(&v, nkv * 2);
-  cudaMalloc(&o, nq * 4);
+  cudaMalloc(&o, nq * 2);
   cudaMalloc(&state, ns * 4);
   cudaMalloc(&slopes, H * 4);
   upload_half(q, nq, 2.0f);

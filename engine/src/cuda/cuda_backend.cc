@@ -656,10 +656,12 @@ class CudaBackend final : public Backend {
     const float eps = float(config_.rms_norm_eps), scale = float(config_.linear_query_scale());
     cudaStream_t s = stream_;
     // Prefill projects q, k and v in bf16 (the chunked kernel's operands are 16-bit), into the
-    // first half of the fp32 buffers; a decode step keeps fp32 for its GEMV and step kernel.
+    // first half of the fp32 buffers, and the kernel's bf16 output goes to o_'s first half; a
+    // decode step keeps fp32 for its GEMV and step kernel.
     auto* q16 = reinterpret_cast<Bf16*>(q_.get());
     auto* k16 = reinterpret_cast<Bf16*>(k_.get());
     auto* v16 = reinterpret_cast<Bf16*>(v_.get());
+    auto* o16 = reinterpret_cast<Bf16*>(o_.get());
     if (decode_step_) SALA_RETURN_IF_ERROR(ProjectQkvGate(R, w, H, Hk, D, config_.use_output_gate));
     else SALA_RETURN_IF_ERROR(ProjectQkvGate(R, w, H, Hk, D, config_.use_output_gate, {q16, k16, v16}));
     const int slot = config_.slot_of(layer);
@@ -687,11 +689,11 @@ class CudaBackend final : public Backend {
       SALA_RETURN_IF_ERROR(linear_scratch_.Reserve(scratch));
       Section section(this, "linear_attention");
       SALA_RETURN_IF_ERROR(cuda::LinearAttentionChunked(qh, kh, v16, seg.rows, H, Hk, D, scale, slopes_.get(),
-                                                        seg.dev->linear[slot].get(), o_.get(),
-                                                        linear_scratch_.get(), s));
+                                                        seg.dev->linear[slot].get(), o16, linear_scratch_.get(),
+                                                        s));
     }
     return OutputProjection(config_.use_output_norm ? w.o_norm.get() : nullptr, config_.use_output_gate, R, H * D,
-                            w.o.get());
+                            w.o.get(), decode_step_ ? nullptr : o16);
   }
 
   absl::Status SparseMixer(int layer, std::span<Segment> segs, int64_t R) {
@@ -800,18 +802,22 @@ class CudaBackend final : public Backend {
     SALA_RETURN_IF_ERROR(cuda::RmsNormToBf16(h_.get(), int(R), int(d), norm, input.eps, post_scale, xb_.get(), stream_));
     return MmMany(xb_.get(), R, d, weights);
   }
-  // h_ += residual scale · x · w_oᵀ for the attention output o_ [R, width], x its norm (where
-  // given) times sigmoid(z_) (with `gate`): formed inside the GEMV where it takes the shape, else
-  // into ob_ first.
-  absl::Status OutputProjection(const Bf16* norm, bool gate, int64_t R, int64_t width, const Bf16* w_o) {
+  // h_ += residual scale · x · w_oᵀ for the attention output o_ [R, width] (or o16, the linear
+  // layers' prefill output in bf16), x its norm (where given) times sigmoid(z_) (with `gate`):
+  // formed inside the GEMV where it takes the shape (fp32 o_ only), else into ob_ first.
+  absl::Status OutputProjection(const Bf16* norm, bool gate, int64_t R, int64_t width, const Bf16* w_o,
+                                const Bf16* o16 = nullptr) {
     const cuda::GemvFormedInput input{o_.get(), norm, gate ? z_.get() : nullptr, float(config_.rms_norm_eps)};
     const cuda::GemvWeight out{w_o, config_.hidden_size, h_.get(), /*add=*/true, float(config_.residual_scale())};
-    if (cuda::GemvFormedApplies(R, width, input, &out, 1)) {
+    if (o16 == nullptr && cuda::GemvFormedApplies(R, width, input, &out, 1)) {
       Section section(this, "gemm");
       return cuda::GemvFormed(input, int(R), width, &out, 1, stream_);
     }
-    SALA_RETURN_IF_ERROR(cuda::NormGateToBf16(o_.get(), input.gate, int(R), int(width), norm, input.eps, ob_.get(),
-                                              stream_));
+    if (o16)
+      SALA_RETURN_IF_ERROR(cuda::NormGateToBf16(o16, input.gate, int(R), int(width), norm, input.eps, ob_.get(), stream_));
+    else
+      SALA_RETURN_IF_ERROR(
+          cuda::NormGateToBf16(o_.get(), input.gate, int(R), int(width), norm, input.eps, ob_.get(), stream_));
     return MmAddResidual(ob_.get(), R, width, w_o);
   }
   // The attention input projections of a layer from the normed h_ into q_, k_, v_ (and z_ with a

@@ -214,7 +214,7 @@ __global__ void CombineStatesKernel(const float* state, float* seg_states, int P
 template <int kDim>
 __global__ void __launch_bounds__(Tiles<kDim>::kThreads, 2)
     ChunkedKernel(const __half* q, const __half* k, const __nv_bfloat16* v, int64_t T, int H, int Hk, int64_t seg_len,
-                  float scale, const float* slopes, float* state, const float* seg_states, float* o) {
+                  float scale, const float* slopes, float* state, const float* seg_states, __nv_bfloat16* o) {
   using L = Tiles<kDim>;
   extern __shared__ __align__(128) uint16_t lsmem[];
   const int p = blockIdx.x, P = gridDim.x, h = blockIdx.y, kh = h / (H / Hk);
@@ -334,12 +334,19 @@ __global__ void __launch_bounds__(Tiles<kDim>::kThreads, 2)
         MmaF16(oacc[2 * np + 1], va, b[1], b[3]);
       }
     }
+    // bf16 pairs of adjacent columns: lanes g and g ^ 1 swap one token's value each, so the
+    // even lane stores token 2t's pair and the odd one token 2t + 1's.
+    const bool odd = g & 1;
 #pragma unroll
     for (int n = 0; n < kChunk / 8; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = 8 * n + 2 * t + e % 2;
-        if (i < len) o[((r0 + i) * H + h) * kDim + c0 + g + 8 * (e / 2)] = oacc[n][e];
+      for (int r = 0; r < 2; ++r) {
+        const float mine0 = oacc[n][2 * r], mine1 = oacc[n][2 * r + 1];
+        const float theirs = __shfl_xor_sync(0xffffffffu, odd ? mine0 : mine1, 4);
+        const int i = 8 * n + 2 * t + odd;
+        if (i < len)
+          *reinterpret_cast<__nv_bfloat162*>(o + ((r0 + i) * H + h) * kDim + c0 + (g & ~1) + 8 * r) =
+              odd ? __floats2bfloat162_rn(theirs, mine1) : __floats2bfloat162_rn(mine0, theirs);
       }
     UpdateState<kDim>(acc, Ks, Vs, len, g2, c0);
   }
@@ -482,7 +489,7 @@ absl::StatusOr<SegmentPlan> Plan(int64_t T, int heads, int dim) {
 
 template <int kDim>
 void LaunchChunked(const __half* q, const __half* k, const __nv_bfloat16* v, int64_t T, int heads, int kv_heads,
-                   float scale, const float* slopes, float* state, float* o, float* scratch, SegmentPlan plan,
+                   float scale, const float* slopes, float* state, __nv_bfloat16* o, float* scratch, SegmentPlan plan,
                    cudaStream_t stream) {
   using L = Tiles<kDim>;
   if (plan.segments > 1) {
@@ -505,8 +512,8 @@ absl::StatusOr<int64_t> LinearAttentionScratchFloats(int64_t T, int heads, int d
 }
 
 absl::Status LinearAttentionChunked(const __half* q, const __half* k, const __nv_bfloat16* v, int64_t T, int heads,
-                                    int kv_heads, int dim, float scale, const float* slopes, float* state, float* o,
-                                    float* scratch, cudaStream_t stream) {
+                                    int kv_heads, int dim, float scale, const float* slopes, float* state,
+                                    __nv_bfloat16* o, float* scratch, cudaStream_t stream) {
   if (T == 0) return absl::OkStatus();
   if (kv_heads <= 0 || heads % kv_heads != 0)
     return absl::InvalidArgumentError("linear attention prefill needs heads a multiple of kv_heads");

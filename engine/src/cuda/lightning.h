@@ -1,5 +1,5 @@
-// Simple-GLA of the linear layers (MODEL_SPEC §3) on the GPU: fp32 state and output; prefill
-// takes f16 q and k and bf16 v (tensor-core operands), decode fp32 ones.
+// Simple-GLA of the linear layers (MODEL_SPEC §3) on the GPU, with fp32 states: prefill takes f16
+// q and k and bf16 v (tensor-core operands) and gives a bf16 output, decode works in fp32.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -16,13 +16,14 @@ namespace sala::cuda {
 
 // One sequence, T tokens, chunked form: q [T, H, D] and k [T, Hkv, D] in f16 (as HeadNormRope
 // leaves them), v [T, Hkv, D] in bf16; state [H, D, D] (fp32) updated in place; o [T, H, D]
-// (fp32). `slopes` (device, [H]) gives the log-decay g_h = -slope_h. D is 64 or 128. The
-// sequence is cut into segments that run in parallel, their states combined in `scratch`
-// (device, LinearAttentionScratchFloats(T, H, D) floats; may be null where that is 0).
+// in bf16, as the reference model gives it to the output norm. `slopes` (device, [H]) gives the
+// log-decay g_h = -slope_h. D is 64 or 128. The sequence is cut into segments that run in
+// parallel, their states combined in `scratch` (device, LinearAttentionScratchFloats(T, H, D)
+// floats; may be null where that is 0).
 absl::StatusOr<int64_t> LinearAttentionScratchFloats(int64_t T, int heads, int dim);
 absl::Status LinearAttentionChunked(const __half* q, const __half* k, const __nv_bfloat16* v, int64_t T, int heads,
-                                    int kv_heads, int dim, float scale, const float* slopes, float* state, float* o,
-                                    float* scratch, cudaStream_t stream);
+                                    int kv_heads, int dim, float scale, const float* slopes, float* state,
+                                    __nv_bfloat16* o, float* scratch, cudaStream_t stream);
 
 // What a decode step does to q and k before the update, as HeadNormRope does in prefill:
 // per-head RMSNorm with these weights (null: none), then NeoX RoPE at positions[b] (a device

@@ -71,6 +71,11 @@ __device__ __forceinline__ void LoadBf16s(const __nv_bfloat16* p, float* v) {
     v[0] = __bfloat162float(*p);
   }
 }
+// The same for bf16 rows.
+template <int Vec>
+__device__ __forceinline__ void LoadFloats(const __nv_bfloat16* p, float* v) {
+  LoadBf16s<Vec>(p, v);
+}
 template <int Vec>
 __device__ __forceinline__ void StoreBf16s(__nv_bfloat16* p, const float* v) {
   if constexpr (Vec == 4) {
@@ -161,8 +166,8 @@ __global__ void __launch_bounds__(kThreads) HeadNormRopeKernel(NormedHeads q, No
   }
 }
 
-template <int Vec>
-__global__ void NormGateKernel(const float* o, const float* z, int width, const __nv_bfloat16* w, float eps,
+template <int Vec, typename In>
+__global__ void NormGateKernel(const In* o, const float* z, int width, const __nv_bfloat16* w, float eps,
                                __nv_bfloat16* y) {
   constexpr int kAccesses = kRowPerThread / Vec;
   __shared__ float scratch[32];
@@ -277,8 +282,11 @@ absl::Status HeadNormRope(NormedHeads q, NormedHeads k, int rows, int dim, float
   return absl::OkStatus();
 }
 
-absl::Status NormGateToBf16(const float* o, const float* z, int rows, int width, const __nv_bfloat16* norm_weight,
-                            float eps, __nv_bfloat16* y, cudaStream_t stream) {
+namespace {
+
+template <typename In>
+absl::Status NormGate(const In* o, const float* z, int rows, int width, const __nv_bfloat16* norm_weight, float eps,
+                      __nv_bfloat16* y, cudaStream_t stream) {
   if (rows == 0) return absl::OkStatus();
   SALA_RETURN_IF_ERROR(CheckRowWidth(width, "output norm"));
   if (RowsTakeVec4(width, {o, z, norm_weight, y}))
@@ -287,6 +295,17 @@ absl::Status NormGateToBf16(const float* o, const float* z, int rows, int width,
     NormGateKernel<1><<<rows, RowThreads(width), 0, stream>>>(o, z, width, norm_weight, eps, y);
   SALA_CUDA_CHECK_LAUNCH();
   return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status NormGateToBf16(const float* o, const float* z, int rows, int width, const __nv_bfloat16* norm_weight,
+                            float eps, __nv_bfloat16* y, cudaStream_t stream) {
+  return NormGate(o, z, rows, width, norm_weight, eps, y, stream);
+}
+absl::Status NormGateToBf16(const __nv_bfloat16* o, const float* z, int rows, int width,
+                            const __nv_bfloat16* norm_weight, float eps, __nv_bfloat16* y, cudaStream_t stream) {
+  return NormGate(o, z, rows, width, norm_weight, eps, y, stream);
 }
 
 absl::Status SwiGluToBf16(const __nv_bfloat16* gate, const __nv_bfloat16* up, int64_t n, __nv_bfloat16* y,
