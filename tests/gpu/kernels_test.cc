@@ -104,22 +104,27 @@ TEST_F(GpuTest, RmsNormAndNormGateMatchCpu) {
     auto* out = Poisoned<__nv_bfloat16>(x.size());
     ASSERT_TRUE(cuda::RmsNormToBf16(ToDevice(x), rows, width, Bf16ToDevice(w), 1e-6f, 0.5f, out, nullptr).ok());
     EXPECT_LT(testing::RelativeError(FromDeviceBf16(out, x.size()), ref), 1e-2) << width;
-    // The attention output's form: the norm (or none) times a sigmoid gate.
+    // The attention output's form: the norm (or none) times a sigmoid gate, from fp32 rows (a
+    // decode step) or bf16 ones (prefill: o from the linear kernel, z from the gate projection),
+    // the bf16 inputs rounded on the way in.
     auto z = Random(x.size(), 3, 2.0f);
     for (bool norm : {true, false}) {
       std::vector<float> gated = x;
       if (norm) cpu::RmsNorm(x.data(), rows, width, w.data(), 1e-6, gated.data());
       for (size_t i = 0; i < gated.size(); ++i) gated[i] /= 1.0f + std::exp(-z[i]);
-      ASSERT_TRUE(cuda::NormGateToBf16(ToDevice(x), ToDevice(z), rows, width, norm ? Bf16ToDevice(w) : nullptr, 1e-6f,
-                                       out, nullptr)
-                      .ok());
-      EXPECT_LT(testing::RelativeError(FromDeviceBf16(out, x.size()), gated), 1e-2) << width << " norm " << norm;
-      // From bf16 rows (the linear layers' prefill output): x rounded to bf16 on the way in.
-      out = Poisoned<__nv_bfloat16>(x.size());
-      ASSERT_TRUE(cuda::NormGateToBf16(Bf16ToDevice(x), ToDevice(z), rows, width, norm ? Bf16ToDevice(w) : nullptr,
-                                       1e-6f, out, nullptr)
-                      .ok());
-      EXPECT_LT(testing::RelativeError(FromDeviceBf16(out, x.size()), gated), 1e-2) << width << " bf16, norm " << norm;
+      const __nv_bfloat16* dw = norm ? Bf16ToDevice(w) : nullptr;
+      for (int form = 0; form < 4; ++form) {
+        const bool o16 = form & 1, z16 = form & 2;
+        out = Poisoned<__nv_bfloat16>(x.size());
+        absl::Status st;
+        if (o16 && z16) st = cuda::NormGateToBf16(Bf16ToDevice(x), Bf16ToDevice(z), rows, width, dw, 1e-6f, out, nullptr);
+        else if (o16) st = cuda::NormGateToBf16(Bf16ToDevice(x), ToDevice(z), rows, width, dw, 1e-6f, out, nullptr);
+        else if (z16) st = cuda::NormGateToBf16(ToDevice(x), Bf16ToDevice(z), rows, width, dw, 1e-6f, out, nullptr);
+        else st = cuda::NormGateToBf16(ToDevice(x), ToDevice(z), rows, width, dw, 1e-6f, out, nullptr);
+        ASSERT_TRUE(st.ok()) << st;
+        EXPECT_LT(testing::RelativeError(FromDeviceBf16(out, x.size()), gated), 1e-2)
+            << width << " norm " << norm << " bf16 o " << o16 << " bf16 z " << z16;
+      }
     }
   }
 }

@@ -802,26 +802,32 @@ class CudaBackend final : public Backend {
     SALA_RETURN_IF_ERROR(cuda::RmsNormToBf16(h_.get(), int(R), int(d), norm, input.eps, post_scale, xb_.get(), stream_));
     return MmMany(xb_.get(), R, d, weights);
   }
-  // h_ += residual scale · x · w_oᵀ for the attention output o_ [R, width] (or o16, the linear
-  // layers' prefill output in bf16), x its norm (where given) times sigmoid(z_) (with `gate`):
-  // formed inside the GEMV where it takes the shape (fp32 o_ only), else into ob_ first.
+  // h_ += residual scale · x · w_oᵀ for the attention output o_ [R, width], x its norm (where
+  // given) times sigmoid(z) (with `gate`), formed into ob_ first. Prefill's gate is bf16 (Z16()),
+  // and so is the linear layers' output (o16); a decode step's fp32 rows are formed inside the
+  // GEMV where it takes the shape.
   absl::Status OutputProjection(const Bf16* norm, bool gate, int64_t R, int64_t width, const Bf16* w_o,
                                 const Bf16* o16 = nullptr) {
-    const cuda::GemvFormedInput input{o_.get(), norm, gate ? z_.get() : nullptr, float(config_.rms_norm_eps)};
+    const float eps = float(config_.rms_norm_eps);
     const cuda::GemvWeight out{w_o, config_.hidden_size, h_.get(), /*add=*/true, float(config_.residual_scale())};
-    if (o16 == nullptr && cuda::GemvFormedApplies(R, width, input, &out, 1)) {
+    if (!decode_step_) {
+      const Bf16* z = gate ? Z16() : nullptr;
+      if (o16) SALA_RETURN_IF_ERROR(cuda::NormGateToBf16(o16, z, int(R), int(width), norm, eps, ob_.get(), stream_));
+      else SALA_RETURN_IF_ERROR(cuda::NormGateToBf16(o_.get(), z, int(R), int(width), norm, eps, ob_.get(), stream_));
+      return MmAddResidual(ob_.get(), R, width, w_o);
+    }
+    const cuda::GemvFormedInput input{o_.get(), norm, gate ? z_.get() : nullptr, eps};
+    if (cuda::GemvFormedApplies(R, width, input, &out, 1)) {
       Section section(this, "gemm");
       return cuda::GemvFormed(input, int(R), width, &out, 1, stream_);
     }
-    if (o16)
-      SALA_RETURN_IF_ERROR(cuda::NormGateToBf16(o16, input.gate, int(R), int(width), norm, input.eps, ob_.get(), stream_));
-    else
-      SALA_RETURN_IF_ERROR(
-          cuda::NormGateToBf16(o_.get(), input.gate, int(R), int(width), norm, input.eps, ob_.get(), stream_));
+    SALA_RETURN_IF_ERROR(cuda::NormGateToBf16(o_.get(), input.gate, int(R), int(width), norm, eps, ob_.get(), stream_));
     return MmAddResidual(ob_.get(), R, width, w_o);
   }
-  // The attention input projections of a layer from the normed h_ into q_, k_, v_ (and z_ with a
-  // gate), or q, k and v rounded to bf16 into `qkv16`.
+  // Prefill's gate projection, in bf16 in the first half of z_.
+  Bf16* Z16() const { return reinterpret_cast<Bf16*>(z_.get()); }
+  // The attention input projections of a layer from the normed h_ into q_, k_, v_ (and the gate
+  // into z_, or Z16() in prefill), or q, k and v rounded to bf16 into `qkv16`.
   struct Bf16Qkv {
     Bf16 *q, *k, *v;
   };
@@ -831,7 +837,8 @@ class CudaBackend final : public Backend {
     const cuda::GemvWeight all[] = {{w.q.get(), int64_t(H) * D, bf16 ? nullptr : q_.get(), false, 1.0f, qkv16.q},
                                     {w.k.get(), int64_t(Hk) * D, bf16 ? nullptr : k_.get(), false, 1.0f, qkv16.k},
                                     {w.v.get(), int64_t(Hk) * D, bf16 ? nullptr : v_.get(), false, 1.0f, qkv16.v},
-                                    {w.gate.get(), int64_t(H) * D, z_.get()}};
+                                    {w.gate.get(), int64_t(H) * D, decode_step_ ? z_.get() : nullptr, false, 1.0f,
+                                     decode_step_ ? nullptr : Z16()}};
     return NormedMm(w.input_norm.get(), 1.0f, R, std::span(all, gate ? 4 : 3));
   }
 

@@ -166,8 +166,8 @@ __global__ void __launch_bounds__(kThreads) HeadNormRopeKernel(NormedHeads q, No
   }
 }
 
-template <int Vec, typename In>
-__global__ void NormGateKernel(const In* o, const float* z, int width, const __nv_bfloat16* w, float eps,
+template <int Vec, typename O, typename Z>
+__global__ void NormGateKernel(const O* o, const Z* z, int width, const __nv_bfloat16* w, float eps,
                                __nv_bfloat16* y) {
   constexpr int kAccesses = kRowPerThread / Vec;
   __shared__ float scratch[32];
@@ -282,11 +282,9 @@ absl::Status HeadNormRope(NormedHeads q, NormedHeads k, int rows, int dim, float
   return absl::OkStatus();
 }
 
-namespace {
-
-template <typename In>
-absl::Status NormGate(const In* o, const float* z, int rows, int width, const __nv_bfloat16* norm_weight, float eps,
-                      __nv_bfloat16* y, cudaStream_t stream) {
+template <typename O, typename Z>
+absl::Status NormGateToBf16(const O* o, const Z* z, int rows, int width, const __nv_bfloat16* norm_weight, float eps,
+                            __nv_bfloat16* y, cudaStream_t stream) {
   if (rows == 0) return absl::OkStatus();
   SALA_RETURN_IF_ERROR(CheckRowWidth(width, "output norm"));
   if (RowsTakeVec4(width, {o, z, norm_weight, y}))
@@ -296,17 +294,14 @@ absl::Status NormGate(const In* o, const float* z, int rows, int width, const __
   SALA_CUDA_CHECK_LAUNCH();
   return absl::OkStatus();
 }
-
-}  // namespace
-
-absl::Status NormGateToBf16(const float* o, const float* z, int rows, int width, const __nv_bfloat16* norm_weight,
-                            float eps, __nv_bfloat16* y, cudaStream_t stream) {
-  return NormGate(o, z, rows, width, norm_weight, eps, y, stream);
-}
-absl::Status NormGateToBf16(const __nv_bfloat16* o, const float* z, int rows, int width,
-                            const __nv_bfloat16* norm_weight, float eps, __nv_bfloat16* y, cudaStream_t stream) {
-  return NormGate(o, z, rows, width, norm_weight, eps, y, stream);
-}
+#define SALA_NORM_GATE(O, Z)                                                                                   \
+  template absl::Status NormGateToBf16<O, Z>(const O*, const Z*, int, int, const __nv_bfloat16*, float,       \
+                                             __nv_bfloat16*, cudaStream_t);
+SALA_NORM_GATE(float, float)
+SALA_NORM_GATE(float, __nv_bfloat16)
+SALA_NORM_GATE(__nv_bfloat16, float)
+SALA_NORM_GATE(__nv_bfloat16, __nv_bfloat16)
+#undef SALA_NORM_GATE
 
 absl::Status SwiGluToBf16(const __nv_bfloat16* gate, const __nv_bfloat16* up, int64_t n, __nv_bfloat16* y,
                           cudaStream_t stream) {

@@ -31,11 +31,11 @@ struct NormedHeads {
 absl::Status HeadNormRope(NormedHeads q, NormedHeads k, int rows, int dim, float eps, int64_t pos0, double theta,
                           bool rope, cudaStream_t stream);
 // The attention output: y = bf16(RMSNorm(o) * sigmoid(z)) over rows of `width`, norm and gate
-// each optional (linear layers may have both, sparse layers only the gate); o in fp32 or bf16.
-absl::Status NormGateToBf16(const float* o, const float* z, int rows, int width, const __nv_bfloat16* norm_weight,
-                            float eps, __nv_bfloat16* y, cudaStream_t stream);
-absl::Status NormGateToBf16(const __nv_bfloat16* o, const float* z, int rows, int width,
-                            const __nv_bfloat16* norm_weight, float eps, __nv_bfloat16* y, cudaStream_t stream);
+// each optional (linear layers may have both, sparse layers only the gate). o and z are each fp32
+// (a decode step) or bf16 (prefill: the linear kernel's output, the gate projection's).
+template <typename O, typename Z>
+absl::Status NormGateToBf16(const O* o, const Z* z, int rows, int width, const __nv_bfloat16* norm_weight, float eps,
+                            __nv_bfloat16* y, cudaStream_t stream);
 // y = bf16(silu(gate) * up), operands 16-byte aligned.
 absl::Status SwiGluToBf16(const __nv_bfloat16* gate, const __nv_bfloat16* up, int64_t n, __nv_bfloat16* y,
                           cudaStream_t stream);
