@@ -9,6 +9,7 @@
 #include "rope.cuh"
 #include "sala/status_macros.h"
 #include "warp.cuh"
+#include "wgmma.cuh"
 
 namespace sala::cuda {
 namespace {
@@ -49,29 +50,34 @@ struct Tiles {
 
 // Copies 64-token tiles of one head of a [T, heads, kDim] 16-bit tensor into shared memory by
 // cp.async, 16 bytes a piece: a thread's pieces are one column position in every kRowStep-th row.
-template <int kDim>
+// The tile is [token][dim] with rows padded to kStride, or (kSwizzled) in the 128-byte-swizzled
+// K-major layout of wgmma.cuh (64-row slabs of 64 values), where the warpgroup MMAs read it.
+template <int kDim, bool kSwizzled = false>
 struct TileLoader {
   static constexpr int kPieces = kDim / 8, kRowStep = Tiles<kDim>::kThreads / kPieces;
+  static constexpr int kRowHalves = kSwizzled ? 64 : Tiles<kDim>::kStride;
   const uint16_t* src;  // this thread's first piece in the tile of rows 0 ..
   int64_t row_stride;
-  int row, col;
+  int row, dst;
 
   // x: the head's first column in row 0.
   __device__ TileLoader(const uint16_t* x, int64_t row_stride) : row_stride(row_stride) {
     row = threadIdx.x / kPieces;
-    col = 8 * (threadIdx.x % kPieces);
+    const int col = 8 * (threadIdx.x % kPieces);
     src = x + row * row_stride + col;
+    // The swizzle depends on the row modulo 8, the same in every kRowStep-th row.
+    dst = kSwizzled ? Sw128Offset(row, col, kChunk) : row * kRowHalves + col;
   }
   // Rows first .. first + 63 into `tile`; rows at or past `end` read as zeros.
   __device__ __forceinline__ void Load(uint16_t* tile, int64_t first, int64_t end) const {
+    static_assert(!kSwizzled || kRowStep % 8 == 0);
     const uint16_t* p = src + first * row_stride;
     const int64_t step = kRowStep * row_stride;
     const int64_t rows_left = end - first - row;
-    uint16_t* dst = tile + row * Tiles<kDim>::kStride + col;
 #pragma unroll
     for (int r = 0; r < kChunk; r += kRowStep, p += step) {
       const bool valid = r < rows_left;
-      CpAsync16(dst + r * Tiles<kDim>::kStride, valid ? p : src, valid);
+      CpAsync16(tile + dst + r * kRowHalves, valid ? p : src, valid);
     }
   }
 };
@@ -116,10 +122,12 @@ __device__ __forceinline__ void StoreState(const float (&acc)[kDim / 8][4], floa
     for (int e = 0; e < 4; ++e) S[(8 * n + 2 * t + e % 2) * kDim + c0 + g + 8 * (e / 2)] = acc[n][e] / kStateScale;
 }
 
-// Sᵀ = exp(g len) Sᵀ + (V ⊙ w)ᵀ K for one chunk of `len` tokens, w_j = exp(g (len − 1 − j)).
-template <int kDim>
-__device__ __forceinline__ void UpdateState(float (&acc)[kDim / 8][4], const uint16_t* Ks, const uint16_t* Vs,
-                                            int len, float g2, int c0) {
+// Sᵀ = exp(g len) Sᵀ + (V ⊙ w)ᵀ K for one chunk of `len` tokens, w_j = exp(g (len − 1 − j)):
+// the decay here, and product(ks, a) adds (V ⊙ w)ᵀ K over tokens 16 ks .. 16 ks + 15, given the
+// A fragment of (V ⊙ w)ᵀ for this warp's 16 columns.
+template <int kDim, typename Product>
+__device__ __forceinline__ void UpdateState(float (&acc)[kDim / 8][4], const uint16_t* Vs, int len, float g2, int c0,
+                                            Product product) {
   const int t = threadIdx.x % 4;
   const float chunk_decay = exp2f(g2 * float(len));
 #pragma unroll
@@ -146,6 +154,14 @@ __device__ __forceinline__ void UpdateState(float (&acc)[kDim / 8][4], const uin
     LdRowsTrans<Tiles<kDim>::kStride>(va, Vs, 16 * ks, c0);
 #pragma unroll
     for (int r = 0; r < 4; ++r) va[r] = MulF16x2(Bf16x2ToF16x2(va[r]), r < 2 ? w_lo : w_hi);
+    product(ks, va);
+  }
+}
+// The same with the products by mma.sync, K in a padded tile.
+template <int kDim>
+__device__ __forceinline__ void UpdateState(float (&acc)[kDim / 8][4], const uint16_t* Ks, const uint16_t* Vs,
+                                            int len, float g2, int c0) {
+  UpdateState<kDim>(acc, Vs, len, g2, c0, [&](int ks, const uint32_t(&va)[4]) {
 #pragma unroll
     for (int np = 0; np < kDim / 16; ++np) {
       uint32_t b[4];
@@ -153,7 +169,92 @@ __device__ __forceinline__ void UpdateState(float (&acc)[kDim / 8][4], const uin
       MmaF16(acc[2 * np], va, b[0], b[2]);
       MmaF16(acc[2 * np + 1], va, b[1], b[3]);
     }
+  });
+}
+
+// The chunk's scores of this warp (query rows i0 .. i0 + 15, keys jb + 8 n .., sc[n] the C
+// fragment of key tile n), masked and scaled into As [query][key] in f16. Every entry the output
+// reads (keys up to the end of the query's 16-row tile) is written. The decay exp(g (i − j)) of
+// tile n is that of tile 0 times exp(−8 g n); beyond the diagonal it may overflow, and is not used.
+template <int kScoreStride, int kKeyTiles>
+__device__ __forceinline__ void StoreMaskedScores(const float (&sc)[kKeyTiles][4], uint16_t* As, int i0, int jb,
+                                                  float scale, float g2) {
+  const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+  float mask[4];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) mask[e] = scale * exp2f(g2 * float(i0 + g + 8 * (e / 2) - jb - 2 * t - e % 2));
+  const float mask_step = exp2f(-8.0f * g2);
+#pragma unroll
+  for (int n = 0; n < kKeyTiles; ++n) {
+    const int j0 = jb + 8 * n;
+    if (j0 > i0 + 15) break;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int i = i0 + g + 8 * r, j = j0 + 2 * t;
+      const float x0 = j <= i ? sc[n][2 * r] * mask[2 * r] : 0.0f;
+      const float x1 = j + 1 <= i ? sc[n][2 * r + 1] * mask[2 * r + 1] : 0.0f;
+      *reinterpret_cast<uint32_t*>(As + i * kScoreStride + j) = PackF16Sat(x0, x1);
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) mask[e] *= mask_step;
   }
+}
+
+// Oᵀ's S_in term (this warp's 16 columns, token i = 8 n + 2t (+1)) times exp(g (i + 1)) s, the
+// state's scale undone.
+__device__ __forceinline__ void ScaleStateTerm(float (&oacc)[kChunk / 8][4], float scale, float g2) {
+  const int t = threadIdx.x % 4;
+  float row_scale[2];
+#pragma unroll
+  for (int e = 0; e < 2; ++e) row_scale[e] = scale / kStateScale * exp2f(g2 * float(2 * t + e + 1));
+  const float row_step = exp2f(8.0f * g2);
+#pragma unroll
+  for (int n = 0; n < kChunk / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) oacc[n][e] *= row_scale[e % 2];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) row_scale[e] *= row_step;
+  }
+}
+
+// Oᵀ += Vᵀ Aᵀ over the chunk's masked scores As, for this warp's 16 columns from c0.
+template <int kDim>
+__device__ __forceinline__ void AddIntraChunk(float (&oacc)[kChunk / 8][4], const uint16_t* Vs, const uint16_t* As,
+                                              int c0) {
+#pragma unroll
+  for (int ks = 0; ks < kChunk / 16; ++ks) {
+    uint32_t va[4];
+    LdRowsTrans<Tiles<kDim>::kStride>(va, Vs, 16 * ks, c0);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) va[r] = Bf16x2ToF16x2(va[r]);
+#pragma unroll
+    for (int np = ks; np < kChunk / 16; ++np) {  // queries from the keys' tile on
+      uint32_t b[4];
+      LdRows<Tiles<kDim>::kScoreStride>(b, As, 16 * np, 16 * ks);
+      MmaF16(oacc[2 * np], va, b[0], b[2]);
+      MmaF16(oacc[2 * np + 1], va, b[1], b[3]);
+    }
+  }
+}
+
+// Oᵀ of this warp's 16 columns into o (the chunk's first token at this warp's first column, rows
+// `stride` apart), the first len tokens, in bf16 pairs of adjacent columns: lanes g and g ^ 1 swap
+// one token's value each, so the even lane stores token 2t's pair and the odd one token 2t + 1's.
+__device__ __forceinline__ void StoreOutput(const float (&oacc)[kChunk / 8][4], __nv_bfloat16* o, int64_t stride,
+                                            int len) {
+  const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+  const bool odd = g & 1;
+#pragma unroll
+  for (int n = 0; n < kChunk / 8; ++n)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float mine0 = oacc[n][2 * r], mine1 = oacc[n][2 * r + 1];
+      const float theirs = __shfl_xor_sync(0xffffffffu, odd ? mine0 : mine1, 4);
+      const int i = 8 * n + 2 * t + odd;
+      if (i < len)
+        *reinterpret_cast<__nv_bfloat162*>(o + i * stride + (g & ~1) + 8 * r) =
+            odd ? __floats2bfloat162_rn(theirs, mine1) : __floats2bfloat162_rn(mine0, theirs);
+    }
 }
 
 // Block (p, h), p < P − 1: segment p of head h from a zero state into seg_states slot 1 + p.
@@ -218,7 +319,7 @@ __global__ void __launch_bounds__(Tiles<kDim>::kThreads, 2)
   using L = Tiles<kDim>;
   extern __shared__ __align__(128) uint16_t lsmem[];
   const int p = blockIdx.x, P = gridDim.x, h = blockIdx.y, kh = h / (H / Hk);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, c0 = 16 * warp;
+  const int warp = threadIdx.x / 32, c0 = 16 * warp;
   constexpr int64_t kHeadState = int64_t(kDim) * kDim;
   const float g2 = -slopes[h] * kLog2e;
   const int64_t first = p * seg_len, end = T < first + seg_len ? T : first + seg_len;
@@ -268,27 +369,7 @@ __global__ void __launch_bounds__(Tiles<kDim>::kThreads, 2)
           MmaF16(sc[2 * np + 1], a, b[1], b[3]);
         }
       }
-      // Masked and scaled into As. Every entry the output reads below (keys up to the end of the
-      // query's 16-row tile) is written. The decay exp(g (i − j)) of tile n is that of tile 0
-      // times exp(−8 g n); beyond the diagonal it may overflow, and is not used.
-      float mask[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) mask[e] = scale * exp2f(g2 * float(i0 + g + 8 * (e / 2) - jb - 2 * t - e % 2));
-      const float mask_step = exp2f(-8.0f * g2);
-#pragma unroll
-      for (int n = 0; n < kKeyTiles; ++n) {
-        const int j0 = jb + 8 * n;
-        if (j0 > i0 + 15) break;
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int i = i0 + g + 8 * r, j = j0 + 2 * t;
-          const float x0 = j <= i ? sc[n][2 * r] * mask[2 * r] : 0.0f;
-          const float x1 = j + 1 <= i ? sc[n][2 * r + 1] * mask[2 * r + 1] : 0.0f;
-          *reinterpret_cast<uint32_t*>(As + i * L::kScoreStride + j) = PackF16Sat(x0, x1);
-        }
-#pragma unroll
-        for (int e = 0; e < 4; ++e) mask[e] *= mask_step;
-      }
+      StoreMaskedScores<L::kScoreStride>(sc, As, i0, jb, scale, g2);
     }
     __syncthreads();  // the scores are complete
     // Oᵀ of this warp's 16 columns: the S_in term first, for all 64 tokens (each Sᵀ pair packed once).
@@ -306,51 +387,124 @@ __global__ void __launch_bounds__(Tiles<kDim>::kThreads, 2)
         MmaF16(oacc[2 * np + 1], a, b[1], b[3]);
       }
     }
-    {
-      // Token i = 8 n + 2t (+1): exp(g (i + 1)) s, the state's scale undone.
-      float row_scale[2];
-#pragma unroll
-      for (int e = 0; e < 2; ++e) row_scale[e] = scale / kStateScale * exp2f(g2 * float(2 * t + e + 1));
-      const float row_step = exp2f(8.0f * g2);
-#pragma unroll
-      for (int n = 0; n < kChunk / 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) oacc[n][e] *= row_scale[e % 2];
-#pragma unroll
-        for (int e = 0; e < 2; ++e) row_scale[e] *= row_step;
-      }
-    }
-#pragma unroll
-    for (int ks = 0; ks < kChunk / 16; ++ks) {
-      uint32_t va[4];
-      LdRowsTrans<Tiles<kDim>::kStride>(va, Vs, 16 * ks, c0);
-#pragma unroll
-      for (int r = 0; r < 4; ++r) va[r] = Bf16x2ToF16x2(va[r]);
-#pragma unroll
-      for (int np = ks; np < kChunk / 16; ++np) {  // queries from the keys' tile on
-        uint32_t b[4];
-        LdRows<L::kScoreStride>(b, As, 16 * np, 16 * ks);
-        MmaF16(oacc[2 * np], va, b[0], b[2]);
-        MmaF16(oacc[2 * np + 1], va, b[1], b[3]);
-      }
-    }
-    // bf16 pairs of adjacent columns: lanes g and g ^ 1 swap one token's value each, so the
-    // even lane stores token 2t's pair and the odd one token 2t + 1's.
-    const bool odd = g & 1;
-#pragma unroll
-    for (int n = 0; n < kChunk / 8; ++n)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float mine0 = oacc[n][2 * r], mine1 = oacc[n][2 * r + 1];
-        const float theirs = __shfl_xor_sync(0xffffffffu, odd ? mine0 : mine1, 4);
-        const int i = 8 * n + 2 * t + odd;
-        if (i < len)
-          *reinterpret_cast<__nv_bfloat162*>(o + ((r0 + i) * H + h) * kDim + c0 + (g & ~1) + 8 * r) =
-              odd ? __floats2bfloat162_rn(theirs, mine1) : __floats2bfloat162_rn(mine0, theirs);
-      }
+    ScaleStateTerm(oacc, scale, g2);
+    AddIntraChunk<kDim>(oacc, Vs, As, c0);
+    StoreOutput(oacc, o + (r0 * H + h) * kDim + c0, H * kDim, len);
     UpdateState<kDim>(acc, Ks, Vs, len, g2, c0);
   }
   if (p == P - 1) StoreState<kDim>(acc, state + h * kHeadState, c0);
+}
+
+// ChunkedKernel on Hopper (dim 128): the three products of a chunk that read Q or K become
+// warpgroup MMAs, each warpgroup (four warps, 64 value columns) issuing them once instead of each
+// warp loading every Q and K fragment: the scores (warpgroup w: keys 32 w .. of all 64 queries,
+// both operands in shared memory), the S_in term (A = the packed Sᵀ accumulators) and the state
+// update (A = (V ⊙ w)ᵀ from registers, B = the K tile read N-major). Q and K tiles are in the
+// 128-byte-swizzled layout the MMAs read; V and the scores stay in padded rows for ldmatrix, and
+// the intra-chunk product Vᵀ Aᵀ stays on mma.sync (it skips the tiles above the diagonal).
+struct WgTiles {
+  static constexpr int kDim = 128, kThreads = 256;
+  static constexpr int kSwTile = kChunk * kDim;  // 16-bit values of a swizzled Q or K tile
+  static constexpr int kStage = 2 * kSwTile + Tiles<kDim>::kTile;  // Q, K (swizzled), V (padded)
+  static constexpr int kSlabBytes = kChunk * 64 * 2;              // a swizzled tile's 64-column slab
+  // Two stages and the scores, + alignment of the swizzle.
+  static constexpr size_t kBytes = size_t(2 * kStage + Tiles<kDim>::kScoreTile) * 2 + 1024;
+};
+static_assert(WgTiles::kStage * 2 % 1024 == 0, "each stage's swizzled tiles start 1024-byte aligned");
+
+__global__ void __launch_bounds__(WgTiles::kThreads, 2)
+    WgChunkedKernel(const __half* q, const __half* k, const __nv_bfloat16* v, int64_t T, int H, int Hk,
+                    int64_t seg_len, float scale, const float* slopes, float* state, const float* seg_states,
+                    __nv_bfloat16* o) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kDim = WgTiles::kDim;
+  using L = Tiles<kDim>;
+  extern __shared__ unsigned char wg_smem[];
+  uint16_t* smem = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(wg_smem) + 1023) & ~uintptr_t(1023));
+  const int p = blockIdx.x, P = gridDim.x, h = blockIdx.y, kh = h / (H / Hk);
+  const int warp = threadIdx.x / 32, c0 = 16 * warp;
+  constexpr int64_t kHeadState = int64_t(kDim) * kDim;
+  const float g2 = -slopes[h] * kLog2e;
+  const int64_t first = p * seg_len, end = T < first + seg_len ? T : first + seg_len;
+  const int chunks = int((end - first + kChunk - 1) / kChunk);
+  const int64_t q_stride = int64_t(H) * kDim, kv_stride = int64_t(Hk) * kDim;
+  const TileLoader<kDim, true> q_tiles(reinterpret_cast<const uint16_t*>(q) + h * kDim, q_stride);
+  const TileLoader<kDim, true> k_tiles(reinterpret_cast<const uint16_t*>(k) + kh * kDim, kv_stride);
+  const TileLoader<kDim> v_tiles(reinterpret_cast<const uint16_t*>(v) + kh * kDim, kv_stride);
+  uint16_t* As = smem + 2 * WgTiles::kStage;  // the chunk's masked scores [query][key]
+  const auto load = [&](int c, int stage) {
+    uint16_t* tiles = smem + stage * WgTiles::kStage;
+    const int64_t r0 = first + c * kChunk;
+    q_tiles.Load(tiles, r0, end);
+    k_tiles.Load(tiles + WgTiles::kSwTile, r0, end);
+    v_tiles.Load(tiles + 2 * WgTiles::kSwTile, r0, end);
+    CpAsyncCommit();
+  };
+  load(0, 0);
+  float acc[kDim / 8][4];
+  float(&acc64)[64] = reinterpret_cast<float(&)[64]>(acc);
+  LoadState<kDim>(acc, P > 1 ? seg_states + (int64_t(p) * H + h) * kHeadState : state + h * kHeadState, c0);
+  const int i0 = 16 * (warp % 4), jb = 32 * (warp / 4);
+  // Descriptor words in 16-byte units: a swizzled tile's slab is 64 rows of 128 bytes; k step kk
+  // of a K-major operand starts 32 bytes into its slab kk / 4's rows.
+  constexpr uint32_t kSlab = WgTiles::kSlabBytes / 16;
+  for (int c = 0; c < chunks; ++c) {
+    const int64_t r0 = first + c * kChunk;
+    const int len = end - r0 < kChunk ? int(end - r0) : kChunk;
+    CpAsyncWait<0>();
+    WgmmaWait<0>();  // chunk c − 1's state update, which reads the stage the next load overwrites
+    WgmmaFenceOperands(acc64);
+    FenceProxyAsync();
+    __syncthreads();  // chunk c's tiles are in place; every warp is done with chunk c − 1's and its scores
+    if (c + 1 < chunks) load(c + 1, (c + 1) & 1);
+    const uint16_t* Qs = smem + (c & 1) * WgTiles::kStage;
+    const uint16_t* Ks = Qs + WgTiles::kSwTile;
+    const uint16_t* Vs = Qs + 2 * WgTiles::kSwTile;
+    const uint32_t q_desc = Sw128Descriptor(Qs), k_desc = Sw128Descriptor(Ks);
+    {
+      float sc[4][4];
+      float(&sc16)[16] = reinterpret_cast<float(&)[16]>(sc);
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < kDim / 16; ++kk)
+        WgmmaF16M64N32K16(sc16, q_desc + (kk / 4) * kSlab + (kk % 4) * 2,
+                          k_desc + jb * 128 / 16 + (kk / 4) * kSlab + (kk % 4) * 2, kk > 0);
+      WgmmaCommit();
+      WgmmaWait<0>();
+      WgmmaFenceOperands(sc16);
+      StoreMaskedScores<L::kScoreStride>(sc, As, i0, jb, scale, g2);
+    }
+    __syncthreads();  // the scores are complete
+    float oacc[kChunk / 8][4];
+    float(&o32)[32] = reinterpret_cast<float(&)[32]>(oacc);
+    // A fence before each MMA: it orders the writes of its A registers (here the packed state,
+    // below the weighted V) before the MMA reads them.
+#pragma unroll
+    for (int kk = 0; kk < kDim / 16; ++kk) {
+      const uint32_t a[4] = {PackF16Sat(acc[2 * kk][0], acc[2 * kk][1]), PackF16Sat(acc[2 * kk][2], acc[2 * kk][3]),
+                             PackF16Sat(acc[2 * kk + 1][0], acc[2 * kk + 1][1]),
+                             PackF16Sat(acc[2 * kk + 1][2], acc[2 * kk + 1][3])};
+      WgmmaFence();
+      WgmmaF16M64N64K16Rs(o32, a, q_desc + (kk / 4) * kSlab + (kk % 4) * 2, kk > 0);
+    }
+    WgmmaCommit();
+    WgmmaWait<0>();
+    WgmmaFenceOperands(o32);
+    ScaleStateTerm(oacc, scale, g2);
+    AddIntraChunk<kDim>(oacc, Vs, As, c0);
+    StoreOutput(oacc, o + (r0 * H + h) * kDim + c0, H * kDim, len);
+    // The K tile N-major: rows of k (tokens) 128 bytes apart in each slab, 16 of them a k step.
+    const uint32_t k_rows = (SmemAddress(Ks) & 0x3FFFF) >> 4;
+    UpdateState<kDim>(acc, Vs, len, g2, c0, [&](int ks, const uint32_t(&va)[4]) {
+      WgmmaFence();
+      WgmmaF16M64N128K16RsTransB<WgTiles::kSlabBytes>(acc64, va, k_rows + ks * 16 * 128 / 16);
+    });
+    WgmmaCommit();
+  }
+  WgmmaWait<0>();
+  WgmmaFenceOperands(acc64);
+  if (p == P - 1) StoreState<kDim>(acc, state + h * kHeadState, c0);
+#endif
 }
 
 // Decode: one block per (sequence, head). A thread owns four adjacent columns (16-byte loads and
@@ -450,36 +604,51 @@ __global__ void StepKernel(const float* q, const float* k, const float* v, int H
 struct SegmentPlan {
   int segments;
   int64_t seg_len;
+  bool wgmma;  // the chunks by WgChunkedKernel
 };
-// What the plan needs of the current device: its SMs and how many ChunkedKernel blocks each
-// holds. Found once per device (with the kernels' shared-memory limits set there), since a
-// prefill chunk asks for it in every linear layer.
+// What the plan needs of the current device: its SMs, whether it runs WgChunkedKernel (dim 128
+// on compute capability 9.0) and how many blocks of the chunked kernel each SM holds. Found once
+// per device (with the kernels' shared-memory limits set there), since a prefill chunk asks for
+// it in every linear layer.
+struct Residency {
+  int sms, blocks_per_sm;
+  bool wgmma;
+};
 template <int kDim>
-absl::StatusOr<std::pair<int, int>> ChunkedResidency() {
+absl::StatusOr<Residency> ChunkedResidency() {
   static std::mutex mu;
-  static std::map<int, std::pair<int, int>> known;  // device -> (SMs, blocks per SM)
+  static std::map<int, Residency> known;  // by device
   int device = 0;
   SALA_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
   std::lock_guard<std::mutex> lock(mu);
   if (auto it = known.find(device); it != known.end()) return it->second;
-  SALA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(ChunkedKernel<kDim>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 int(Tiles<kDim>::kChunkedBytes)));
   SALA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
       SegmentStatesKernel<kDim>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Tiles<kDim>::kStatesBytes)));
+  SALA_ASSIGN_OR_RETURN(const bool hopper, HasWgmma());
+  const bool wgmma = kDim == WgTiles::kDim && hopper;
   int resident = 0;
-  SALA_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &resident, ChunkedKernel<kDim>, Tiles<kDim>::kThreads, Tiles<kDim>::kChunkedBytes));
+  if (wgmma) {
+    SALA_CUDA_RETURN_IF_ERROR(
+        cudaFuncSetAttribute(WgChunkedKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(WgTiles::kBytes)));
+    SALA_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, WgChunkedKernel,
+                                                                            WgTiles::kThreads, WgTiles::kBytes));
+  } else {
+    SALA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(ChunkedKernel<kDim>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                   int(Tiles<kDim>::kChunkedBytes)));
+    SALA_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &resident, ChunkedKernel<kDim>, Tiles<kDim>::kThreads, Tiles<kDim>::kChunkedBytes));
+  }
   SALA_ASSIGN_OR_RETURN(const int sms, MultiprocessorCount());
-  return known[device] = {sms, std::max(resident, 1)};
+  return known[device] = Residency{sms, std::max(resident, 1), wgmma};
 }
 
 template <int kDim>
 absl::StatusOr<SegmentPlan> PlanSegments(int64_t T, int heads) {
-  SALA_ASSIGN_OR_RETURN(const auto residency, ChunkedResidency<kDim>());
+  SALA_ASSIGN_OR_RETURN(const Residency residency, ChunkedResidency<kDim>());
   const int64_t chunks = (T + kChunk - 1) / kChunk;
-  const int64_t want = std::clamp<int64_t>(int64_t(residency.first) * residency.second / heads, 1, chunks);
+  const int64_t want = std::clamp<int64_t>(int64_t(residency.sms) * residency.blocks_per_sm / heads, 1, chunks);
   const int64_t seg_chunks = (chunks + want - 1) / want;
-  return SegmentPlan{int((chunks + seg_chunks - 1) / seg_chunks), seg_chunks * kChunk};
+  return SegmentPlan{int((chunks + seg_chunks - 1) / seg_chunks), seg_chunks * kChunk, residency.wgmma};
 }
 
 absl::StatusOr<SegmentPlan> Plan(int64_t T, int heads, int dim) {
@@ -499,8 +668,12 @@ void LaunchChunked(const __half* q, const __half* k, const __nv_bfloat16* v, int
     CombineStatesKernel<<<dim3(kHeadState / kCombineThreads, heads), kCombineThreads, 0, stream>>>(
         state, scratch, plan.segments, heads, kHeadState, plan.seg_len, slopes);
   }
-  ChunkedKernel<kDim><<<dim3(plan.segments, heads), L::kThreads, L::kChunkedBytes, stream>>>(
-      q, k, v, T, heads, kv_heads, plan.seg_len, scale, slopes, state, scratch, o);
+  if (plan.wgmma)
+    WgChunkedKernel<<<dim3(plan.segments, heads), WgTiles::kThreads, WgTiles::kBytes, stream>>>(
+        q, k, v, T, heads, kv_heads, plan.seg_len, scale, slopes, state, scratch, o);
+  else
+    ChunkedKernel<kDim><<<dim3(plan.segments, heads), L::kThreads, L::kChunkedBytes, stream>>>(
+        q, k, v, T, heads, kv_heads, plan.seg_len, scale, slopes, state, scratch, o);
 }
 
 }  // namespace

@@ -72,6 +72,57 @@ __device__ __forceinline__ void WgmmaM64N64K16(float (&d)[32], uint32_t a, uint3
       : "r"(a), "r"(b), "r"(int(accumulate)), "r"(kSw128DescriptorHigh));
 }
 
+// d (+)= A (64 x 16, descriptor a) x B (16 x 32, stored as 32 rows of k: descriptor b), given the
+// descriptors' low words (high word kSw128DescriptorHigh); f16 inputs, fp32 accumulation.
+__device__ __forceinline__ void WgmmaF16M64N32K16(float (&d)[16], uint32_t a, uint32_t b, bool accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\n.reg .b64 da, db;\nsetp.ne.b32 p, %18, 0;\n"
+      "mov.b64 da, {%16, %19};\nmov.b64 db, {%17, %19};\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, da, db, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "r"(a), "r"(b), "r"(int(accumulate)), "r"(kSw128DescriptorHigh));
+}
+
+// d (+)= A (64 x 16, f16 pairs in registers: the mma.sync A fragment of each warp's 16 rows) x
+// B (16 x 64, stored as 64 rows of k: descriptor low word b, K-major, 128-byte swizzle).
+__device__ __forceinline__ void WgmmaF16M64N64K16Rs(float (&d)[32], const uint32_t (&a)[4], uint32_t b,
+                                                    bool accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\n.reg .b64 db;\nsetp.ne.b32 p, %37, 0;\n"
+      "mov.b64 db, {%36, %38};\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, db, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b), "r"(int(accumulate)), "r"(kSw128DescriptorHigh));
+}
+
+// d += A (64 x 16, f16 pairs in registers) x B (16 x 128) with B N-major: k rows of 128 values, as
+// two 64-value slabs of 128-byte swizzled rows kSlabBytes apart (the descriptor's leading offset),
+// eight rows 1024 bytes apart (its stride); b is the descriptor's low word without that offset.
+template <int kSlabBytes>
+__device__ __forceinline__ void WgmmaF16M64N128K16RsTransB(float (&d)[64], const uint32_t (&a)[4], uint32_t b) {
+  asm volatile(
+      "{\n.reg .pred p;\n.reg .b64 db;\nsetp.eq.b32 p, 1, 1;\n"
+      "mov.b64 db, {%68, %69};\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, db, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b | uint32_t(kSlabBytes >> 4) << 16),
+        "r"(kSw128DescriptorHigh));
+}
+
 // Shared-memory barriers (mbarrier): a phase completes once `count` threads have arrived and
 // the bytes a thread announced with MbarArriveExpectTx have landed.
 __device__ __forceinline__ void MbarInit(uint64_t* bar, int count) {
