@@ -173,10 +173,12 @@ __device__ __forceinline__ void UpdateState(float (&acc)[kDim / 8][4], const uin
 }
 
 // The chunk's scores of this warp (query rows i0 .. i0 + 15, keys jb + 8 n .., sc[n] the C
-// fragment of key tile n), masked and scaled into As [query][key] in f16. Every entry the output
-// reads (keys up to the end of the query's 16-row tile) is written. The decay exp(g (i − j)) of
-// tile n is that of tile 0 times exp(−8 g n); beyond the diagonal it may overflow, and is not used.
-template <int kScoreStride, int kKeyTiles>
+// fragment of key tile n), masked and scaled into As [query][key] in f16. As has padded rows, or
+// (kSwizzled) the 128-byte-swizzled K-major layout of one 64-key slab. Every entry the output
+// reads is written: keys up to the end of the query's 16-row tile, or all keys (kSwizzled: the
+// MMA reads the whole tile). The decay exp(g (i − j)) of tile n is that of tile 0 times
+// exp(−8 g n); beyond the diagonal it may overflow, and is not used.
+template <int kScoreStride, int kKeyTiles, bool kSwizzled = false>
 __device__ __forceinline__ void StoreMaskedScores(const float (&sc)[kKeyTiles][4], uint16_t* As, int i0, int jb,
                                                   float scale, float g2) {
   const int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
@@ -187,13 +189,14 @@ __device__ __forceinline__ void StoreMaskedScores(const float (&sc)[kKeyTiles][4
 #pragma unroll
   for (int n = 0; n < kKeyTiles; ++n) {
     const int j0 = jb + 8 * n;
-    if (j0 > i0 + 15) break;
+    if (!kSwizzled && j0 > i0 + 15) break;  // the swizzled form is read whole, so its zeros are written
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int i = i0 + g + 8 * r, j = j0 + 2 * t;
       const float x0 = j <= i ? sc[n][2 * r] * mask[2 * r] : 0.0f;
       const float x1 = j + 1 <= i ? sc[n][2 * r + 1] * mask[2 * r + 1] : 0.0f;
-      *reinterpret_cast<uint32_t*>(As + i * kScoreStride + j) = PackF16Sat(x0, x1);
+      const int at = kSwizzled ? Sw128Offset(i, j, kChunk) : i * kScoreStride + j;
+      *reinterpret_cast<uint32_t*>(As + at) = PackF16Sat(x0, x1);
     }
 #pragma unroll
     for (int e = 0; e < 4; ++e) mask[e] *= mask_step;
@@ -395,24 +398,27 @@ __global__ void __launch_bounds__(Tiles<kDim>::kThreads, 2)
   if (p == P - 1) StoreState<kDim>(acc, state + h * kHeadState, c0);
 }
 
-// ChunkedKernel on Hopper (dim 128): the three products of a chunk that read Q or K become
-// warpgroup MMAs, each warpgroup (four warps, 64 value columns) issuing them once instead of each
-// warp loading every Q and K fragment: the scores (warpgroup w: keys 32 w .. of all 64 queries,
-// both operands in shared memory), the S_in term (A = the packed Sᵀ accumulators) and the state
-// update (A = (V ⊙ w)ᵀ from registers, B = the K tile read N-major). Q and K tiles are in the
-// 128-byte-swizzled layout the MMAs read; V and the scores stay in padded rows for ldmatrix, and
-// the intra-chunk product Vᵀ Aᵀ stays on mma.sync (it skips the tiles above the diagonal).
+// ChunkedKernel on Hopper (dim 128): a chunk's products become warpgroup MMAs, each warpgroup
+// (four warps, 64 value columns) issuing them once instead of each warp loading every Q, K and
+// score fragment: the scores (warpgroup w: keys 32 w .. of all 64 queries, both operands in
+// shared memory), the S_in term (A = the packed Sᵀ accumulators), the intra-chunk term (A = Vᵀ
+// from registers, B = the masked scores) and the state update (A = (V ⊙ w)ᵀ from registers, B =
+// the K tile read N-major). Q, K and the scores are in the 128-byte-swizzled layout the MMAs
+// read; V stays in padded rows for ldmatrix.
 struct WgTiles {
   static constexpr int kDim = 128, kThreads = 256;
   static constexpr int kSwTile = kChunk * kDim;  // 16-bit values of a swizzled Q or K tile
   static constexpr int kStage = 2 * kSwTile + Tiles<kDim>::kTile;  // Q, K (swizzled), V (padded)
   static constexpr int kSlabBytes = kChunk * 64 * 2;              // a swizzled tile's 64-column slab
   // Two stages and the scores, + alignment of the swizzle.
-  static constexpr size_t kBytes = size_t(2 * kStage + Tiles<kDim>::kScoreTile) * 2 + 1024;
+  static constexpr size_t kBytes = size_t(2 * kStage + kChunk * kChunk) * 2 + 1024;
 };
-static_assert(WgTiles::kStage * 2 % 1024 == 0, "each stage's swizzled tiles start 1024-byte aligned");
+static_assert(WgTiles::kStage * 2 % 1024 == 0 && WgTiles::kSlabBytes % 1024 == 0,
+              "every swizzled tile and slab starts 1024-byte aligned");
 
-__global__ void __launch_bounds__(WgTiles::kThreads, 2)
+// One block an SM: at two (128 registers a thread) ptxas serialised the MMAs and spilled, and the
+// chunk took 0.19 ms against 0.164 at one (190 registers, four segments of 2048 tokens a head).
+__global__ void __launch_bounds__(WgTiles::kThreads, 1)
     WgChunkedKernel(const __half* q, const __half* k, const __nv_bfloat16* v, int64_t T, int H, int Hk,
                     int64_t seg_len, float scale, const float* slopes, float* state, const float* seg_states,
                     __nv_bfloat16* o) {
@@ -472,7 +478,8 @@ __global__ void __launch_bounds__(WgTiles::kThreads, 2)
       WgmmaCommit();
       WgmmaWait<0>();
       WgmmaFenceOperands(sc16);
-      StoreMaskedScores<L::kScoreStride>(sc, As, i0, jb, scale, g2);
+      StoreMaskedScores<L::kScoreStride, 4, true>(sc, As, i0, jb, scale, g2);
+      FenceProxyAsync();
     }
     __syncthreads();  // the scores are complete
     float oacc[kChunk / 8][4];
@@ -491,7 +498,19 @@ __global__ void __launch_bounds__(WgTiles::kThreads, 2)
     WgmmaWait<0>();
     WgmmaFenceOperands(o32);
     ScaleStateTerm(oacc, scale, g2);
-    AddIntraChunk<kDim>(oacc, Vs, As, c0);
+    const uint32_t s_desc = Sw128Descriptor(As);
+#pragma unroll
+    for (int ks = 0; ks < kChunk / 16; ++ks) {
+      uint32_t va[4];
+      LdRowsTrans<L::kStride>(va, Vs, 16 * ks, c0);
+#pragma unroll
+      for (int r = 0; r < 4; ++r) va[r] = Bf16x2ToF16x2(va[r]);
+      WgmmaFence();
+      WgmmaF16M64N64K16Rs(o32, va, s_desc + ks * 2, true);
+    }
+    WgmmaCommit();
+    WgmmaWait<0>();
+    WgmmaFenceOperands(o32);
     StoreOutput(oacc, o + (r0 * H + h) * kDim + c0, H * kDim, len);
     // The K tile N-major: rows of k (tokens) 128 bytes apart in each slab, 16 of them a k step.
     const uint32_t k_rows = (SmemAddress(Ks) & 0x3FFFF) >> 4;
