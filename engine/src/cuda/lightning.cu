@@ -29,9 +29,9 @@ constexpr float kStateScale = 1.0f / 64;
 //
 // Parallel over segments of the sequence: SegmentStatesKernel first computes each segment's own
 // state (from zero), CombineStatesKernel chains them into each segment's starting state, and
-// ChunkedKernel walks each segment from there. Operands are f16 (q and k as HeadNormRope leaves
-// them, v converted from bf16 on its way into a fragment, the scores and the state packed),
-// accumulation fp32.
+// ChunkedKernel walks each segment from there (WgChunkedKernel on Hopper, the same math as
+// warpgroup MMAs). Operands are f16 (q and k as HeadNormRope leaves them, v converted from bf16
+// on its way into a fragment, the scores and the state packed), accumulation fp32.
 template <int kDim>
 struct Tiles {
   static constexpr int kWarps = kDim / 16;  // a warp per 16 value columns

@@ -1,6 +1,7 @@
 // Hopper warpgroup tensor-core building blocks (sm_90a only): wgmma.mma_async with both operands
-// in shared memory, its shared-memory descriptors, and the fences around it; and the tensor
-// memory accelerator (TMA) copies with the shared-memory barriers that feed such operands.
+// in shared memory or A in registers, its shared-memory descriptors, and the fences around it;
+// and the tensor memory accelerator (TMA) copies with the shared-memory barriers that feed such
+// operands.
 // Callers compile these only where __CUDA_ARCH_FEAT_SM90_ALL is defined and launch such kernels
 // only on compute capability 9.0 (HasWgmma in cuda_common.h); the PTX target of other GPUs never
 // reaches them.
@@ -9,6 +10,13 @@
 // values is stored as K / 64 column slabs of R rows x 64 values (128 bytes a row), slab s at
 // element s * R * 64; inside a slab the 16-byte chunk c of row r sits at chunk c ^ (r % 8). Each
 // slab must start on a 1024-byte boundary, where the swizzle pattern repeats.
+//
+// The same tile read N-major (a B operand whose rows are k): its 128-byte rows hold 64 values of
+// n, slabs of 64 n values lie the descriptor's leading offset apart, groups of eight k rows 1024
+// bytes apart.
+//
+// A in registers (m64nNk16, f16 or bf16): warp w of the warpgroup holds rows 16 w .. 16 w + 15 as
+// the A fragment of mma.sync m16n8k16.
 //
 // Accumulator of m64nNk16 (warp w of the warpgroup, g = lane / 4, t = lane % 4): register 4 n + c
 // holds row 16 w + g + 8 (c / 2), column 8 n + 2 t + c % 2 (the mma.sync C layout, N / 8 times).
