@@ -516,7 +516,7 @@ __global__ void __launch_bounds__(WgTiles::kThreads, 1)
     const uint32_t k_rows = (SmemAddress(Ks) & 0x3FFFF) >> 4;
     UpdateState<kDim>(acc, Vs, len, g2, c0, [&](int ks, const uint32_t(&va)[4]) {
       WgmmaFence();
-      WgmmaF16M64N128K16RsTransB<WgTiles::kSlabBytes>(acc64, va, k_rows + ks * 16 * 128 / 16);
+      WgmmaM64N128K16RsTransB<WgTiles::kSlabBytes, __half>(acc64, va, k_rows + ks * 16 * 128 / 16);
     });
     WgmmaCommit();
   }

@@ -830,7 +830,7 @@ struct SoftmaxState {
   template <bool kCausal, int Keys>
   __device__ __forceinline__ void Attend(const uint32_t (&qa)[D / 16][4], const Bf16* ks, const Bf16* vs,
                                          int64_t key0, int64_t pos, float scale_log2) {
-    const int lane = threadIdx.x % 32, tq = lane % 4;
+    const int lane = threadIdx.x % 32;
     float s[Keys / 8][4];  // scores: heads x keys
 #pragma unroll
     for (int n = 0; n < Keys / 8; ++n)
@@ -845,6 +845,26 @@ struct SoftmaxState {
         MmaBf16(s[2 * np], qa[kk], kb[0], kb[1]);
         MmaBf16(s[2 * np + 1], qa[kk], kb[2], kb[3]);
       }
+    uint32_t pa[Keys / 16][4];
+    Update<kCausal, Keys>(s, key0, pos, scale_log2, pa);
+#pragma unroll
+    for (int ks16 = 0; ks16 < Keys / 16; ++ks16)
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t vb[4];
+        LdMatrixX4Trans(vb, vs + Swizzled<D>(ks16 * 16 + (lane % 8) + 8 * ((lane / 8) % 2), dp * 16 + 8 * (lane / 16)));
+        MmaBf16(o[2 * dp], pa[ks16], vb[0], vb[1]);
+        MmaBf16(o[2 * dp + 1], pa[ks16], vb[2], vb[3]);
+      }
+  }
+
+  // The online softmax over one step's raw scores s (the rows' C fragments, keys key0 ..): the
+  // max, the rescale of o and l, and P = exp2(s − max) summed into l and packed to bf16 A
+  // fragments for O += P V.
+  template <bool kCausal, int Keys>
+  __device__ __forceinline__ void Update(float (&s)[Keys / 8][4], int64_t key0, int64_t pos, float scale_log2,
+                                         uint32_t (&pa)[Keys / 16][4]) {
+    const int tq = threadIdx.x % 4;
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int n = 0; n < Keys / 8; ++n)
@@ -881,16 +901,10 @@ struct SoftmaxState {
       }
 #pragma unroll
     for (int ks16 = 0; ks16 < Keys / 16; ++ks16) {
-      const uint32_t pa[4] = {PackBf16(s[2 * ks16][0], s[2 * ks16][1]), PackBf16(s[2 * ks16][2], s[2 * ks16][3]),
-                              PackBf16(s[2 * ks16 + 1][0], s[2 * ks16 + 1][1]),
-                              PackBf16(s[2 * ks16 + 1][2], s[2 * ks16 + 1][3])};
-#pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        uint32_t vb[4];
-        LdMatrixX4Trans(vb, vs + Swizzled<D>(ks16 * 16 + (lane % 8) + 8 * ((lane / 8) % 2), dp * 16 + 8 * (lane / 16)));
-        MmaBf16(o[2 * dp], pa, vb[0], vb[1]);
-        MmaBf16(o[2 * dp + 1], pa, vb[2], vb[3]);
-      }
+      pa[ks16][0] = PackBf16(s[2 * ks16][0], s[2 * ks16][1]);
+      pa[ks16][1] = PackBf16(s[2 * ks16][2], s[2 * ks16][3]);
+      pa[ks16][2] = PackBf16(s[2 * ks16 + 1][0], s[2 * ks16 + 1][1]);
+      pa[ks16][3] = PackBf16(s[2 * ks16 + 1][2], s[2 * ks16 + 1][3]);
     }
   }
 
@@ -940,8 +954,9 @@ struct SoftmaxState {
 };
 
 // Issues the K/V of keys key0 .. key0 + Keys - 1 of group g (those after `last_key` as zeros)
-// into ks / vs with cp.async, threads `part` of `parts` each taking a share.
-template <int D, int Keys>
+// into ks / vs with cp.async, threads `part` of `parts` each taking a share; in the ldmatrix
+// swizzle, or (kSw128) the 128-byte-swizzled layout warpgroup MMAs read.
+template <int D, int Keys, bool kSw128 = false>
 __device__ __forceinline__ void IssueKeys(const AttnParams& p, int g, int64_t key0, int64_t last_key, Bf16* ks,
                                           Bf16* vs, int part, int parts) {
   const int64_t tile_at = KvRowOffset(p.cache, key0, p.Hk * D) + g * D;  // a block is whole in one page
@@ -949,8 +964,9 @@ __device__ __forceinline__ void IssueKeys(const AttnParams& p, int g, int64_t ke
     const int row = c / (D / 8), cc = c % (D / 8);
     const bool valid = key0 + row <= last_key;
     const int64_t at = tile_at + int64_t(valid ? row : 0) * p.Hk * D + cc * 8;
-    CpAsync16(ks + Swizzled<D>(row, cc * 8), p.cache.k + at, valid);
-    CpAsync16(vs + Swizzled<D>(row, cc * 8), p.cache.v + at, valid);
+    const int to = kSw128 ? Sw128Offset(row, cc * 8, Keys) : Swizzled<D>(row, cc * 8);
+    CpAsync16(ks + to, p.cache.k + at, valid);
+    CpAsync16(vs + to, p.cache.v + at, valid);
   }
   CpAsyncCommit();
 }
@@ -1013,6 +1029,100 @@ __global__ void __launch_bounds__(kSharedRows * 32) SharedBlocksKernel(AttnParam
     const int64_t at = r * p.H + int64_t(g) * p.G;
     st.Store(p.o + at * D, p.running + at * 2, p.G, /*last=*/!chosen);
   }
+}
+
+// SharedBlocksKernel on Hopper (D = 128): the thread block's four rows are one warpgroup and its
+// products warpgroup MMAs over 64 rows (four tokens of 16 heads): S = Q Kᵀ with Q (bf16) and the
+// K tile in shared memory, O += P V with P from registers and the V tile read N-major, all in the
+// 128-byte swizzle. A warp whose row sees no key of a step takes P = 0 there.
+constexpr int kSharedWgDim = 128;
+constexpr size_t kSharedWgBytes =
+    size_t(kSharedRows * 16 + kSharedStages * 2 * kSharedKeys) * kSharedWgDim * sizeof(Bf16) + 1024;
+
+__global__ void __launch_bounds__(kSharedRows * 32) SharedBlocksWgmmaKernel(AttnParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int D = kSharedWgDim;
+  static_assert(kSharedRows == 4 && kSharedKeys == 64, "one warpgroup of 64 rows, 64-key steps");
+  extern __shared__ unsigned char smem_raw[];
+  Bf16* qs = reinterpret_cast<Bf16*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  Bf16* stages = qs + kSharedRows * 16 * D;  // [kSharedStages][K | V][kSharedKeys, D]
+  constexpr int kPerBlock = kBlock / kSharedKeys;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = blockIdx.y;
+  const int64_t pos0 = (p.first / kSharedRows + blockIdx.x) * kSharedRows;  // an aligned group of positions
+  const int64_t pos = pos0 + warp, r = pos - p.first, bq = pos0 / kBlock;
+  const bool active = pos >= p.first && r < p.T;
+  const int64_t last_pos = min(pos0 + kSharedRows, p.first + p.T) - 1;  // the block's last row
+  const bool chosen = HasChosenBlocks(p, bq);
+  const int init = chosen ? p.cand.init : 0;
+  const int64_t local0 = chosen ? bq - p.cand.window : init;
+  const int64_t steps = kPerBlock * (init + bq - local0 + 1);
+  auto step_key0 = [&](int64_t s) {
+    const int64_t b = s / kPerBlock < init ? s / kPerBlock : local0 + (s / kPerBlock - init);
+    return b * kBlock + (s % kPerBlock) * kSharedKeys;
+  };
+  const int64_t used = step_key0(steps - 1) > last_pos ? steps - 1 : steps;
+  // Q: head h of warp w's row at row 16 w + h, zeros past G and for a row outside the chunk.
+  for (int c = lane; c < 16 * D / 4; c += 32) {
+    const int h = c / (D / 4), col = c % (D / 4) * 4;
+    float4 x{0.0f, 0.0f, 0.0f, 0.0f};
+    if (active && h < p.G) x = *reinterpret_cast<const float4*>(p.q + ((r * p.H + int64_t(g) * p.G + h) * D + col));
+    *reinterpret_cast<uint2*>(qs + Sw128Offset(16 * warp + h, col, kSharedRows * 16)) =
+        uint2{PackBf16(x.x, x.y), PackBf16(x.z, x.w)};
+  }
+  SoftmaxState<D> st;
+  st.Clear();
+  float(&o64)[64] = reinterpret_cast<float(&)[64]>(st.o);
+  auto issue = [&](int64_t s) {
+    Bf16* ks = stages + (s % kSharedStages) * 2 * kSharedKeys * D;
+    IssueKeys<D, kSharedKeys, true>(p, g, step_key0(s), last_pos, ks, ks + kSharedKeys * D, threadIdx.x,
+                                    kSharedRows * 32);
+  };
+  for (int64_t s = 0; s < kSharedStages - 1; ++s)
+    if (s < used) issue(s);
+    else CpAsyncCommit();  // empty groups keep the wait count uniform
+  // Descriptor words count 16 bytes: a slab of a 64-row tile is 64 rows of 128 bytes.
+  constexpr uint32_t kSlab = kSharedKeys * 128 / 16;
+  const uint32_t q_desc = Sw128Descriptor(qs);
+  for (int64_t s = 0; s < used; ++s) {
+    CpAsyncWait<kSharedStages - 2>();
+    WgmmaWait<0>();  // step s − 1's O += P V, which reads the stage the next issue overwrites
+    WgmmaFenceOperands(o64);
+    FenceProxyAsync();
+    __syncthreads();  // step s is in for every thread (and Q, at s = 0)
+    if (s + kSharedStages - 1 < used) issue(s + kSharedStages - 1);
+    else CpAsyncCommit();
+    const int64_t key0 = step_key0(s);
+    const Bf16* ks = stages + (s % kSharedStages) * 2 * kSharedKeys * D;
+    const uint32_t k_desc = Sw128Descriptor(ks);
+    float sc[kSharedKeys / 8][4];
+    float(&s32)[32] = reinterpret_cast<float(&)[32]>(sc);
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+      WgmmaM64N64K16(s32, q_desc + (kk / 4) * kSlab + (kk % 4) * 2, k_desc + (kk / 4) * kSlab + (kk % 4) * 2, kk > 0);
+    WgmmaCommit();
+    WgmmaWait<0>();
+    WgmmaFenceOperands(s32);
+    uint32_t pa[kSharedKeys / 16][4] = {};
+    if (active && key0 <= pos) {
+      if (key0 + kSharedKeys - 1 > pos) st.template Update<true, kSharedKeys>(sc, key0, pos, p.scale_log2, pa);
+      else st.template Update<false, kSharedKeys>(sc, key0, pos, p.scale_log2, pa);
+    }
+    const uint32_t v_rows = (SmemAddress(ks + kSharedKeys * D) & 0x3FFFF) >> 4;
+#pragma unroll
+    for (int ks16 = 0; ks16 < kSharedKeys / 16; ++ks16) {
+      WgmmaFence();  // orders the writes of P (and the rescale of o) before the MMA
+      WgmmaM64N128K16RsTransB<kSharedKeys * 128, Bf16>(o64, pa[ks16], v_rows + ks16 * 16 * 128 / 16);
+    }
+    WgmmaCommit();
+  }
+  WgmmaWait<0>();
+  WgmmaFenceOperands(o64);
+  if (active) {
+    const int64_t at = r * p.H + int64_t(g) * p.G;
+    st.Store(p.o + at * D, p.running + at * 2, p.G, /*last=*/!chosen);
+  }
+#endif
 }
 
 // The blocks a sparse row chose (its list's entries after the init blocks, before the local
@@ -1203,11 +1313,18 @@ absl::StatusOr<int64_t> ChosenRangeBlocks(int dim) {
 
 template <int D>
 absl::Status LaunchAttention(AttnParams p, cudaStream_t stream) {
-  const size_t shared_smem = size_t(kSharedStages) * 2 * kSharedKeys * D * sizeof(Bf16);
-  SALA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(SharedBlocksKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 int(shared_smem)));
   const int64_t groups = (p.first + p.T - 1) / kSharedRows - p.first / kSharedRows + 1;
-  SharedBlocksKernel<D><<<dim3(unsigned(groups), p.Hk), kSharedRows * 32, shared_smem, stream>>>(p);
+  SALA_ASSIGN_OR_RETURN(const bool hopper, HasWgmma());
+  if (D == kSharedWgDim && hopper) {
+    SALA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(SharedBlocksWgmmaKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                   int(kSharedWgBytes)));
+    SharedBlocksWgmmaKernel<<<dim3(unsigned(groups), p.Hk), kSharedRows * 32, kSharedWgBytes, stream>>>(p);
+  } else {
+    const size_t shared_smem = size_t(kSharedStages) * 2 * kSharedKeys * D * sizeof(Bf16);
+    SALA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(SharedBlocksKernel<D>,
+                                                   cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_smem)));
+    SharedBlocksKernel<D><<<dim3(unsigned(groups), p.Hk), kSharedRows * 32, shared_smem, stream>>>(p);
+  }
   SALA_CUDA_CHECK_LAUNCH();
   if (p.blocks == nullptr) return absl::OkStatus();
   // Chosen blocks lie before b_q - window for the chunk's last query block.

@@ -22,7 +22,11 @@
 // holds row 16 w + g + 8 (c / 2), column 8 n + 2 t + c % 2 (the mma.sync C layout, N / 8 times).
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include <cstdint>
+#include <type_traits>
 
 #include "mma.cuh"
 
@@ -109,27 +113,32 @@ __device__ __forceinline__ void WgmmaF16M64N64K16Rs(float (&d)[32], const uint32
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b), "r"(int(accumulate)), "r"(kSw128DescriptorHigh));
 }
 
-// d += A (64 x 16, f16 pairs in registers) x B (16 x 128) with B N-major: k rows of 128 values, as
-// two 64-value slabs of 128-byte swizzled rows kSlabBytes apart (the descriptor's leading offset),
-// eight rows 1024 bytes apart (its stride); b is the descriptor's low word without that offset.
-template <int kSlabBytes>
-__device__ __forceinline__ void WgmmaF16M64N128K16RsTransB(float (&d)[64], const uint32_t (&a)[4], uint32_t b) {
-  asm volatile(
-      "{\n.reg .pred p;\n.reg .b64 db;\nsetp.eq.b32 p, 1, 1;\n"
-      "mov.b64 db, {%68, %69};\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, db, p, 1, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b | uint32_t(kSlabBytes >> 4) << 16),
-        "r"(kSw128DescriptorHigh));
+// d += A (64 x 16, 16-bit pairs in registers) x B (16 x 128) with B N-major: k rows of 128 values,
+// as two 64-value slabs of 128-byte swizzled rows kSlabBytes apart (the descriptor's leading
+// offset), eight rows 1024 bytes apart (its stride); b is the descriptor's low word without that
+// offset. T: __half or __nv_bfloat16 (A and B alike).
+#define SALA_WGMMA_M64N128K16_RS_TRANSB(TYPE)                                                                   \
+  asm volatile(                                                                                              \
+      "{\n.reg .pred p;\n.reg .b64 db;\nsetp.eq.b32 p, 1, 1;\nmov.b64 db, {%68, %69};\n"                     \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " "                                        \
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, "    \
+      "{%64,%65,%66,%67}, db, p, 1, 1, 1;\n}\n"                                                               \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b | uint32_t(kSlabBytes >> 4) << 16), \
+        "r"(kSw128DescriptorHigh))
+template <int kSlabBytes, typename T>
+__device__ __forceinline__ void WgmmaM64N128K16RsTransB(float (&d)[64], const uint32_t (&a)[4], uint32_t b) {
+  if constexpr (std::is_same_v<T, __half>) SALA_WGMMA_M64N128K16_RS_TRANSB("f16");
+  else SALA_WGMMA_M64N128K16_RS_TRANSB("bf16");
 }
+#undef SALA_WGMMA_M64N128K16_RS_TRANSB
 
 // Shared-memory barriers (mbarrier): a phase completes once `count` threads have arrived and
 // the bytes a thread announced with MbarArriveExpectTx have landed.
