@@ -580,9 +580,9 @@ TEST_F(GpuTest, SparseBlockSelectionMatchesCpu) {
 }
 
 // Stage 2 over the GPU's own lists (and dense causal) against AttendBlocks. 6200: rows on both
-// sides of the first with chosen blocks (b_q 96). 110000: the chosen blocks in several launches
-// (a range of blocks fills half of a 50 MB L2 at 762 blocks). 3000 with 4 heads a group: rows
-// of the warpgroup form (dim 128 on Hopper) past the group's heads.
+// sides of the first with chosen blocks (b_q 96). 110000: the chosen blocks in two launches (a
+// range of blocks fills a 50 MB L2 at 1524 blocks), the state carried between them in f16. 3000
+// with 4 heads a group: rows of the warpgroup form (dim 128 on Hopper) past the group's heads.
 TEST_F(GpuTest, BlockSparseAttentionMatchesCpu) {
   for (auto [L, T, heads, kv_heads, dim] :
        {std::tuple{200, 200, 4, 2, 64}, {1500, 40, 4, 2, 64}, {1501, 1, 4, 2, 64}, {2100, 100, 32, 2, 128},

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -44,6 +45,7 @@ struct SparseScratch {
   DeviceBuffer<float> scores;  // stage-1 block scores of a batch of prefill rows
   DeviceBuffer<float> lse;     // decode stage 1: the k2 splits' partial log-sum-exps
   DeviceBuffer<float> running;  // prefill stage 2: rows' softmax max and sum between launches
+  DeviceBuffer<__half> carry;   // prefill stage 2: rows' normalised outputs between launches
   DeviceBuffer<int> blocks, counts;
 };
 
