@@ -82,6 +82,34 @@ struct TileLoader {
   }
 };
 
+// The chunks of block (p, h) of the chunked kernels: segment p of head h (rows first .. end) and
+// the loaders of its Q, K (kSwizzledQK: in the wgmma layout) and V tiles.
+template <int kDim, bool kSwizzledQK>
+struct SegmentChunks {
+  int64_t first, end;
+  int chunks;
+  TileLoader<kDim, kSwizzledQK> q, k;
+  TileLoader<kDim> v;
+
+  __device__ SegmentChunks(const __half* q_all, const __half* k_all, const __nv_bfloat16* v_all, int64_t T, int H,
+                           int Hk, int64_t seg_len)
+      : q(reinterpret_cast<const uint16_t*>(q_all) + blockIdx.y * kDim, int64_t(H) * kDim),
+        k(reinterpret_cast<const uint16_t*>(k_all) + blockIdx.y / (H / Hk) * kDim, int64_t(Hk) * kDim),
+        v(reinterpret_cast<const uint16_t*>(v_all) + blockIdx.y / (H / Hk) * kDim, int64_t(Hk) * kDim) {
+    first = blockIdx.x * seg_len;
+    end = T < first + seg_len ? T : first + seg_len;
+    chunks = int((end - first + kChunk - 1) / kChunk);
+  }
+  // Chunk c's tiles, one commit group.
+  __device__ __forceinline__ void Load(int c, uint16_t* qs, uint16_t* ks, uint16_t* vs) const {
+    const int64_t r0 = first + c * kChunk;
+    q.Load(qs, r0, end);
+    k.Load(ks, r0, end);
+    v.Load(vs, r0, end);
+    CpAsyncCommit();
+  }
+};
+
 // Four 8x8 matrices of a [row][col] tile (row stride kStride) by ldmatrix. Plain: the A fragment of rows
 // r0 .. r0 + 15 (m) and cols c0 .. c0 + 15 (k), which is also the B fragments of two n tiles of
 // rows (n) with cols as k: {r[0], r[2]} for rows r0 .., {r[1], r[3]} for rows r0 + 8 ...
@@ -321,24 +349,17 @@ __global__ void __launch_bounds__(Tiles<kDim>::kThreads, 2)
                   float scale, const float* slopes, float* state, const float* seg_states, __nv_bfloat16* o) {
   using L = Tiles<kDim>;
   extern __shared__ __align__(128) uint16_t lsmem[];
-  const int p = blockIdx.x, P = gridDim.x, h = blockIdx.y, kh = h / (H / Hk);
+  const int p = blockIdx.x, P = gridDim.x, h = blockIdx.y;
   const int warp = threadIdx.x / 32, c0 = 16 * warp;
   constexpr int64_t kHeadState = int64_t(kDim) * kDim;
   const float g2 = -slopes[h] * kLog2e;
-  const int64_t first = p * seg_len, end = T < first + seg_len ? T : first + seg_len;
-  const int chunks = int((end - first + kChunk - 1) / kChunk);
-  const int64_t q_stride = int64_t(H) * kDim, kv_stride = int64_t(Hk) * kDim;
-  const TileLoader<kDim> q_tiles(reinterpret_cast<const uint16_t*>(q) + h * kDim, q_stride);
-  const TileLoader<kDim> k_tiles(reinterpret_cast<const uint16_t*>(k) + kh * kDim, kv_stride);
-  const TileLoader<kDim> v_tiles(reinterpret_cast<const uint16_t*>(v) + kh * kDim, kv_stride);
+  const SegmentChunks<kDim, false> seg(q, k, v, T, H, Hk, seg_len);
+  const int64_t first = seg.first, end = seg.end;
+  const int chunks = seg.chunks;
   uint16_t* As = lsmem + 6 * L::kTile;  // the chunk's masked scores [query][key]
   const auto load = [&](int c, int stage) {
     uint16_t* tiles = lsmem + stage * 3 * L::kTile;
-    const int64_t r0 = first + c * kChunk;
-    q_tiles.Load(tiles, r0, end);
-    k_tiles.Load(tiles + L::kTile, r0, end);
-    v_tiles.Load(tiles + 2 * L::kTile, r0, end);
-    CpAsyncCommit();
+    seg.Load(c, tiles, tiles + L::kTile, tiles + 2 * L::kTile);
   };
   load(0, 0);
   // The segment's starting state (the initial state itself when there is one segment).
@@ -427,24 +448,17 @@ __global__ void __launch_bounds__(WgTiles::kThreads, 1)
   using L = Tiles<kDim>;
   extern __shared__ unsigned char wg_smem[];
   uint16_t* smem = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(wg_smem) + 1023) & ~uintptr_t(1023));
-  const int p = blockIdx.x, P = gridDim.x, h = blockIdx.y, kh = h / (H / Hk);
+  const int p = blockIdx.x, P = gridDim.x, h = blockIdx.y;
   const int warp = threadIdx.x / 32, c0 = 16 * warp;
   constexpr int64_t kHeadState = int64_t(kDim) * kDim;
   const float g2 = -slopes[h] * kLog2e;
-  const int64_t first = p * seg_len, end = T < first + seg_len ? T : first + seg_len;
-  const int chunks = int((end - first + kChunk - 1) / kChunk);
-  const int64_t q_stride = int64_t(H) * kDim, kv_stride = int64_t(Hk) * kDim;
-  const TileLoader<kDim, true> q_tiles(reinterpret_cast<const uint16_t*>(q) + h * kDim, q_stride);
-  const TileLoader<kDim, true> k_tiles(reinterpret_cast<const uint16_t*>(k) + kh * kDim, kv_stride);
-  const TileLoader<kDim> v_tiles(reinterpret_cast<const uint16_t*>(v) + kh * kDim, kv_stride);
+  const SegmentChunks<kDim, true> seg(q, k, v, T, H, Hk, seg_len);
+  const int64_t first = seg.first, end = seg.end;
+  const int chunks = seg.chunks;
   uint16_t* As = smem + 2 * WgTiles::kStage;  // the chunk's masked scores [query][key]
   const auto load = [&](int c, int stage) {
     uint16_t* tiles = smem + stage * WgTiles::kStage;
-    const int64_t r0 = first + c * kChunk;
-    q_tiles.Load(tiles, r0, end);
-    k_tiles.Load(tiles + WgTiles::kSwTile, r0, end);
-    v_tiles.Load(tiles + 2 * WgTiles::kSwTile, r0, end);
-    CpAsyncCommit();
+    seg.Load(c, tiles, tiles + WgTiles::kSwTile, tiles + 2 * WgTiles::kSwTile);
   };
   load(0, 0);
   float acc[kDim / 8][4];

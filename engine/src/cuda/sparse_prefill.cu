@@ -978,34 +978,50 @@ __device__ __forceinline__ void IssueKeys(const AttnParams& p, int g, int64_t ke
   CpAsyncCommit();
 }
 
+// What a SharedBlocksKernel thread block walks: kSharedRows consecutive positions (a warp each,
+// all in one query block) of one KV group, and the steps of kSharedKeys keys they attend: the
+// init blocks, then from block `local0` on up to b_q (every block up to b_q where no row has
+// blocks of its own choice).
+struct SharedSteps {
+  static constexpr int kPerBlock = kBlock / kSharedKeys;
+  int64_t pos0, pos, r, bq, last_pos, local0, used;
+  bool active, chosen;
+  int init;
+
+  __device__ SharedSteps(const AttnParams& p, int warp) {
+    pos0 = (p.first / kSharedRows + blockIdx.x) * kSharedRows;  // an aligned group of positions
+    pos = pos0 + warp;
+    r = pos - p.first;
+    bq = pos0 / kBlock;
+    active = pos >= p.first && r < p.T;
+    last_pos = min(pos0 + kSharedRows, p.first + p.T) - 1;  // the block's last row
+    chosen = HasChosenBlocks(p, bq);
+    init = chosen ? p.cand.init : 0;
+    local0 = chosen ? bq - p.cand.window : init;
+    const int64_t steps = kPerBlock * (init + bq - local0 + 1);
+    // With steps shorter than a block, the last may hold no key of this thread block.
+    used = Key0(steps - 1) > last_pos ? steps - 1 : steps;
+  }
+  __device__ int64_t Key0(int64_t s) const {
+    const int64_t b = s / kPerBlock < init ? s / kPerBlock : local0 + (s / kPerBlock - init);
+    return b * kBlock + (s % kPerBlock) * kSharedKeys;
+  }
+};
+
 // The blocks every row of a query block attends: the init and local blocks for rows with
 // blocks of their own choice, else (dense rows, and sparse rows with fewer candidates than
-// blocks to keep) every block up to the query's. A thread block takes kSharedRows consecutive
-// positions (a warp each, all in one query block) of one KV group, and its warps share each K/V
-// tile in shared memory: the local window is read once per kSharedRows rows instead of
-// once per row. Rows with chosen blocks leave their state for ChosenBlocksKernel, the rest their
-// output.
+// blocks to keep) every block up to the query's. A thread block takes the rows of SharedSteps,
+// and its warps share each K/V tile in shared memory: the local window is read once per
+// kSharedRows rows instead of once per row. Rows with chosen blocks leave their state for
+// ChosenBlocksKernel, the rest their output.
 template <int D>
 __global__ void __launch_bounds__(kSharedRows * 32) SharedBlocksKernel(AttnParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Bf16* stages = reinterpret_cast<Bf16*>(smem_raw);  // [kSharedStages][K | V][kSharedKeys, D]
-  constexpr int kPerBlock = kBlock / kSharedKeys;
   const int warp = threadIdx.x / 32, g = blockIdx.y;
-  const int64_t pos0 = (p.first / kSharedRows + blockIdx.x) * kSharedRows;  // an aligned group of positions
-  const int64_t pos = pos0 + warp, r = pos - p.first, bq = pos0 / kBlock;
-  const bool active = pos >= p.first && r < p.T;
-  const int64_t last_pos = min(pos0 + kSharedRows, p.first + p.T) - 1;  // the block's last row
-  const bool chosen = HasChosenBlocks(p, bq);
-  // Steps of kSharedKeys keys: the init blocks, then from block `local0` on up to b_q.
-  const int init = chosen ? p.cand.init : 0;
-  const int64_t local0 = chosen ? bq - p.cand.window : init;
-  const int64_t steps = kPerBlock * (init + bq - local0 + 1);
-  auto step_key0 = [&](int64_t s) {
-    const int64_t b = s / kPerBlock < init ? s / kPerBlock : local0 + (s / kPerBlock - init);
-    return b * kBlock + (s % kPerBlock) * kSharedKeys;
-  };
-  // With steps shorter than a block, the last may hold no key of this thread block.
-  const int64_t used = step_key0(steps - 1) > last_pos ? steps - 1 : steps;
+  const SharedSteps w(p, warp);
+  const int64_t pos = w.pos, r = w.r, last_pos = w.last_pos, used = w.used;
+  const bool active = w.active, chosen = w.chosen;
 
   uint32_t qa[D / 16][4];
   if (active) LoadQueryFragments<D>(p.q + (r * p.H + int64_t(g) * p.G) * D, p.G, qa);
@@ -1013,7 +1029,7 @@ __global__ void __launch_bounds__(kSharedRows * 32) SharedBlocksKernel(AttnParam
   st.Clear();
   auto issue = [&](int64_t s) {
     Bf16* ks = stages + (s % kSharedStages) * 2 * kSharedKeys * D;
-    IssueKeys<D, kSharedKeys>(p, g, step_key0(s), last_pos, ks, ks + kSharedKeys * D, threadIdx.x, kSharedRows * 32);
+    IssueKeys<D, kSharedKeys>(p, g, w.Key0(s), last_pos, ks, ks + kSharedKeys * D, threadIdx.x, kSharedRows * 32);
   };
   for (int64_t s = 0; s < kSharedStages - 1; ++s)
     if (s < used) issue(s);
@@ -1023,7 +1039,7 @@ __global__ void __launch_bounds__(kSharedRows * 32) SharedBlocksKernel(AttnParam
     __syncthreads();  // step s is in for every thread, and step s - 1's buffer is free
     if (s + kSharedStages - 1 < used) issue(s + kSharedStages - 1);
     else CpAsyncCommit();
-    const int64_t key0 = step_key0(s);
+    const int64_t key0 = w.Key0(s);
     if (active && key0 <= pos) {
       const Bf16* ks = stages + (s % kSharedStages) * 2 * kSharedKeys * D;
       if (key0 + kSharedKeys - 1 > pos)
@@ -1053,21 +1069,10 @@ __global__ void __launch_bounds__(kSharedRows * 32) SharedBlocksWgmmaKernel(Attn
   extern __shared__ unsigned char smem_raw[];
   Bf16* qs = reinterpret_cast<Bf16*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   Bf16* stages = qs + kSharedRows * 16 * D;  // [kSharedStages][K | V][kSharedKeys, D]
-  constexpr int kPerBlock = kBlock / kSharedKeys;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = blockIdx.y;
-  const int64_t pos0 = (p.first / kSharedRows + blockIdx.x) * kSharedRows;  // an aligned group of positions
-  const int64_t pos = pos0 + warp, r = pos - p.first, bq = pos0 / kBlock;
-  const bool active = pos >= p.first && r < p.T;
-  const int64_t last_pos = min(pos0 + kSharedRows, p.first + p.T) - 1;  // the block's last row
-  const bool chosen = HasChosenBlocks(p, bq);
-  const int init = chosen ? p.cand.init : 0;
-  const int64_t local0 = chosen ? bq - p.cand.window : init;
-  const int64_t steps = kPerBlock * (init + bq - local0 + 1);
-  auto step_key0 = [&](int64_t s) {
-    const int64_t b = s / kPerBlock < init ? s / kPerBlock : local0 + (s / kPerBlock - init);
-    return b * kBlock + (s % kPerBlock) * kSharedKeys;
-  };
-  const int64_t used = step_key0(steps - 1) > last_pos ? steps - 1 : steps;
+  const SharedSteps w(p, warp);
+  const int64_t pos = w.pos, r = w.r, last_pos = w.last_pos, used = w.used;
+  const bool active = w.active, chosen = w.chosen;
   // Q: head h of warp w's row at row 16 w + h, zeros past G and for a row outside the chunk.
   for (int c = lane; c < 16 * D / 4; c += 32) {
     const int h = c / (D / 4), col = c % (D / 4) * 4;
@@ -1081,7 +1086,7 @@ __global__ void __launch_bounds__(kSharedRows * 32) SharedBlocksWgmmaKernel(Attn
   float(&o64)[64] = reinterpret_cast<float(&)[64]>(st.o);
   auto issue = [&](int64_t s) {
     Bf16* ks = stages + (s % kSharedStages) * 2 * kSharedKeys * D;
-    IssueKeys<D, kSharedKeys, true>(p, g, step_key0(s), last_pos, ks, ks + kSharedKeys * D, threadIdx.x,
+    IssueKeys<D, kSharedKeys, true>(p, g, w.Key0(s), last_pos, ks, ks + kSharedKeys * D, threadIdx.x,
                                     kSharedRows * 32);
   };
   for (int64_t s = 0; s < kSharedStages - 1; ++s)
@@ -1098,7 +1103,7 @@ __global__ void __launch_bounds__(kSharedRows * 32) SharedBlocksWgmmaKernel(Attn
     __syncthreads();  // step s is in for every thread (and Q, at s = 0)
     if (s + kSharedStages - 1 < used) issue(s + kSharedStages - 1);
     else CpAsyncCommit();
-    const int64_t key0 = step_key0(s);
+    const int64_t key0 = w.Key0(s);
     const Bf16* ks = stages + (s % kSharedStages) * 2 * kSharedKeys * D;
     const uint32_t k_desc = Sw128Descriptor(ks);
     float sc[kSharedKeys / 8][4];
