@@ -809,13 +809,13 @@ class CudaBackend final : public Backend {
   absl::Status OutputProjection(const Bf16* norm, bool gate, int64_t R, int64_t width, const Bf16* w_o,
                                 const Bf16* o16 = nullptr) {
     const float eps = float(config_.rms_norm_eps);
-    const cuda::GemvWeight out{w_o, config_.hidden_size, h_.get(), /*add=*/true, float(config_.residual_scale())};
     if (!decode_step_) {
       const Bf16* z = gate ? Z16() : nullptr;
       if (o16) SALA_RETURN_IF_ERROR(cuda::NormGateToBf16(o16, z, int(R), int(width), norm, eps, ob_.get(), stream_));
       else SALA_RETURN_IF_ERROR(cuda::NormGateToBf16(o_.get(), z, int(R), int(width), norm, eps, ob_.get(), stream_));
       return MmAddResidual(ob_.get(), R, width, w_o);
     }
+    const cuda::GemvWeight out{w_o, config_.hidden_size, h_.get(), /*add=*/true, float(config_.residual_scale())};
     const cuda::GemvFormedInput input{o_.get(), norm, gate ? z_.get() : nullptr, eps};
     if (cuda::GemvFormedApplies(R, width, input, &out, 1)) {
       Section section(this, "gemm");

@@ -438,7 +438,7 @@ static_assert(WgTiles::kStage * 2 % 1024 == 0 && WgTiles::kSlabBytes % 1024 == 0
               "every swizzled tile and slab starts 1024-byte aligned");
 
 // One block an SM: at two (128 registers a thread) ptxas serialised the MMAs and spilled, and the
-// chunk took 0.19 ms against 0.164 at one (190 registers, four segments of 2048 tokens a head).
+// chunk took 0.19 ms against 0.163 at one (208 registers, four segments of 2048 tokens a head).
 __global__ void __launch_bounds__(WgTiles::kThreads, 1)
     WgChunkedKernel(const __half* q, const __half* k, const __nv_bfloat16* v, int64_t T, int H, int Hk,
                     int64_t seg_len, float scale, const float* slopes, float* state, const float* seg_states,
