@@ -6,7 +6,8 @@
     python3 bench/ncu_kernel_times.py step.csv
 
 sala-bench marks one decode step for the profiler, so with --profile-from-start off the log holds
-exactly one step's kernels. The log's own lines (the GPU and its floors, as sala-bench prints them)
+exactly one step's kernels; with --profiler_range=prefill --decode_batches= --profile=false it
+holds the timed prefill's kernels instead. The log's own lines (the GPU and its floors, as sala-bench prints them)
 are repeated at the top, so that a saved summary names its GPU.
 """
 import collections

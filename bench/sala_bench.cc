@@ -38,6 +38,9 @@ ABSL_FLAG(bool, cuda_graphs, true, "replay decode steps from CUDA graphs (false:
 ABSL_FLAG(std::string, projection_rows, "1,2,4,8,16", "rows at which to time a layer's decode projections");
 ABSL_FLAG(std::string, sparse_contexts, "131072",
           "contexts at which to time one sparse layer's prefill attention for the last chunk alone (empty: none)");
+ABSL_FLAG(std::string, profiler_range, "decode",
+          "what runs inside a profiler range for `ncu --profile-from-start off`: one decode step a "
+          "batch size (decode) or the timed prefill of each length (prefill)");
 ABSL_FLAG(std::string, out, "", "write the results here as JSON");
 
 namespace {
@@ -224,7 +227,7 @@ SparseChunkTimes SparseChunk(const sala::ModelConfig& c, int64_t context, int64_
   std::normal_distribution<float> normal;
   for (float& x : hq) x = normal(rng);
   cudaMemcpy(q, hq.data(), hq.size() * 4, cudaMemcpyHostToDevice);
-  const cu::SparseCacheView view{k, v, pages, cu::kKvPageTokens * row, k1, k2};
+  const cu::SparseCacheView view{k, v, pages, cu::kKvPageTokens * row, k1, k2, int(table.size())};
   SparseChunkTimes r;
   cu::SparseScratch scratch;
   if (cu::FillRandom(k, L * row, 11, 1.0f, 0.0f, nullptr).ok() && cu::FillRandom(v, L * row, 12, 1.0f, 0.0f, nullptr).ok() &&
@@ -283,6 +286,12 @@ int main(int argc, char** argv) {
   sala::tools::ListOwnFlagsInHelp();
   absl::SetProgramUsageMessage("Benchmarks the CUDA engine on a model shape with random weights; see the file header.");
   absl::ParseCommandLine(argc, argv);
+  const std::string range = absl::GetFlag(FLAGS_profiler_range);
+  if (range != "decode" && range != "prefill") {
+    std::cerr << "sala-bench: --profiler_range: decode or prefill, not " << range << "\n";
+    return 2;
+  }
+  const bool range_prefill = range == "prefill";
   sala::EngineOptions o;
   o.backend = "cuda";
   o.chunk_size = absl::GetFlag(FLAGS_chunk_size);
@@ -339,9 +348,11 @@ int main(int argc, char** argv) {
     for (int& t : ids) t = 3 + int(rng() % (c.vocab_size - 3));
     sala::SequenceState s = e.NewSequence();
     cudaDeviceSynchronize();
+    if (range_prefill) cudaProfilerStart();
     const auto start = Clock::now();
     auto logits = e.Prefill(s, ids);
     const double ttft = Since(start);
+    if (range_prefill) cudaProfilerStop();
     // The split by kind comes from a second, profiled (device-synchronised) run.
     nlohmann::json split;
     if (logits.ok() && absl::GetFlag(FLAGS_profile)) {
@@ -405,9 +416,9 @@ int main(int argc, char** argv) {
       {
         std::vector<sala::TokenDraw> draws;
         for (int b = 0; b < B; ++b) draws.push_back(sampler.Next());
-        cudaProfilerStart();
+        if (!range_prefill) cudaProfilerStart();
         (void)e.DecodeAndDraw(ptrs, next, draws);
-        cudaProfilerStop();
+        if (!range_prefill) cudaProfilerStop();
       }
       e.backend().SetProfiling(true);
       (void)e.Decode(ptrs, next);

@@ -454,7 +454,7 @@ struct SparseFixture {
     shape = {heads, kv_heads, dim, 64, 32, 16, 1, c.sparse.window_blocks(), c.sparse.selected_blocks()};
   }
   cuda::SparseCacheView view() const {
-    return {kv->base, kv->base + PagedKv::P * row, kv->table, kv->page_elems, k1, k2};
+    return {kv->base, kv->base + PagedKv::P * row, kv->table, kv->page_elems, k1, k2, int(kv->pages.size())};
   }
 };
 
@@ -466,7 +466,8 @@ TEST_F(GpuTest, StoreRowsWritesPagedRows) {
   const auto k0 = Random(L * row, 30, 1.0f, true), v0 = Random(L * row, 31, 1.0f, true);
   PagedKv kv(k0, v0, row, 32);
   const auto k = Random(T * row, 33, 1.0f), v = Random(T * row, 34, 1.0f);
-  const cuda::SparseCacheView view{kv.base, kv.base + PagedKv::P * row, kv.table, kv.page_elems, nullptr, nullptr};
+  const cuda::SparseCacheView view{kv.base,          kv.base + PagedKv::P * row, kv.table, kv.page_elems, nullptr,
+                                   nullptr,          int(kv.pages.size())};
   ASSERT_TRUE(cuda::StoreRows(ToDevice(k), ToDevice(v), first, T, view, kv_heads, dim, nullptr).ok());
   auto expect_k = k0, expect_v = v0;
   for (size_t e = 0; e < T * row; ++e) {

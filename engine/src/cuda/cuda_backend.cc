@@ -63,6 +63,7 @@ class CudaSequence final : public DeviceState {
   std::vector<DeviceBuffer<float>> linear;
   size_t row_elems = 0, state_elems = 0;
   int64_t tokens = 0;
+  int page_end = 0;  // above every page id in `pages`
 
   explicit CudaSequence(std::shared_ptr<cuda::KvPool> p) : pool(std::move(p)) {}
   ~CudaSequence() override {
@@ -74,6 +75,7 @@ class CudaSequence final : public DeviceState {
     const size_t need = size_t((n + cuda::kKvPageTokens - 1) / cuda::kKvPageTokens), have = pages.size();
     if (!pool || need <= have) return absl::OkStatus();
     SALA_RETURN_IF_ERROR(pool->Allocate(need - have, pages));
+    for (size_t i = have; i < need; ++i) page_end = std::max(page_end, pages[i] + 1);
     absl::Status s = Grow(page_table, need, have);
     if (s.ok())
       s = cuda::CudaStatus(cudaMemcpy(page_table.get() + have, pages.data() + have, (need - have) * sizeof(int),
@@ -95,7 +97,7 @@ class CudaSequence final : public DeviceState {
   cuda::SparseCacheView View(int slot) const {
     Bf16* k = pool->base() + size_t(slot) * pool->slot_elems();
     return {k, k + pool->v_offset(), page_table.get(), int64_t(pool->page_elems()), sparse[slot].k1.get(),
-            sparse[slot].k2.get()};
+            sparse[slot].k2.get(), page_end};
   }
 
   // Copies layer slot's K (or V) rows [from, to) between its pages and `host` (bf16 bits).

@@ -30,6 +30,7 @@ struct SparseCacheView {
   int64_t page_elems;  // distance between pages
   __nv_bfloat16* k1;  // [n1, kv_heads, dim]
   __nv_bfloat16* k2;
+  int page_end;  // every page id in the table is below this (the extent of TMA maps over k and v)
 };
 
 #ifdef __CUDACC__

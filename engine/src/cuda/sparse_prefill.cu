@@ -14,6 +14,8 @@
 //     registers. The first takes the blocks that all tokens of a query block attend (init and
 //     local, or all of them for dense rows) with its warps sharing each K/V tile; the second each
 //     token's chosen blocks, in launches over ranges of blocks that fit in L2.
+//   SharedBlocksWgmmaKernel: the first of those on Hopper at dim 128, on warpgroup MMAs with the
+//     K/V tiles loaded by TMA (see there).
 // Only candidate blocks (init <= b < b_q - window) are scored: with a local window of at least one
 // block, every k1 entry they pool over is visible to every token of the query block.
 #include <algorithm>
@@ -978,8 +980,8 @@ __device__ __forceinline__ void IssueKeys(const AttnParams& p, int g, int64_t ke
   CpAsyncCommit();
 }
 
-// What a SharedBlocksKernel thread block walks: kSharedRows consecutive positions (a warp each,
-// all in one query block) of one KV group, and the steps of kSharedKeys keys they attend: the
+// What a SharedBlocksKernel thread block walks: `rows` consecutive positions (a warp each, all
+// in one query block) of one KV group, and the steps of kSharedKeys keys they attend: the
 // init blocks, then from block `local0` on up to b_q (every block up to b_q where no row has
 // blocks of its own choice).
 struct SharedSteps {
@@ -988,13 +990,13 @@ struct SharedSteps {
   bool active, chosen;
   int init;
 
-  __device__ SharedSteps(const AttnParams& p, int warp) {
-    pos0 = (p.first / kSharedRows + blockIdx.x) * kSharedRows;  // an aligned group of positions
+  __device__ SharedSteps(const AttnParams& p, int rows, int warp) {
+    pos0 = (p.first / rows + blockIdx.x) * rows;  // an aligned group of positions
     pos = pos0 + warp;
     r = pos - p.first;
     bq = pos0 / kBlock;
     active = pos >= p.first && r < p.T;
-    last_pos = min(pos0 + kSharedRows, p.first + p.T) - 1;  // the block's last row
+    last_pos = min(pos0 + rows, p.first + p.T) - 1;  // the block's last row
     chosen = HasChosenBlocks(p, bq);
     init = chosen ? p.cand.init : 0;
     local0 = chosen ? bq - p.cand.window : init;
@@ -1019,7 +1021,7 @@ __global__ void __launch_bounds__(kSharedRows * 32) SharedBlocksKernel(AttnParam
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Bf16* stages = reinterpret_cast<Bf16*>(smem_raw);  // [kSharedStages][K | V][kSharedKeys, D]
   const int warp = threadIdx.x / 32, g = blockIdx.y;
-  const SharedSteps w(p, warp);
+  const SharedSteps w(p, kSharedRows, warp);
   const int64_t pos = w.pos, r = w.r, last_pos = w.last_pos, used = w.used;
   const bool active = w.active, chosen = w.chosen;
 
@@ -1054,64 +1056,98 @@ __global__ void __launch_bounds__(kSharedRows * 32) SharedBlocksKernel(AttnParam
   }
 }
 
-// SharedBlocksKernel on Hopper (D = 128): the thread block's four rows are one warpgroup and its
-// products warpgroup MMAs over 64 rows (four tokens of 16 heads): S = Q Kᵀ with Q (bf16) and the
-// K tile in shared memory, O += P V with P from registers and the V tile read N-major, all in the
-// 128-byte swizzle. A warp whose row sees no key of a step takes P = 0 there.
+// SharedBlocksKernel on Hopper (D = 128): each warpgroup takes four rows as 64 MMA rows (four
+// tokens of 16 heads), and the thread block's kSharedWgGroups warpgroups share each K/V tile.
+// Thread 0 loads the tiles with TMA (k_map, v_map: KvTensorMap), kSharedWgStages - 1 steps
+// ahead; the products are warpgroup MMAs: S = Q Kᵀ with Q (bf16) and the K tile in shared memory,
+// O += P V with P from registers and the V tile read N-major, all in the 128-byte swizzle. A warp
+// whose row sees no key of a step takes P = 0 there. Stage 2 of one layer's last chunk at 128K
+// on an H100: 5.51 ms with one warpgroup a block and every thread issuing cp.async, 5.77 with one
+// and TMA, 5.29 with two and TMA (four: 5.23, with spills at 128 registers).
 constexpr int kSharedWgDim = 128;
+constexpr int kSharedWgGroups = 2;
+constexpr int kSharedWgRows = 4 * kSharedWgGroups;
+constexpr int kSharedWgStages = 4;
 constexpr size_t kSharedWgBytes =
-    size_t(kSharedRows * 16 + kSharedStages * 2 * kSharedKeys) * kSharedWgDim * sizeof(Bf16) + 1024;
+    size_t(kSharedWgRows * 16 + kSharedWgStages * 2 * kSharedKeys) * kSharedWgDim * sizeof(Bf16) +
+    kSharedWgStages * sizeof(uint64_t) + 1024;
 
-__global__ void __launch_bounds__(kSharedRows * 32) SharedBlocksWgmmaKernel(AttnParams p) {
+__global__ void __launch_bounds__(kSharedWgRows * 32) SharedBlocksWgmmaKernel(AttnParams p,
+                                                                               const __grid_constant__ CUtensorMap k_map,
+                                                                               const __grid_constant__ CUtensorMap v_map) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int D = kSharedWgDim;
-  static_assert(kSharedRows == 4 && kSharedKeys == 64, "one warpgroup of 64 rows, 64-key steps");
+  constexpr int D = kSharedWgDim, S = kSharedWgStages;
+  static_assert(kSharedKeys == 64 && kSharedKeys <= kKvPageTokens, "64-key steps (the N of S = Q K^T), whole in a page");
   extern __shared__ unsigned char smem_raw[];
   Bf16* qs = reinterpret_cast<Bf16*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  Bf16* stages = qs + kSharedRows * 16 * D;  // [kSharedStages][K | V][kSharedKeys, D]
+  Bf16* stages = qs + kSharedWgRows * 16 * D;  // [S][K | V][kSharedKeys, D]
+  uint64_t* full = reinterpret_cast<uint64_t*>(stages + S * 2 * kSharedKeys * D);  // [S]: the step's K/V landed
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = blockIdx.y;
-  const SharedSteps w(p, warp);
+  const SharedSteps w(p, kSharedWgRows, warp);
   const int64_t pos = w.pos, r = w.r, last_pos = w.last_pos, used = w.used;
   const bool active = w.active, chosen = w.chosen;
+  auto stage = [&](int64_t s) { return stages + (s % S) * 2 * kSharedKeys * D; };
+  // Thread 0: step s's K and V tiles (a step's keys lie in one page), as 64-column slabs.
+  auto load = [&](int64_t s) {
+    const int64_t key0 = w.Key0(s);
+    const int page = p.cache.pages[key0 / kKvPageTokens], row = int(key0 % kKvPageTokens);
+    uint64_t* bar = &full[s % S];
+    MbarArriveExpectTx(bar, 2 * kSharedKeys * D * sizeof(Bf16));
+    for (int slab = 0; slab < D / 64; ++slab) {
+      TmaLoad4d(stage(s) + slab * kSharedKeys * 64, &k_map, 64 * slab, g, row, page, bar);
+      TmaLoad4d(stage(s) + kSharedKeys * D + slab * kSharedKeys * 64, &v_map, 64 * slab, g, row, page, bar);
+    }
+  };
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < S; ++s) MbarInit(&full[s], 1);
+    FenceMbarInit();
+    for (int64_t s = 0; s < S - 1 && s < used; ++s) load(s);  // while Q is formed
+  }
   // Q: head h of warp w's row at row 16 w + h, zeros past G and for a row outside the chunk.
   for (int c = lane; c < 16 * D / 4; c += 32) {
     const int h = c / (D / 4), col = c % (D / 4) * 4;
     float4 x{0.0f, 0.0f, 0.0f, 0.0f};
     if (active && h < p.G) x = *reinterpret_cast<const float4*>(p.q + ((r * p.H + int64_t(g) * p.G + h) * D + col));
-    *reinterpret_cast<uint2*>(qs + Sw128Offset(16 * warp + h, col, kSharedRows * 16)) =
+    *reinterpret_cast<uint2*>(qs + Sw128Offset(16 * warp + h, col, kSharedWgRows * 16)) =
         uint2{PackBf16(x.x, x.y), PackBf16(x.z, x.w)};
   }
+  FenceProxyAsync();
+  __syncthreads();  // Q, and the barriers' initialisation
   SoftmaxState<D> st;
   st.Clear();
   float(&o64)[64] = reinterpret_cast<float(&)[64]>(st.o);
-  auto issue = [&](int64_t s) {
-    Bf16* ks = stages + (s % kSharedStages) * 2 * kSharedKeys * D;
-    IssueKeys<D, kSharedKeys, true>(p, g, w.Key0(s), last_pos, ks, ks + kSharedKeys * D, threadIdx.x,
-                                    kSharedRows * 32);
-  };
-  for (int64_t s = 0; s < kSharedStages - 1; ++s)
-    if (s < used) issue(s);
-    else CpAsyncCommit();  // empty groups keep the wait count uniform
-  // Descriptor words count 16 bytes: a slab of a 64-row tile is 64 rows of 128 bytes.
-  constexpr uint32_t kSlab = kSharedKeys * 128 / 16;
-  const uint32_t q_desc = Sw128Descriptor(qs);
+  // Descriptor words count 16 bytes: a slab of a 64-row tile is 64 rows of 128 bytes, one of Q
+  // kSharedWgRows * 16 rows, and this warpgroup's Q rows start at row 64 (warp / 4).
+  constexpr uint32_t kSlab = kSharedKeys * 128 / 16, kQSlab = kSharedWgRows * 16 * 128 / 16;
+  const uint32_t q_desc = Sw128Descriptor(qs) + (warp / 4) * kSlab;
   for (int64_t s = 0; s < used; ++s) {
-    CpAsyncWait<kSharedStages - 2>();
-    WgmmaWait<0>();  // step s − 1's O += P V, which reads the stage the next issue overwrites
+    while (!MbarTryWait(&full[s % S], uint32_t(s / S) & 1)) {
+    }
+    WgmmaWait<0>();  // step s − 1's O += P V, which reads the stage the next load overwrites
     WgmmaFenceOperands(o64);
-    FenceProxyAsync();
-    __syncthreads();  // step s is in for every thread (and Q, at s = 0)
-    if (s + kSharedStages - 1 < used) issue(s + kSharedStages - 1);
-    else CpAsyncCommit();
     const int64_t key0 = w.Key0(s);
-    const Bf16* ks = stages + (s % kSharedStages) * 2 * kSharedKeys * D;
+    Bf16* ks = stage(s);
+    if (key0 + kSharedKeys - 1 > last_pos) {
+      // The rows after the block's last key may hold anything (NaN too), and P = 0 does not
+      // cancel NaN in P V: those V rows become zeros (each a whole 128-byte line of each slab).
+      const int first_zero = int(last_pos - key0 + 1);
+      for (int c = threadIdx.x; c < (kSharedKeys - first_zero) * (D / 8); c += kSharedWgRows * 32) {
+        const int row = first_zero + c / (D / 8), part = c % (D / 8);
+        *reinterpret_cast<uint4*>(ks + kSharedKeys * D + ((part / 8) * kSharedKeys + row) * 64 + (part % 8) * 8) =
+            uint4{0, 0, 0, 0};
+      }
+      FenceProxyAsync();
+    }
+    __syncthreads();  // every warpgroup is past step s − 1 (and its V rows are whole)
+    if (threadIdx.x == 0 && s + S - 1 < used) load(s + S - 1);
     const uint32_t k_desc = Sw128Descriptor(ks);
     float sc[kSharedKeys / 8][4];
     float(&s32)[32] = reinterpret_cast<float(&)[32]>(sc);
     WgmmaFence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk)
-      WgmmaM64N64K16(s32, q_desc + (kk / 4) * kSlab + (kk % 4) * 2, k_desc + (kk / 4) * kSlab + (kk % 4) * 2, kk > 0);
+      WgmmaM64N64K16(s32, q_desc + (kk / 4) * kQSlab + (kk % 4) * 2, k_desc + (kk / 4) * kSlab + (kk % 4) * 2,
+                     kk > 0);
     WgmmaCommit();
     WgmmaWait<0>();
     WgmmaFenceOperands(s32);
@@ -1282,6 +1318,25 @@ absl::StatusOr<CUtensorMap> KeyTensorMap(const Bf16* keys, int64_t entries, int 
   return map;
 }
 
+// A layer's K (or V) rows in the paged cache as a 4-D TMA tensor map [page, token, Hk, D]
+// (innermost last), boxes of 64 tokens x 64 columns of one head in the 128-byte swizzle.
+absl::StatusOr<CUtensorMap> KvTensorMap(const Bf16* rows, const SparseCacheView& cache, int Hk, int dim) {
+  if (cache.page_end <= 0) return absl::InvalidArgumentError("the sparse cache view names no pages");
+  SALA_ASSIGN_OR_RETURN(const DriverApi* driver, GetDriverApi());
+  CUtensorMap map{};
+  const cuuint64_t dims[4] = {cuuint64_t(dim), cuuint64_t(Hk), cuuint64_t(kKvPageTokens), cuuint64_t(cache.page_end)};
+  const cuuint64_t strides[3] = {cuuint64_t(dim) * sizeof(Bf16), cuuint64_t(Hk) * dim * sizeof(Bf16),
+                                 cuuint64_t(cache.page_elems) * sizeof(Bf16)};
+  const cuuint32_t box[4] = {64, 1, kSharedKeys, 1};
+  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+  SALA_RETURN_IF_ERROR(DriverStatus(
+      driver->tensor_map_encode_tiled(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<Bf16*>(rows), dims, strides,
+                                      box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE),
+      "cuTensorMapEncodeTiled"));
+  return map;
+}
+
 absl::Status LaunchPrefillScores(const PrefillScorer& scorer, const ScoreParams& p, cudaStream_t stream) {
   const int64_t blocks = (p.first + p.T + scorer.tokens - 1) / scorer.tokens - p.first / scorer.tokens;
   const dim3 grid(unsigned(blocks), p.Hk);
@@ -1325,17 +1380,21 @@ absl::StatusOr<int64_t> ChosenRangeBlocks(int dim) {
 
 template <int D>
 absl::Status LaunchAttention(AttnParams p, cudaStream_t stream) {
-  const int64_t groups = (p.first + p.T - 1) / kSharedRows - p.first / kSharedRows + 1;
+  // Thread blocks of `rows` aligned positions, from the one holding p.first.
+  auto blocks_of = [&](int64_t rows) { return unsigned((p.first + p.T - 1) / rows - p.first / rows + 1); };
   SALA_ASSIGN_OR_RETURN(const bool hopper, HasWgmma());
   if (D == kSharedWgDim && hopper) {
     SALA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(SharedBlocksWgmmaKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                    int(kSharedWgBytes)));
-    SharedBlocksWgmmaKernel<<<dim3(unsigned(groups), p.Hk), kSharedRows * 32, kSharedWgBytes, stream>>>(p);
+    SALA_ASSIGN_OR_RETURN(const CUtensorMap k_map, KvTensorMap(p.cache.k, p.cache, p.Hk, D));
+    SALA_ASSIGN_OR_RETURN(const CUtensorMap v_map, KvTensorMap(p.cache.v, p.cache, p.Hk, D));
+    SharedBlocksWgmmaKernel<<<dim3(blocks_of(kSharedWgRows), p.Hk), kSharedWgRows * 32, kSharedWgBytes, stream>>>(
+        p, k_map, v_map);
   } else {
     const size_t shared_smem = size_t(kSharedStages) * 2 * kSharedKeys * D * sizeof(Bf16);
     SALA_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(SharedBlocksKernel<D>,
                                                    cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_smem)));
-    SharedBlocksKernel<D><<<dim3(unsigned(groups), p.Hk), kSharedRows * 32, shared_smem, stream>>>(p);
+    SharedBlocksKernel<D><<<dim3(blocks_of(kSharedRows), p.Hk), kSharedRows * 32, shared_smem, stream>>>(p);
   }
   SALA_CUDA_CHECK_LAUNCH();
   if (p.blocks == nullptr) return absl::OkStatus();

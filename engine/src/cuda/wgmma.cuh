@@ -174,6 +174,15 @@ __device__ __forceinline__ void TmaLoad3d(void* dst, const void* map, int c0, in
       : "memory");
 }
 
+// The same for a 4-D tensor map.
+__device__ __forceinline__ void TmaLoad4d(void* dst, const void* map, int c0, int c1, int c2, int c3, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, "
+      "%5}], [%6];\n" ::"r"(SmemAddress(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(SmemAddress(bar))
+      : "memory");
+}
+
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 }  // namespace sala::cuda
