@@ -1,6 +1,7 @@
 // sala-bench: the CUDA engine on a model shape (random weights drawn on the GPU), with the
 // floors measured in the same run: the cuBLASLt bf16 GEMM rate at the model's shapes bounds
-// prefill, the device-copy bandwidth bounds decode.
+// prefill (measured twice: in short timings at the boost clock, and sustained, at the power
+// limit where a long prefill runs), the device-copy bandwidth bounds decode.
 //   sala-mkmodel --out=models/9b --preset=9b --config_only
 //   sala-bench --model=models/9b --lengths=8192,32768 --out=bench/results/h100.json
 #include <cuda_profiler_api.h>
@@ -41,6 +42,8 @@ ABSL_FLAG(std::string, sparse_contexts, "131072",
 ABSL_FLAG(std::string, profiler_range, "decode",
           "what runs inside a profiler range for `ncu --profile-from-start off`: one decode step a "
           "batch size (decode) or the timed prefill of each length (prefill)");
+ABSL_FLAG(double, sustained_gemm_seconds, 10,
+          "how long to run the model's GEMMs back to back for the sustained (power-limited) GEMM rate (0: skip)");
 ABSL_FLAG(std::string, out, "", "write the results here as JSON");
 
 namespace {
@@ -60,10 +63,17 @@ std::vector<int> Ints(const std::string& s) {
   return out;
 }
 
-// cuBLASLt bf16 GEMM rate over the layer shapes of the model at `rows` rows, TFLOP/s.
-double GemmRate(const sala::ModelConfig& c, int rows) {
+// cuBLASLt bf16 GEMM rates over the layer shapes of the model at `rows` rows, TFLOP/s.
+struct GemmRates {
+  double burst = 0;      // each shape's median of ten calls: the GPU at its boost clock
+  double sustained = 0;  // the shapes back to back for `hold_seconds`, over the second half
+};
+
+// A long prefill holds the GPU at its power limit, where the SM clock (and the GEMM rate) sits
+// well below the boost clock that short timings see; `sustained` measures the GEMMs there.
+GemmRates GemmRate(const sala::ModelConfig& c, int rows, double hold_seconds) {
   sala::cuda::Gemm gemm;
-  if (!gemm.Init().ok()) return 0;
+  if (!gemm.Init().ok()) return {};
   const int64_t d = c.hidden_size, ff = c.intermediate_size, qd = int64_t(c.num_heads) * c.head_dim;
   // (in, out, bf16 output): gate/up come out in bf16, as in the engine.
   const std::vector<std::tuple<int64_t, int64_t, bool>> shapes = {
@@ -79,16 +89,43 @@ double GemmRate(const sala::ModelConfig& c, int rows) {
   (void)sala::cuda::FillRandom(x, rows * max_in, 1, 1.0f, 0.0f, nullptr);
   (void)sala::cuda::FillRandom(w, max_in * max_out, 2, 0.02f, 0.0f, nullptr);
   double flops = 0, seconds = 0;
+  auto weight_of = [&](int64_t out, bool bf16_out) {
+    return sala::cuda::GemvWeight{w, out, bf16_out ? nullptr : y, false, 1.0f,
+                                  bf16_out ? reinterpret_cast<__nv_bfloat16*>(y) : nullptr};
+  };
   for (auto [in, out, bf16_out] : shapes) {
     flops += 2.0 * rows * in * out;
-    const sala::cuda::GemvWeight weight{w, out, bf16_out ? nullptr : y, false, 1.0f,
-                                        bf16_out ? reinterpret_cast<__nv_bfloat16*>(y) : nullptr};
+    const sala::cuda::GemvWeight weight = weight_of(out, bf16_out);
     seconds += MedianDeviceSeconds([&] { (void)gemm.RunLt(x, rows, in, weight, nullptr); }, /*warmup=*/3);
+  }
+  GemmRates rates{flops / seconds / 1e12, 0};
+  if (hold_seconds > 0) {
+    cudaEvent_t a, b;
+    cudaEventCreate(&a);
+    cudaEventCreate(&b);
+    double held = 0, timed_flops = 0, timed = 0;
+    while (held < hold_seconds) {
+      cudaEventRecord(a);
+      for (int rep = 0; rep < 16; ++rep)
+        for (auto [in, out, bf16_out] : shapes) (void)gemm.RunLt(x, rows, in, weight_of(out, bf16_out), nullptr);
+      cudaEventRecord(b);
+      cudaEventSynchronize(b);
+      float ms = 0;
+      cudaEventElapsedTime(&ms, a, b);
+      held += ms / 1e3;
+      if (held >= hold_seconds / 2) {
+        timed += ms / 1e3;
+        timed_flops += 16 * flops;
+      }
+    }
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
+    rates.sustained = timed > 0 ? timed_flops / timed / 1e12 : 0;
   }
   cudaFree(x);
   cudaFree(w);
   cudaFree(y);
-  return flops / seconds / 1e12;
+  return rates;
 }
 
 // A decode step's projections of one layer at `rows` rows, grouped as the engine groups them
@@ -309,11 +346,17 @@ int main(int argc, char** argv) {
   cudaGetDeviceProperties(&prop, 0);
   nlohmann::json out = {{"gpu", prop.name}, {"model_layers", c.num_layers}, {"hidden_size", c.hidden_size},
                         {"chunk_size", o.chunk_size}, {"cuda_graphs", o.cuda_graphs}};
-  const double gemm_tflops = GemmRate(c, o.chunk_size);
+  // The sustained rate matters only for prefill floors.
+  const bool prefills = !Ints(absl::GetFlag(FLAGS_lengths)).empty();
+  const GemmRates gemm_rates = GemmRate(c, o.chunk_size, prefills ? absl::GetFlag(FLAGS_sustained_gemm_seconds) : 0);
+  const double gemm_tflops = gemm_rates.burst, sustained_tflops = gemm_rates.sustained;
   const double copy_bps = CopyBandwidth();
   out["gemm_bf16_tflops_at_model_shapes"] = gemm_tflops;
+  if (sustained_tflops > 0) out["gemm_bf16_tflops_sustained"] = sustained_tflops;
   out["device_copy_gbps"] = copy_bps / 1e9;
-  std::printf("%s | cuBLASLt bf16 GEMM %.0f TFLOP/s | device copy %.0f GB/s\n", prop.name, gemm_tflops, copy_bps / 1e9);
+  std::printf("%s | cuBLASLt bf16 GEMM %.0f TFLOP/s", prop.name, gemm_tflops);
+  if (sustained_tflops > 0) std::printf(" (sustained %.0f)", sustained_tflops);
+  std::printf(" | device copy %.0f GB/s\n", copy_bps / 1e9);
   if (const int64_t T = o.chunk_size; c.num_linear_layers() > 0) {
     const double sec = LightningChunkSeconds(c, T);
     std::printf("  lightning prefill chunk (%lld tokens, %d heads, dim %d): %.3f ms | %.2f M tokens/s\n", (long long)T,
@@ -387,6 +430,13 @@ int main(int argc, char** argv) {
                         {"gemm_floor_seconds", floor}, {"fraction_of_floor", floor / ttft},
                         {"gpu_memory_used_gib", (total_b - free_b) / double(1 << 30)},
                         {"profiled_split_seconds", split}};
+    if (sustained_tflops > 0) {
+      const double sustained_floor = 2.0 * layer_params * L / (sustained_tflops * 1e12);
+      std::printf("  at the sustained GEMM rate: floor %.3f s (%.1f%% of it)\n", sustained_floor,
+                  100 * sustained_floor / ttft);
+      p["gemm_floor_sustained_seconds"] = sustained_floor;
+      p["fraction_of_sustained_floor"] = sustained_floor / ttft;
+    }
     for (int B : Ints(absl::GetFlag(FLAGS_decode_batches))) {
       cudaMemGetInfo(&free_b, &total_b);
       if (double(B) * s.device->bytes() > 0.9 * double(free_b)) {
