@@ -924,7 +924,8 @@ struct SoftmaxState {
 #pragma unroll
       for (int n = 0; n < D / 8; ++n) {
         float2 x{0.0f, 0.0f};
-        if (head < G) x = __half22float2(__ldcs(reinterpret_cast<const __half2*>(carry + int64_t(head) * D + n * 8 + 2 * tq)));
+        if (head < G)
+          x = __half22float2(__ldcs(reinterpret_cast<const __half2*>(carry + int64_t(head) * D + n * 8 + 2 * tq)));
         o[n][2 * h] = x.x * total;
         o[n][2 * h + 1] = x.y * total;
       }
@@ -963,9 +964,9 @@ struct SoftmaxState {
 };
 
 // Issues the K/V of keys key0 .. key0 + Keys - 1 of group g (those after `last_key` as zeros)
-// into ks / vs with cp.async, threads `part` of `parts` each taking a share; in the ldmatrix
-// swizzle, or (kSw128) the 128-byte-swizzled layout warpgroup MMAs read.
-template <int D, int Keys, bool kSw128 = false>
+// into ks / vs with cp.async, in the ldmatrix swizzle, threads `part` of `parts` each taking a
+// share.
+template <int D, int Keys>
 __device__ __forceinline__ void IssueKeys(const AttnParams& p, int g, int64_t key0, int64_t last_key, Bf16* ks,
                                           Bf16* vs, int part, int parts) {
   const int64_t tile_at = KvRowOffset(p.cache, key0, p.Hk * D) + g * D;  // a block is whole in one page
@@ -973,7 +974,7 @@ __device__ __forceinline__ void IssueKeys(const AttnParams& p, int g, int64_t ke
     const int row = c / (D / 8), cc = c % (D / 8);
     const bool valid = key0 + row <= last_key;
     const int64_t at = tile_at + int64_t(valid ? row : 0) * p.Hk * D + cc * 8;
-    const int to = kSw128 ? Sw128Offset(row, cc * 8, Keys) : Swizzled<D>(row, cc * 8);
+    const int to = Swizzled<D>(row, cc * 8);
     CpAsync16(ks + to, p.cache.k + at, valid);
     CpAsync16(vs + to, p.cache.v + at, valid);
   }
@@ -1072,12 +1073,13 @@ constexpr size_t kSharedWgBytes =
     size_t(kSharedWgRows * 16 + kSharedWgStages * 2 * kSharedKeys) * kSharedWgDim * sizeof(Bf16) +
     kSharedWgStages * sizeof(uint64_t) + 1024;
 
-__global__ void __launch_bounds__(kSharedWgRows * 32) SharedBlocksWgmmaKernel(AttnParams p,
-                                                                               const __grid_constant__ CUtensorMap k_map,
-                                                                               const __grid_constant__ CUtensorMap v_map) {
+__global__ void __launch_bounds__(kSharedWgRows * 32)
+    SharedBlocksWgmmaKernel(AttnParams p, const __grid_constant__ CUtensorMap k_map,
+                            const __grid_constant__ CUtensorMap v_map) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int D = kSharedWgDim, S = kSharedWgStages;
-  static_assert(kSharedKeys == 64 && kSharedKeys <= kKvPageTokens, "64-key steps (the N of S = Q K^T), whole in a page");
+  static_assert(kSharedKeys == 64 && kKvPageTokens % kSharedKeys == 0,
+                "64-key steps (the N of S = Q K^T), each whole in a page");
   extern __shared__ unsigned char smem_raw[];
   Bf16* qs = reinterpret_cast<Bf16*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   Bf16* stages = qs + kSharedWgRows * 16 * D;  // [S][K | V][kSharedKeys, D]
@@ -1301,42 +1303,41 @@ absl::StatusOr<PrefillScorer> PrefillScorerFor() {
   return PrefillScorer{nullptr, ScoreWgmmaKernel<D>, D, kWgTokens, kWgThreads, ScoreWgmmaSmemBytes(D)};
 }
 
-// The first `entries` compressed keys [entries, Hk, dim] (bf16) as a TMA tensor map whose boxes
-// are kWgKeys entries x 64 values of one KV group, in the 128-byte swizzle that the MMAs read.
-// Reads past `entries` return zeros. No entries: a map that no load uses.
-absl::StatusOr<CUtensorMap> KeyTensorMap(const Bf16* keys, int64_t entries, int Hk, int dim) {
-  CUtensorMap map{};
-  if (entries <= 0) return map;
+// A bf16 tensor of `Rank` dimensions (innermost first; strides in bytes of dimensions 1 ..) as
+// a TMA tensor map whose boxes land in the 128-byte swizzle that the MMAs read (a box row of 64
+// values); reads past the dimensions return zeros.
+template <int Rank>
+absl::StatusOr<CUtensorMap> Bf16TensorMap(const Bf16* base, const cuuint64_t (&dims)[Rank],
+                                          const cuuint64_t (&strides)[Rank - 1], const cuuint32_t (&box)[Rank]) {
   SALA_ASSIGN_OR_RETURN(const DriverApi* driver, GetDriverApi());
-  const cuuint64_t dims[3] = {cuuint64_t(dim), cuuint64_t(Hk), cuuint64_t(entries)};
-  const cuuint64_t strides[2] = {cuuint64_t(dim) * sizeof(Bf16), cuuint64_t(Hk) * dim * sizeof(Bf16)};
-  const cuuint32_t box[3] = {64, 1, kWgKeys};
-  const cuuint32_t element_strides[3] = {1, 1, 1};
+  CUtensorMap map{};
+  cuuint32_t element_strides[Rank];
+  std::fill_n(element_strides, Rank, 1u);
   SALA_RETURN_IF_ERROR(DriverStatus(
-      driver->tensor_map_encode_tiled(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<Bf16*>(keys), dims, strides,
-                                      box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                                      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE),
+      driver->tensor_map_encode_tiled(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, Rank, const_cast<Bf16*>(base), dims,
+                                      strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE),
       "cuTensorMapEncodeTiled"));
   return map;
 }
 
-// A layer's K (or V) rows in the paged cache as a 4-D TMA tensor map [page, token, Hk, D]
-// (innermost last), boxes of 64 tokens x 64 columns of one head in the 128-byte swizzle.
+// The first `entries` compressed keys [entries, Hk, dim] as a tensor map whose boxes are kWgKeys
+// entries x 64 values of one KV group. No entries: a map that no load uses.
+absl::StatusOr<CUtensorMap> KeyTensorMap(const Bf16* keys, int64_t entries, int Hk, int dim) {
+  if (entries <= 0) return CUtensorMap{};
+  return Bf16TensorMap<3>(keys, {cuuint64_t(dim), cuuint64_t(Hk), cuuint64_t(entries)},
+                          {cuuint64_t(dim) * sizeof(Bf16), cuuint64_t(Hk) * dim * sizeof(Bf16)}, {64, 1, kWgKeys});
+}
+
+// A layer's K (or V) rows in the paged cache [page, token, Hk, dim] as a tensor map whose boxes
+// are kSharedKeys tokens x 64 values of one head.
 absl::StatusOr<CUtensorMap> KvTensorMap(const Bf16* rows, const SparseCacheView& cache, int Hk, int dim) {
   if (cache.page_end <= 0) return absl::InvalidArgumentError("the sparse cache view names no pages");
-  SALA_ASSIGN_OR_RETURN(const DriverApi* driver, GetDriverApi());
-  CUtensorMap map{};
-  const cuuint64_t dims[4] = {cuuint64_t(dim), cuuint64_t(Hk), cuuint64_t(kKvPageTokens), cuuint64_t(cache.page_end)};
-  const cuuint64_t strides[3] = {cuuint64_t(dim) * sizeof(Bf16), cuuint64_t(Hk) * dim * sizeof(Bf16),
-                                 cuuint64_t(cache.page_elems) * sizeof(Bf16)};
-  const cuuint32_t box[4] = {64, 1, kSharedKeys, 1};
-  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
-  SALA_RETURN_IF_ERROR(DriverStatus(
-      driver->tensor_map_encode_tiled(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<Bf16*>(rows), dims, strides,
-                                      box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                                      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE),
-      "cuTensorMapEncodeTiled"));
-  return map;
+  return Bf16TensorMap<4>(
+      rows, {cuuint64_t(dim), cuuint64_t(Hk), cuuint64_t(kKvPageTokens), cuuint64_t(cache.page_end)},
+      {cuuint64_t(dim) * sizeof(Bf16), cuuint64_t(Hk) * dim * sizeof(Bf16), cuuint64_t(cache.page_elems) * sizeof(Bf16)},
+      {64, 1, kSharedKeys, 1});
 }
 
 absl::Status LaunchPrefillScores(const PrefillScorer& scorer, const ScoreParams& p, cudaStream_t stream) {
@@ -1369,15 +1370,18 @@ absl::Status LaunchTopK(const TopKParams& p, cudaStream_t stream) {
   return absl::OkStatus();
 }
 
-// Blocks per ChosenBlocksKernel launch: a KV group's K/V of that many blocks fills L2. A
-// launch's thread blocks run through one group's rows, then the other's. Each launch also
-// reads and writes the rows' carried state; with that in f16, ranges of all of L2 measured
-// 7.50 ms at 1M (one layer's last chunk, H100) against 8.01-8.07 for half of L2.
+// Blocks per ChosenBlocksKernel launch: a KV group's K/V of that many blocks fills three
+// quarters of L2. A launch's thread blocks run through one group's rows, then the other's. Each
+// launch also reads and writes the rows' carried state (f16), so ranges should not be small;
+// but a range of all of L2 thrashes it (`ncu` at 128K: 66% L2 hits in the full range's launch,
+// 95% in the next). One layer's last chunk (H100, same call), three quarters against all of L2:
+// 5.57-5.59 against 5.74-5.80 ms at 256K, 7.11-7.27 against 7.14-7.28 at 1M, the same at 128K;
+// half of L2: 7.61-7.87 at 1M.
 absl::StatusOr<int64_t> ChosenRangeBlocks(int dim) {
   int device = 0, l2_bytes = 0;
   SALA_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
   SALA_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device));
-  return std::max<int64_t>(1, int64_t(l2_bytes) / (2 * kBlock * dim * int64_t(sizeof(Bf16))));
+  return std::max<int64_t>(1, int64_t(l2_bytes) * 3 / 4 / (2 * kBlock * dim * int64_t(sizeof(Bf16))));
 }
 
 template <int D>
