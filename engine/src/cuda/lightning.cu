@@ -82,23 +82,33 @@ struct TileLoader {
   }
 };
 
-// The chunks of block (p, h) of the chunked kernels: segment p of head h (rows first .. end) and
-// the loaders of its Q, K (kSwizzledQK: in the wgmma layout) and V tiles.
+// The chunks of block (p, h) of the chunked kernels: segment p of head h (rows first .. end),
+// the loaders of its Q, K (kSwizzledQK: in the wgmma layout) and V tiles, the head's decay g2
+// (log2 units), and where the segment's state starts (the initial state itself when there is one
+// segment) and, for the last segment, where the head's end state goes.
 template <int kDim, bool kSwizzledQK>
 struct SegmentChunks {
   int64_t first, end;
   int chunks;
+  float g2;
+  const float* state_in;
+  float* state_out;  // null but for the last segment
   TileLoader<kDim, kSwizzledQK> q, k;
   TileLoader<kDim> v;
 
   __device__ SegmentChunks(const __half* q_all, const __half* k_all, const __nv_bfloat16* v_all, int64_t T, int H,
-                           int Hk, int64_t seg_len)
+                           int Hk, int64_t seg_len, const float* slopes, float* state, const float* seg_states)
       : q(reinterpret_cast<const uint16_t*>(q_all) + blockIdx.y * kDim, int64_t(H) * kDim),
         k(reinterpret_cast<const uint16_t*>(k_all) + blockIdx.y / (H / Hk) * kDim, int64_t(Hk) * kDim),
         v(reinterpret_cast<const uint16_t*>(v_all) + blockIdx.y / (H / Hk) * kDim, int64_t(Hk) * kDim) {
-    first = blockIdx.x * seg_len;
+    constexpr int64_t kHeadState = int64_t(kDim) * kDim;
+    const int p = blockIdx.x, P = gridDim.x, h = blockIdx.y;
+    first = p * seg_len;
     end = T < first + seg_len ? T : first + seg_len;
     chunks = int((end - first + kChunk - 1) / kChunk);
+    g2 = -slopes[h] * kLog2e;
+    state_in = P > 1 ? seg_states + (int64_t(p) * H + h) * kHeadState : state + h * kHeadState;
+    state_out = p == P - 1 ? state + h * kHeadState : nullptr;
   }
   // Chunk c's tiles, one commit group.
   __device__ __forceinline__ void Load(int c, uint16_t* qs, uint16_t* ks, uint16_t* vs) const {
@@ -349,13 +359,11 @@ __global__ void __launch_bounds__(Tiles<kDim>::kThreads, 2)
                   float scale, const float* slopes, float* state, const float* seg_states, __nv_bfloat16* o) {
   using L = Tiles<kDim>;
   extern __shared__ __align__(128) uint16_t lsmem[];
-  const int p = blockIdx.x, P = gridDim.x, h = blockIdx.y;
-  const int warp = threadIdx.x / 32, c0 = 16 * warp;
-  constexpr int64_t kHeadState = int64_t(kDim) * kDim;
-  const float g2 = -slopes[h] * kLog2e;
-  const SegmentChunks<kDim, false> seg(q, k, v, T, H, Hk, seg_len);
+  const int h = blockIdx.y, warp = threadIdx.x / 32, c0 = 16 * warp;
+  const SegmentChunks<kDim, false> seg(q, k, v, T, H, Hk, seg_len, slopes, state, seg_states);
   const int64_t first = seg.first, end = seg.end;
   const int chunks = seg.chunks;
+  const float g2 = seg.g2;
   uint16_t* As = lsmem + 6 * L::kTile;  // the chunk's masked scores [query][key]
   const auto load = [&](int c, int stage) {
     uint16_t* tiles = lsmem + stage * 3 * L::kTile;
@@ -364,7 +372,7 @@ __global__ void __launch_bounds__(Tiles<kDim>::kThreads, 2)
   load(0, 0);
   // The segment's starting state (the initial state itself when there is one segment).
   float acc[kDim / 8][4];
-  LoadState<kDim>(acc, P > 1 ? seg_states + (int64_t(p) * H + h) * kHeadState : state + h * kHeadState, c0);
+  LoadState<kDim>(acc, seg.state_in, c0);
 
   // Scores: warp w takes query rows 16 (w % 4) .. + 15 against kKeys keys from kKeys (w / 4).
   constexpr int kKeys = 4 * kChunk / L::kWarps, kKeyTiles = kKeys / 8;
@@ -416,7 +424,7 @@ __global__ void __launch_bounds__(Tiles<kDim>::kThreads, 2)
     StoreOutput(oacc, o + (r0 * H + h) * kDim + c0, H * kDim, len);
     UpdateState<kDim>(acc, Ks, Vs, len, g2, c0);
   }
-  if (p == P - 1) StoreState<kDim>(acc, state + h * kHeadState, c0);
+  if (seg.state_out) StoreState<kDim>(acc, seg.state_out, c0);
 }
 
 // ChunkedKernel on Hopper (dim 128): a chunk's products become warpgroup MMAs, each warpgroup
@@ -438,7 +446,7 @@ static_assert(WgTiles::kStage * 2 % 1024 == 0 && WgTiles::kSlabBytes % 1024 == 0
               "every swizzled tile and slab starts 1024-byte aligned");
 
 // One block an SM: at two (128 registers a thread) ptxas serialised the MMAs and spilled, and the
-// chunk took 0.19 ms against 0.163 at one (208 registers, four segments of 2048 tokens a head).
+// chunk took 0.19 ms against 0.163 at one (about 200 registers, four segments of 2048 tokens a head).
 __global__ void __launch_bounds__(WgTiles::kThreads, 1)
     WgChunkedKernel(const __half* q, const __half* k, const __nv_bfloat16* v, int64_t T, int H, int Hk,
                     int64_t seg_len, float scale, const float* slopes, float* state, const float* seg_states,
@@ -448,13 +456,11 @@ __global__ void __launch_bounds__(WgTiles::kThreads, 1)
   using L = Tiles<kDim>;
   extern __shared__ unsigned char wg_smem[];
   uint16_t* smem = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(wg_smem) + 1023) & ~uintptr_t(1023));
-  const int p = blockIdx.x, P = gridDim.x, h = blockIdx.y;
-  const int warp = threadIdx.x / 32, c0 = 16 * warp;
-  constexpr int64_t kHeadState = int64_t(kDim) * kDim;
-  const float g2 = -slopes[h] * kLog2e;
-  const SegmentChunks<kDim, true> seg(q, k, v, T, H, Hk, seg_len);
+  const int h = blockIdx.y, warp = threadIdx.x / 32, c0 = 16 * warp;
+  const SegmentChunks<kDim, true> seg(q, k, v, T, H, Hk, seg_len, slopes, state, seg_states);
   const int64_t first = seg.first, end = seg.end;
   const int chunks = seg.chunks;
+  const float g2 = seg.g2;
   uint16_t* As = smem + 2 * WgTiles::kStage;  // the chunk's masked scores [query][key]
   const auto load = [&](int c, int stage) {
     uint16_t* tiles = smem + stage * WgTiles::kStage;
@@ -463,7 +469,7 @@ __global__ void __launch_bounds__(WgTiles::kThreads, 1)
   load(0, 0);
   float acc[kDim / 8][4];
   float(&acc64)[64] = reinterpret_cast<float(&)[64]>(acc);
-  LoadState<kDim>(acc, P > 1 ? seg_states + (int64_t(p) * H + h) * kHeadState : state + h * kHeadState, c0);
+  LoadState<kDim>(acc, seg.state_in, c0);
   const int i0 = 16 * (warp % 4), jb = 32 * (warp / 4);
   // Descriptor words in 16-byte units: a swizzled tile's slab is 64 rows of 128 bytes; k step kk
   // of a K-major operand starts 32 bytes into its slab kk / 4's rows.
@@ -536,7 +542,7 @@ __global__ void __launch_bounds__(WgTiles::kThreads, 1)
   }
   WgmmaWait<0>();
   WgmmaFenceOperands(acc64);
-  if (p == P - 1) StoreState<kDim>(acc, state + h * kHeadState, c0);
+  if (seg.state_out) StoreState<kDim>(acc, seg.state_out, c0);
 #endif
 }
 
