@@ -27,6 +27,7 @@
 #include "cuda/sparse.h"
 #include "nlohmann/json.hpp"
 #include "sala/engine.h"
+#include "sala/safetensors.h"
 
 ABSL_FLAG(std::string, model, "", "model directory (config.json is enough)");
 ABSL_FLAG(uint64_t, seed, 1, "seed of the random weights");
@@ -244,14 +245,14 @@ SparseChunkTimes SparseChunk(const sala::ModelConfig& c, int64_t context, int64_
   const int64_t L = (context + cu::kKvPageTokens - 1) / cu::kKvPageTokens * cu::kKvPageTokens;
   const int64_t T = std::min(chunk, context), first = context - T, row = int64_t(Hk) * D;
   const int64_t n1 = sala::SequenceState::NumK1(sc, context), n2 = sala::SequenceState::NumK2(sc, context);
-  __nv_bfloat16 *k, *v, *k1, *k2;
-  float *q, *o;
+  __nv_bfloat16 *k, *v, *k1, *k2, *q;
+  float* o;
   int *pages, *blocks, *counts;
   cudaMalloc(&k, L * row * 2);
   cudaMalloc(&v, L * row * 2);
   cudaMalloc(&k1, std::max<int64_t>(n1, 1) * row * 2);
   cudaMalloc(&k2, std::max<int64_t>(n2, 1) * row * 2);
-  cudaMalloc(&q, T * H * D * 4);
+  cudaMalloc(&q, T * H * D * 2);
   cudaMalloc(&o, T * H * D * 4);
   cudaMalloc(&pages, L / cu::kKvPageTokens * 4);
   cudaMalloc(&blocks, T * Hk * shape.selected_blocks * 4);
@@ -259,11 +260,11 @@ SparseChunkTimes SparseChunk(const sala::ModelConfig& c, int64_t context, int64_
   std::vector<int> table(L / cu::kKvPageTokens);
   for (size_t i = 0; i < table.size(); ++i) table[i] = int(i);  // one contiguous range per K and V
   cudaMemcpy(pages, table.data(), table.size() * 4, cudaMemcpyHostToDevice);
-  std::vector<float> hq(T * H * D);
+  std::vector<uint16_t> hq(T * H * D);  // bf16, as the projection gives q
   std::mt19937 rng(7);
   std::normal_distribution<float> normal;
-  for (float& x : hq) x = normal(rng);
-  cudaMemcpy(q, hq.data(), hq.size() * 4, cudaMemcpyHostToDevice);
+  for (uint16_t& x : hq) x = sala::F32ToBf16(normal(rng));
+  cudaMemcpy(q, hq.data(), hq.size() * 2, cudaMemcpyHostToDevice);
   const cu::SparseCacheView view{k, v, pages, cu::kKvPageTokens * row, k1, k2, int(table.size())};
   SparseChunkTimes r;
   cu::SparseScratch scratch;

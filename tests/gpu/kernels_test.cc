@@ -560,13 +560,14 @@ TEST_F(GpuTest, SparseBlockSelectionMatchesCpu) {
        {std::tuple{1500, 40, 4, 2, 64, false}, {2100, 100, 32, 2, 128, false}, {9000, 33, 32, 2, 128, false},
         {70000, 20, 32, 2, 128, false}, {300000, 4, 32, 2, 128, false}, {70000, 6, 32, 2, 128, true}}) {
     SparseFixture f(L, heads, kv_heads, dim, 40);
-    const auto q = zero_q ? std::vector<float>(size_t(T) * heads * dim, 0.0f) : Random(T * heads * dim, 41, 1.0f);
+    // bf16 queries, as a prefill gives them
+    const auto q = zero_q ? std::vector<float>(size_t(T) * heads * dim, 0.0f) : Random(T * heads * dim, 41, 1.0f, true);
     const int S = f.shape.selected_blocks;
     int* blocks = Poisoned<int>(size_t(T) * kv_heads * S);
     int* counts = Poisoned<int>(size_t(T) * kv_heads);
     cuda::SparseScratch scratch;
     const int64_t first = L - T;
-    ASSERT_TRUE(cuda::SelectSparseBlocks(ToDevice(q), first, T, f.view(), f.shape, blocks, counts, scratch, nullptr).ok());
+    ASSERT_TRUE(cuda::SelectSparseBlocks(Bf16ToDevice(q), first, T, f.view(), f.shape, blocks, counts, scratch, nullptr).ok());
     std::vector<int> gb(size_t(T) * kv_heads * S), gc(size_t(T) * kv_heads);
     cudaMemcpy(gb.data(), blocks, gb.size() * 4, cudaMemcpyDeviceToHost);
     cudaMemcpy(gc.data(), counts, gc.size() * 4, cudaMemcpyDeviceToHost);
@@ -590,13 +591,13 @@ TEST_F(GpuTest, BlockSparseAttentionMatchesCpu) {
         {3000, 50, 8, 2, 128},
         {6200, 100, 4, 2, 64}, {9000, 17, 32, 2, 128}, {110000, 9, 32, 2, 128}}) {
     SparseFixture f(L, heads, kv_heads, dim, 50);
-    const auto q = Random(T * heads * dim, 51, 1.0f);
+    const auto q = Random(T * heads * dim, 51, 1.0f, true);  // bf16, as a prefill gives them
     const int S = f.shape.selected_blocks, G = heads / kv_heads;
     const int64_t first = L - T;
     int* blocks = Poisoned<int>(size_t(T) * kv_heads * S);
     int* counts = Poisoned<int>(size_t(T) * kv_heads);
     cuda::SparseScratch scratch;
-    float* dq = ToDevice(q);
+    const __nv_bfloat16* dq = Bf16ToDevice(q);
     ASSERT_TRUE(cuda::SelectSparseBlocks(dq, first, T, f.view(), f.shape, blocks, counts, scratch, nullptr).ok());
     std::vector<int> gb(size_t(T) * kv_heads * S), gc(size_t(T) * kv_heads);
     cudaMemcpy(gb.data(), blocks, gb.size() * 4, cudaMemcpyDeviceToHost);

@@ -703,7 +703,10 @@ class CudaBackend final : public Backend {
     const int H = config_.num_heads, Hk = config_.num_kv_heads, D = config_.sparse_head_dim();
     const SparseConfig& sc = config_.sparse;
     cudaStream_t s = stream_;
-    SALA_RETURN_IF_ERROR(ProjectQkvGate(R, w, H, Hk, D, config_.attn_use_output_gate));
+    // Prefill's q in bf16 (the operand type of both stages' MMAs), in the first half of q_.
+    auto* q16 = reinterpret_cast<Bf16*>(q_.get());
+    SALA_RETURN_IF_ERROR(ProjectQkvGate(R, w, H, Hk, D, config_.attn_use_output_gate,
+                                        {decode_step_ ? nullptr : q16, nullptr, nullptr}));
     const cuda::SparseShape shape{H, Hk, D, sc.block_size, sc.kernel_size, sc.kernel_stride, sc.init_blocks,
                                   sc.window_blocks(), sc.selected_blocks()};
     const size_t row = SparseRow();
@@ -742,14 +745,14 @@ class CudaBackend final : public Backend {
       SALA_RETURN_IF_ERROR(cuda::CompressKeys(view, Hk, D, c.n2, n2, sc.k2_kernel(), sc.k2_stride(), c.k2.get(), s));
       c.n1 = n1;
       c.n2 = n2;
-      SALA_RETURN_IF_ERROR(SparsePrefill(q_.get(), before, seg.rows, view, shape, seg.sparse, o_.get()));
+      SALA_RETURN_IF_ERROR(SparsePrefill(q16, before, seg.rows, view, shape, seg.sparse, o_.get()));
     }
     return OutputProjection(nullptr, config_.attn_use_output_gate, R, H * D, w.o.get());
   }
 
   // A prefill chunk's sparse-layer attention: stage 1 picks each row's blocks (sparse rows only),
   // stage 2 attends to them.
-  absl::Status SparsePrefill(const float* q, int64_t first, int64_t T, const cuda::SparseCacheView& view,
+  absl::Status SparsePrefill(const Bf16* q, int64_t first, int64_t T, const cuda::SparseCacheView& view,
                              const cuda::SparseShape& shape, bool sparse, float* o) {
     cuda::SparseScratch& sc = sparse_scratch_;
     if (sparse) {
@@ -829,16 +832,16 @@ class CudaBackend final : public Backend {
   // Prefill's gate projection, in bf16 in the first half of z_.
   Bf16* Z16() const { return reinterpret_cast<Bf16*>(z_.get()); }
   // The attention input projections of a layer from the normed h_ into q_, k_, v_ (and the gate
-  // into z_, or Z16() in prefill), or q, k and v rounded to bf16 into `qkv16`.
+  // into z_, or Z16() in prefill); those of q, k and v that `qkv16` names go there, rounded to
+  // bf16, instead.
   struct Bf16Qkv {
     Bf16 *q, *k, *v;
   };
   absl::Status ProjectQkvGate(int64_t R, const LayerWeights& w, int H, int Hk, int D, bool gate,
                               Bf16Qkv qkv16 = {nullptr, nullptr, nullptr}) {
-    const bool bf16 = qkv16.q != nullptr;
-    const cuda::GemvWeight all[] = {{w.q.get(), int64_t(H) * D, bf16 ? nullptr : q_.get(), false, 1.0f, qkv16.q},
-                                    {w.k.get(), int64_t(Hk) * D, bf16 ? nullptr : k_.get(), false, 1.0f, qkv16.k},
-                                    {w.v.get(), int64_t(Hk) * D, bf16 ? nullptr : v_.get(), false, 1.0f, qkv16.v},
+    const cuda::GemvWeight all[] = {{w.q.get(), int64_t(H) * D, qkv16.q ? nullptr : q_.get(), false, 1.0f, qkv16.q},
+                                    {w.k.get(), int64_t(Hk) * D, qkv16.k ? nullptr : k_.get(), false, 1.0f, qkv16.k},
+                                    {w.v.get(), int64_t(Hk) * D, qkv16.v ? nullptr : v_.get(), false, 1.0f, qkv16.v},
                                     {w.gate.get(), int64_t(H) * D, decode_step_ ? z_.get() : nullptr, false, 1.0f,
                                      decode_step_ ? nullptr : Z16()}};
     return NormedMm(w.input_norm.get(), 1.0f, R, std::span(all, gate ? 4 : 3));

@@ -59,7 +59,8 @@ struct Candidates {
 // Rows come either from one sequence (positions first .. first + T − 1, caches k1/k2) or, with
 // `views` set, one from each of T sequences (a decode step: row r at positions[r] of views[r]).
 struct ScoreParams {
-  const float* q;  // [T, H, D]
+  const float* q;      // [T, H, D]: a decode step's rows
+  const Bf16* q_bf16;  // or a prefill's, in bf16 (the MMAs' operand type)
   int64_t first, T;
   const Bf16* k1;  // [n1, Hk, D]
   const Bf16* k2;
@@ -167,10 +168,17 @@ __global__ void __launch_bounds__(ScoreThreads(Tokens), 512 / ScoreThreads(Token
   for (int e = threadIdx.x; e < Tokens * 16 * D / 4; e += kThreads) {
     const int row = e / (D / 4), c4 = e % (D / 4), tk = row / 16, h = row % 16;
     const int64_t pos = base + tk;
-    float4 v{0, 0, 0, 0};
-    if (pos >= lo && pos < hi && h < p.G)
-      v = *reinterpret_cast<const float4*>(p.q + ((pos - first + row_of_first) * p.H + g * p.G + h) * D + c4 * 4);
-    *reinterpret_cast<uint2*>(qs + Swizzled<D>(row, c4 * 4)) = uint2{PackBf16(v.x, v.y), PackBf16(v.z, v.w)};
+    const int64_t at = ((pos - first + row_of_first) * p.H + g * p.G + h) * D + c4 * 4;
+    uint2 x{0, 0};
+    if (pos >= lo && pos < hi && h < p.G) {
+      if (p.q_bf16) {
+        x = *reinterpret_cast<const uint2*>(p.q_bf16 + at);
+      } else {
+        const float4 v = *reinterpret_cast<const float4*>(p.q + at);
+        x = uint2{PackBf16(v.x, v.y), PackBf16(v.z, v.w)};
+      }
+    }
+    *reinterpret_cast<uint2*>(qs + Swizzled<D>(row, c4 * 4)) = x;
   }
   __syncthreads();
   const int tok0 = 2 * warp, gq = lane / 4, tq = lane % 4;
@@ -489,13 +497,13 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   }
 
   // Q rows: token tk, head h at row 16 tk + h; row tile m of warpgroup w is rows 128 w + 64 m ...
-  for (int e = threadIdx.x; e < kWgRows * D / 4; e += kWgThreads) {
-    const int row = e / (D / 4), c4 = e % (D / 4), tk = row / 16, h = row % 16;
+  for (int e = threadIdx.x; e < kWgRows * D / 8; e += kWgThreads) {  // 16-byte pieces
+    const int row = e / (D / 8), c8 = e % (D / 8), tk = row / 16, h = row % 16;
     const int64_t pos = base + tk;
-    float4 v{0, 0, 0, 0};
+    uint4 x{0, 0, 0, 0};
     if (pos >= lo && pos < hi && h < p.G)
-      v = *reinterpret_cast<const float4*>(p.q + ((pos - p.first) * p.H + g * p.G + h) * D + c4 * 4);
-    *reinterpret_cast<uint2*>(qs + Sw128Offset(row, c4 * 4, kWgRows)) = uint2{PackBf16(v.x, v.y), PackBf16(v.z, v.w)};
+      x = *reinterpret_cast<const uint4*>(p.q_bf16 + ((pos - p.first) * p.H + g * p.G + h) * D + c8 * 8);
+    *reinterpret_cast<uint4*>(qs + Sw128Offset(row, c8 * 8, kWgRows)) = x;
   }
   FenceProxyAsync();
   __syncthreads();
@@ -773,7 +781,7 @@ __global__ void __launch_bounds__(Threads) TopKKernel(TopKParams p) {
 }
 
 struct AttnParams {
-  const float* q;  // [T, H, D]
+  const Bf16* q;  // [T, H, D]
   int64_t first, T;
   SparseCacheView cache;  // K/V rows
   int H, Hk, G;
@@ -798,16 +806,14 @@ __device__ __forceinline__ bool HasChosenBlocks(const AttnParams& p, int64_t bq)
 
 // The group's heads of one row as A fragments: rows = heads (zero beyond G), bf16.
 template <int D>
-__device__ __forceinline__ void LoadQueryFragments(const float* qrow, int G, uint32_t (&qa)[D / 16][4]) {
+__device__ __forceinline__ void LoadQueryFragments(const Bf16* qrow, int G, uint32_t (&qa)[D / 16][4]) {
   const int lane = threadIdx.x % 32, gq = lane / 4, tq = lane % 4;
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk)
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int h = gq + 8 * (i % 2), col = kk * 16 + 2 * tq + 8 * (i / 2);
-      float2 x{0.0f, 0.0f};
-      if (h < G) x = __ldcs(reinterpret_cast<const float2*>(qrow + int64_t(h) * D + col));
-      qa[kk][i] = PackBf16(x.x, x.y);
+      qa[kk][i] = h < G ? __ldcs(reinterpret_cast<const unsigned*>(qrow + int64_t(h) * D + col)) : 0u;
     }
 }
 
@@ -1106,12 +1112,11 @@ __global__ void __launch_bounds__(kSharedWgRows * 32)
     for (int64_t s = 0; s < S - 1 && s < used; ++s) load(s);  // while Q is formed
   }
   // Q: head h of warp w's row at row 16 w + h, zeros past G and for a row outside the chunk.
-  for (int c = lane; c < 16 * D / 4; c += 32) {
-    const int h = c / (D / 4), col = c % (D / 4) * 4;
-    float4 x{0.0f, 0.0f, 0.0f, 0.0f};
-    if (active && h < p.G) x = *reinterpret_cast<const float4*>(p.q + ((r * p.H + int64_t(g) * p.G + h) * D + col));
-    *reinterpret_cast<uint2*>(qs + Sw128Offset(16 * warp + h, col, kSharedWgRows * 16)) =
-        uint2{PackBf16(x.x, x.y), PackBf16(x.z, x.w)};
+  for (int c = lane; c < 16 * D / 8; c += 32) {  // 16-byte pieces
+    const int h = c / (D / 8), col = c % (D / 8) * 8;
+    uint4 x{0, 0, 0, 0};
+    if (active && h < p.G) x = *reinterpret_cast<const uint4*>(p.q + ((r * p.H + int64_t(g) * p.G + h) * D + col));
+    *reinterpret_cast<uint4*>(qs + Sw128Offset(16 * warp + h, col, kSharedWgRows * 16)) = x;
   }
   FenceProxyAsync();
   __syncthreads();  // Q, and the barriers' initialisation
@@ -1434,7 +1439,7 @@ absl::StatusOr<int64_t> ScoreRowsPerWave(const PrefillScorer& scorer, int kv_hea
 
 }  // namespace
 
-absl::Status SelectSparseBlocks(const float* q, int64_t first, int64_t T, const SparseCacheView& cache,
+absl::Status SelectSparseBlocks(const Bf16* q, int64_t first, int64_t T, const SparseCacheView& cache,
                                 const SparseShape& shape, int* blocks, int* counts, SparseScratch& scratch,
                                 cudaStream_t stream) {
   SALA_RETURN_IF_ERROR(CheckShape(shape));
@@ -1456,7 +1461,7 @@ absl::Status SelectSparseBlocks(const float* q, int64_t first, int64_t T, const 
   const float scale_log2 = kLog2e / std::sqrt(float(shape.dim));
   for (int64_t s0 = 0; s0 < T; s0 += rows_per) {
     const int64_t n = std::min(rows_per, T - s0);
-    const ScoreParams sp{q + s0 * shape.heads * shape.dim, first + s0, n, cache.k1, cache.k2, nullptr, nullptr,
+    const ScoreParams sp{nullptr, q + s0 * shape.heads * shape.dim, first + s0, n, cache.k1, cache.k2, nullptr, nullptr,
                          shape.heads, shape.kv_heads, G, cand, scale_log2, scratch.scores.get(), ncap, 1};
     SALA_RETURN_IF_ERROR(LaunchPrefillScores(scorer, sp, stream));
     const TopKParams tp{scratch.scores.get(), first + s0, n, ncap, nullptr, shape.kv_heads, shape.selected_blocks, cand,
@@ -1481,7 +1486,7 @@ absl::Status SelectSparseBlocksRows(const float* q, int rows, const SparseCacheV
   const int splits = int(std::clamp<int64_t>(std::min<int64_t>(2 * sms / (int64_t(rows) * shape.kv_heads), max_tiles / 2),
                                              1, kMaxScoreSplits));
   SALA_RETURN_IF_ERROR(scratch.lse.Reserve(size_t(rows) * shape.kv_heads * splits * 32));
-  ScoreParams sp{q, 0, rows, nullptr, nullptr, views, positions, shape.heads, shape.kv_heads,
+  ScoreParams sp{q, nullptr, 0, rows, nullptr, nullptr, views, positions, shape.heads, shape.kv_heads,
                  shape.heads / shape.kv_heads, cand, kLog2e / std::sqrt(float(shape.dim)), scratch.scores.get(),
                  ncap, splits, scratch.lse.get(), 0};
   for (sp.phase = 0; sp.phase < 2; ++sp.phase)
@@ -1491,7 +1496,7 @@ absl::Status SelectSparseBlocksRows(const float* q, int rows, const SparseCacheV
                     stream);
 }
 
-absl::Status BlockSparseAttention(const float* q, int64_t first, int64_t T, const SparseCacheView& cache,
+absl::Status BlockSparseAttention(const Bf16* q, int64_t first, int64_t T, const SparseCacheView& cache,
                                   const SparseShape& shape, const int* blocks, float* o, SparseScratch& scratch,
                                   cudaStream_t stream) {
   SALA_RETURN_IF_ERROR(CheckShape(shape));
