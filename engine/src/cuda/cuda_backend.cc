@@ -573,14 +573,21 @@ class CudaBackend final : public Backend {
     // after them in the input projections (in the GEMV) or just before them (NormedMm).
     for (int i = 0; i < config_.num_layers; ++i) {
       LayerWeights& w = layers_[i];
-      if (config_.layers[i] == LayerKind::kSparse) SALA_RETURN_IF_ERROR(SparseMixer(i, segs, R));
-      else SALA_RETURN_IF_ERROR(LinearMixer(i, segs, R));
+      // Nothing reads the last layer's output but the logits of the pass's last row (a prefill
+      // is one segment), so a prefill's last layer carries only that row past its attention:
+      // every row still adds its K and V or its linear state to the sequence, but the output
+      // projection and the MLP (and a sparse layer's q, gate and attention) are formed for the
+      // last row alone.
+      const int64_t out_first = (!decode_step_ && i == config_.num_layers - 1) ? R - 1 : 0;
+      const int64_t out_rows = R - out_first;
+      if (config_.layers[i] == LayerKind::kSparse) SALA_RETURN_IF_ERROR(SparseMixer(i, segs, R, out_first));
+      else SALA_RETURN_IF_ERROR(LinearMixer(i, segs, R, out_first));
       // bf16 gate and up, as the reference model's projections give them.
       const cuda::GemvWeight gate_up[] = {{w.mlp_gate.get(), ff, nullptr, false, 1.0f, g_.get()},
                                           {w.mlp_up.get(), ff, nullptr, false, 1.0f, u_.get()}};
-      SALA_RETURN_IF_ERROR(NormedMm(w.post_norm.get(), 1.0f, R, gate_up));
-      SALA_RETURN_IF_ERROR(cuda::SwiGluToBf16(g_.get(), u_.get(), R * ff, gb_.get(), s));
-      SALA_RETURN_IF_ERROR(MmAddResidual(gb_.get(), R, ff, w.mlp_down.get()));
+      SALA_RETURN_IF_ERROR(NormedMm(w.post_norm.get(), 1.0f, out_first, out_rows, gate_up));
+      SALA_RETURN_IF_ERROR(cuda::SwiGluToBf16(g_.get(), u_.get(), out_rows * ff, gb_.get(), s));
+      SALA_RETURN_IF_ERROR(MmAddResidual(gb_.get(), out_first, out_rows, ff, w.mlp_down.get()));
     }
     // Logits of each segment's last row, in one GEMM.
     const int64_t B = int64_t(segs.size()), V = config_.vocab_size;
@@ -589,7 +596,7 @@ class CudaBackend final : public Backend {
     const float inv_div = float(1.0 / config_.logit_divisor());
     const cuda::GemvWeight lm_head[] = {{lm_head_.get(), V, logits_.get()}};
     if (decode_step_)  // the last rows are rows 0 .. B - 1
-      return NormedMm(final_norm_.get(), inv_div, B, lm_head);
+      return NormedMm(final_norm_.get(), inv_div, 0, B, lm_head);
     for (int64_t b = 0; b < B; ++b)
       SALA_RETURN_IF_ERROR(cuda::RmsNormToBf16(h_.get() + (segs[b].row0 + segs[b].rows - 1) * d, 1, int(d),
                                                final_norm_.get(), eps, inv_div, last_.get() + b * d, s));
@@ -652,7 +659,9 @@ class CudaBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  absl::Status LinearMixer(int layer, std::span<Segment> segs, int64_t R) {
+  // The attention mixers of a layer over R rows, whose outputs are added to h_ from row
+  // `out_first` on (see Enqueue).
+  absl::Status LinearMixer(int layer, std::span<Segment> segs, int64_t R, int64_t out_first) {
     LayerWeights& w = layers_[layer];
     const int H = config_.num_heads, Hk = config_.lightning_nkv, D = config_.head_dim;
     const float eps = float(config_.rms_norm_eps), scale = float(config_.linear_query_scale());
@@ -694,11 +703,11 @@ class CudaBackend final : public Backend {
                                                         seg.dev->linear[slot].get(), o16, linear_scratch_.get(),
                                                         s));
     }
-    return OutputProjection(config_.use_output_norm ? w.o_norm.get() : nullptr, config_.use_output_gate, R, H * D,
-                            w.o.get(), decode_step_ ? nullptr : o16);
+    return OutputProjection(config_.use_output_norm ? w.o_norm.get() : nullptr, config_.use_output_gate, out_first,
+                            R, H * D, w.o.get(), decode_step_ ? nullptr : o16);
   }
 
-  absl::Status SparseMixer(int layer, std::span<Segment> segs, int64_t R) {
+  absl::Status SparseMixer(int layer, std::span<Segment> segs, int64_t R, int64_t out_first) {
     LayerWeights& w = layers_[layer];
     const int H = config_.num_heads, Hk = config_.num_kv_heads, D = config_.sparse_head_dim();
     const SparseConfig& sc = config_.sparse;
@@ -706,7 +715,7 @@ class CudaBackend final : public Backend {
     // Prefill's q in bf16 (the operand type of both stages' MMAs), in the first half of q_.
     auto* q16 = reinterpret_cast<Bf16*>(q_.get());
     SALA_RETURN_IF_ERROR(ProjectQkvGate(R, w, H, Hk, D, config_.attn_use_output_gate,
-                                        {decode_step_ ? nullptr : q16, nullptr, nullptr}));
+                                        {decode_step_ ? nullptr : q16, nullptr, nullptr}, out_first));
     const cuda::SparseShape shape{H, Hk, D, sc.block_size, sc.kernel_size, sc.kernel_stride, sc.init_blocks,
                                   sc.window_blocks(), sc.selected_blocks()};
     const size_t row = SparseRow();
@@ -745,9 +754,12 @@ class CudaBackend final : public Backend {
       SALA_RETURN_IF_ERROR(cuda::CompressKeys(view, Hk, D, c.n2, n2, sc.k2_kernel(), sc.k2_stride(), c.k2.get(), s));
       c.n1 = n1;
       c.n2 = n2;
-      SALA_RETURN_IF_ERROR(SparsePrefill(q16, before, seg.rows, view, shape, seg.sparse, o_.get()));
+      // Queries from row out_first on only; the chunk's every row is in the cache by now.
+      const int64_t qd = int64_t(H) * D;
+      SALA_RETURN_IF_ERROR(SparsePrefill(q16 + out_first * qd, before + out_first, seg.rows - out_first, view, shape,
+                                         seg.sparse, o_.get() + out_first * qd));
     }
-    return OutputProjection(nullptr, config_.attn_use_output_gate, R, H * D, w.o.get());
+    return OutputProjection(nullptr, config_.attn_use_output_gate, out_first, R, H * D, w.o.get());
   }
 
   // A prefill chunk's sparse-layer attention: stage 1 picks each row's blocks (sparse rows only),
@@ -790,36 +802,41 @@ class CudaBackend final : public Backend {
     Section section(this, "gemm");
     return gemm_.RunMany(x, rows, in, weights, stream_);
   }
-  // h_ += residual scale · x · wᵀ.
-  absl::Status MmAddResidual(const Bf16* x, int64_t rows, int64_t in, const Bf16* w) {
+  // h_'s `rows` rows from row `first` on += residual scale · x · wᵀ.
+  absl::Status MmAddResidual(const Bf16* x, int64_t first, int64_t rows, int64_t in, const Bf16* w) {
     Section section(this, "gemm");
-    return gemm_.RunAdd(x, rows, in, w, config_.hidden_size, float(config_.residual_scale()), h_.get(), stream_);
-  }
-  // The RMSNorm of h_'s first R rows (times post_scale) through `weights`: formed inside the GEMV
-  // where it takes the shape (a decode step), else normed into xb_ first.
-  absl::Status NormedMm(const Bf16* norm, float post_scale, int64_t R, std::span<const cuda::GemvWeight> weights) {
     const int64_t d = config_.hidden_size;
-    const cuda::GemvFormedInput input{h_.get(), norm, nullptr, float(config_.rms_norm_eps), post_scale};
-    if (cuda::GemvFormedApplies(R, d, input, weights.data(), int(weights.size()))) {
-      Section section(this, "gemm");
-      return cuda::GemvFormed(input, int(R), d, weights.data(), int(weights.size()), stream_);
-    }
-    SALA_RETURN_IF_ERROR(cuda::RmsNormToBf16(h_.get(), int(R), int(d), norm, input.eps, post_scale, xb_.get(), stream_));
-    return MmMany(xb_.get(), R, d, weights);
+    return gemm_.RunAdd(x, rows, in, w, d, float(config_.residual_scale()), h_.get() + first * d, stream_);
   }
-  // h_ += residual scale · x · w_oᵀ for the attention output o_ [R, width], x its norm (where
-  // given) times sigmoid(z) (with `gate`), formed into ob_ first. Prefill's gate is bf16 (Z16()),
-  // and so is the linear layers' output (o16); a decode step's fp32 rows are formed inside the
-  // GEMV where it takes the shape.
-  absl::Status OutputProjection(const Bf16* norm, bool gate, int64_t R, int64_t width, const Bf16* w_o,
-                                const Bf16* o16 = nullptr) {
+  // The RMSNorm of h_'s `rows` rows from row `first` on (times post_scale) through `weights`:
+  // formed inside the GEMV where it takes the shape (a decode step), else normed into xb_ first.
+  absl::Status NormedMm(const Bf16* norm, float post_scale, int64_t first, int64_t rows,
+                        std::span<const cuda::GemvWeight> weights) {
+    const int64_t d = config_.hidden_size;
+    const float* h = h_.get() + first * d;
+    const cuda::GemvFormedInput input{h, norm, nullptr, float(config_.rms_norm_eps), post_scale};
+    if (cuda::GemvFormedApplies(rows, d, input, weights.data(), int(weights.size()))) {
+      Section section(this, "gemm");
+      return cuda::GemvFormed(input, int(rows), d, weights.data(), int(weights.size()), stream_);
+    }
+    SALA_RETURN_IF_ERROR(cuda::RmsNormToBf16(h, int(rows), int(d), norm, input.eps, post_scale, xb_.get(), stream_));
+    return MmMany(xb_.get(), rows, d, weights);
+  }
+  // h_ += residual scale · x · w_oᵀ for the attention output o_ [R, width] from row `first` on, x
+  // its norm (where given) times sigmoid(z) (with `gate`), formed into ob_ first. Prefill's gate
+  // is bf16 (Z16()), and so is the linear layers' output (o16); a decode step's fp32 rows (all
+  // of them) are formed inside the GEMV where it takes the shape.
+  absl::Status OutputProjection(const Bf16* norm, bool gate, int64_t first, int64_t R, int64_t width,
+                                const Bf16* w_o, const Bf16* o16 = nullptr) {
     const float eps = float(config_.rms_norm_eps);
     if (!decode_step_) {
-      const Bf16* z = gate ? Z16() : nullptr;
-      if (o16) SALA_RETURN_IF_ERROR(cuda::NormGateToBf16(o16, z, int(R), int(width), norm, eps, ob_.get(), stream_));
-      else SALA_RETURN_IF_ERROR(cuda::NormGateToBf16(o_.get(), z, int(R), int(width), norm, eps, ob_.get(), stream_));
-      return MmAddResidual(ob_.get(), R, width, w_o);
+      const int64_t rows = R - first, at = first * width;
+      const Bf16* z = gate ? Z16() + at : nullptr;
+      if (o16) SALA_RETURN_IF_ERROR(cuda::NormGateToBf16(o16 + at, z, int(rows), int(width), norm, eps, ob_.get(), stream_));
+      else SALA_RETURN_IF_ERROR(cuda::NormGateToBf16(o_.get() + at, z, int(rows), int(width), norm, eps, ob_.get(), stream_));
+      return MmAddResidual(ob_.get(), first, rows, width, w_o);
     }
+    if (first != 0) return absl::InternalError("a decode step carries every row");
     const cuda::GemvWeight out{w_o, config_.hidden_size, h_.get(), /*add=*/true, float(config_.residual_scale())};
     const cuda::GemvFormedInput input{o_.get(), norm, gate ? z_.get() : nullptr, eps};
     if (cuda::GemvFormedApplies(R, width, input, &out, 1)) {
@@ -827,24 +844,36 @@ class CudaBackend final : public Backend {
       return cuda::GemvFormed(input, int(R), width, &out, 1, stream_);
     }
     SALA_RETURN_IF_ERROR(cuda::NormGateToBf16(o_.get(), input.gate, int(R), int(width), norm, eps, ob_.get(), stream_));
-    return MmAddResidual(ob_.get(), R, width, w_o);
+    return MmAddResidual(ob_.get(), 0, R, width, w_o);
   }
   // Prefill's gate projection, in bf16 in the first half of z_.
   Bf16* Z16() const { return reinterpret_cast<Bf16*>(z_.get()); }
   // The attention input projections of a layer from the normed h_ into q_, k_, v_ (and the gate
   // into z_, or Z16() in prefill); those of q, k and v that `qkv16` names go there, rounded to
-  // bf16, instead.
+  // bf16, instead. k and v for all R rows, q and the gate for the rows from `out_first` on.
   struct Bf16Qkv {
     Bf16 *q, *k, *v;
   };
   absl::Status ProjectQkvGate(int64_t R, const LayerWeights& w, int H, int Hk, int D, bool gate,
-                              Bf16Qkv qkv16 = {nullptr, nullptr, nullptr}) {
-    const cuda::GemvWeight all[] = {{w.q.get(), int64_t(H) * D, qkv16.q ? nullptr : q_.get(), false, 1.0f, qkv16.q},
-                                    {w.k.get(), int64_t(Hk) * D, qkv16.k ? nullptr : k_.get(), false, 1.0f, qkv16.k},
-                                    {w.v.get(), int64_t(Hk) * D, qkv16.v ? nullptr : v_.get(), false, 1.0f, qkv16.v},
-                                    {w.gate.get(), int64_t(H) * D, decode_step_ ? z_.get() : nullptr, false, 1.0f,
-                                     decode_step_ ? nullptr : Z16()}};
-    return NormedMm(w.input_norm.get(), 1.0f, R, std::span(all, gate ? 4 : 3));
+                              Bf16Qkv qkv16 = {nullptr, nullptr, nullptr}, int64_t out_first = 0) {
+    // `out` columns into the rows from `first` on of bf16 where given, else of f32.
+    auto into = [](const Bf16* weight, int64_t out, int64_t first, float* f32, Bf16* bf16) {
+      return bf16 ? cuda::GemvWeight{weight, out, nullptr, false, 1.0f, bf16 + first * out}
+                  : cuda::GemvWeight{weight, out, f32 + first * out};
+    };
+    const int64_t qd = int64_t(H) * D, kvd = int64_t(Hk) * D;
+    const cuda::GemvWeight q = into(w.q.get(), qd, out_first, q_.get(), qkv16.q);
+    const cuda::GemvWeight k = into(w.k.get(), kvd, 0, k_.get(), qkv16.k);
+    const cuda::GemvWeight v = into(w.v.get(), kvd, 0, v_.get(), qkv16.v);
+    const cuda::GemvWeight g = into(w.gate.get(), qd, out_first, z_.get(), decode_step_ ? nullptr : Z16());
+    const Bf16* norm = w.input_norm.get();
+    if (out_first == 0) {
+      const cuda::GemvWeight all[] = {q, k, v, g};
+      return NormedMm(norm, 1.0f, 0, R, std::span(all, gate ? 4 : 3));
+    }
+    const cuda::GemvWeight kv[] = {k, v}, q_gate[] = {q, g};
+    SALA_RETURN_IF_ERROR(NormedMm(norm, 1.0f, 0, R, kv));
+    return NormedMm(norm, 1.0f, out_first, R - out_first, std::span(q_gate, gate ? 2 : 1));
   }
 
   bool profiling_ = false;
