@@ -247,15 +247,15 @@ SparseChunkTimes SparseChunk(const sala::ModelConfig& c, int64_t context, int64_
   const int64_t L = (context + cu::kKvPageTokens - 1) / cu::kKvPageTokens * cu::kKvPageTokens;
   const int64_t T = std::min(chunk, context), first = context - T, row = int64_t(Hk) * D;
   const int64_t n1 = sala::SequenceState::NumK1(sc, context), n2 = sala::SequenceState::NumK2(sc, context);
-  __nv_bfloat16 *k, *v, *k1, *k2, *q;
-  float* o;
+  __nv_bfloat16 *k, *v, *k1, *k2, *q, *gate, *o;  // stage 2 writes o times sigmoid(gate), as in the engine
   int *pages, *blocks, *counts;
   cudaMalloc(&k, L * row * 2);
   cudaMalloc(&v, L * row * 2);
   cudaMalloc(&k1, std::max<int64_t>(n1, 1) * row * 2);
   cudaMalloc(&k2, std::max<int64_t>(n2, 1) * row * 2);
   cudaMalloc(&q, T * H * D * 2);
-  cudaMalloc(&o, T * H * D * 4);
+  cudaMalloc(&gate, T * H * D * 2);
+  cudaMalloc(&o, T * H * D * 2);
   cudaMalloc(&pages, L / cu::kKvPageTokens * 4);
   cudaMalloc(&blocks, T * Hk * shape.selected_blocks * 4);
   cudaMalloc(&counts, T * Hk * 4);
@@ -271,15 +271,16 @@ SparseChunkTimes SparseChunk(const sala::ModelConfig& c, int64_t context, int64_
   SparseChunkTimes r;
   cu::SparseScratch scratch;
   if (cu::FillRandom(k, L * row, 11, 1.0f, 0.0f, nullptr).ok() && cu::FillRandom(v, L * row, 12, 1.0f, 0.0f, nullptr).ok() &&
+      cu::FillRandom(gate, T * H * D, 13, 1.0f, 0.0f, nullptr).ok() &&
       cu::CompressKeys(view, Hk, D, 0, n1, sc.kernel_size, sc.kernel_stride, k1, nullptr).ok() &&
       cu::CompressKeys(view, Hk, D, 0, n2, sc.k2_kernel(), sc.k2_stride(), k2, nullptr).ok() &&
       cu::SelectSparseBlocks(q, first, T, view, shape, blocks, counts, scratch, nullptr).ok() &&
-      cu::BlockSparseAttention(q, first, T, view, shape, blocks, o, scratch, nullptr).ok() &&
+      cu::BlockSparseAttention(q, first, T, view, shape, blocks, gate, o, scratch, nullptr).ok() &&
       cudaDeviceSynchronize() == cudaSuccess) {
     r.stage1_seconds = MedianDeviceSeconds(
         [&] { (void)cu::SelectSparseBlocks(q, first, T, view, shape, blocks, counts, scratch, nullptr); });
     r.stage2_seconds =
-        MedianDeviceSeconds([&] { (void)cu::BlockSparseAttention(q, first, T, view, shape, blocks, o, scratch, nullptr); });
+        MedianDeviceSeconds([&] { (void)cu::BlockSparseAttention(q, first, T, view, shape, blocks, gate, o, scratch, nullptr); });
     std::vector<int> n(T * Hk);
     cudaMemcpy(n.data(), counts, n.size() * 4, cudaMemcpyDeviceToHost);
     const int window = sc.window_blocks(), keep = sc.selected_blocks() - sc.init_blocks - window - 1;
@@ -295,7 +296,8 @@ SparseChunkTimes SparseChunk(const sala::ModelConfig& c, int64_t context, int64_
       }
     }
   }
-  for (void* p : {(void*)k, (void*)v, (void*)k1, (void*)k2, (void*)q, (void*)o, (void*)pages, (void*)blocks, (void*)counts})
+  for (void* p : {(void*)k, (void*)v, (void*)k1, (void*)k2, (void*)q, (void*)gate, (void*)o, (void*)pages, (void*)blocks,
+                  (void*)counts})
     cudaFree(p);
   return r;
 }

@@ -94,7 +94,12 @@ absl::StatusOr<std::vector<float>> Engine::Prefill(SequenceState& state, std::sp
   std::vector<float> logits;
   for (size_t begin = 0; begin < tokens.size(); begin += options_.chunk_size) {
     const size_t n = std::min<size_t>(options_.chunk_size, tokens.size() - begin);
-    SALA_ASSIGN_OR_RETURN(logits, backend_->Forward(state, tokens.subspan(begin, n), sparse));
+    const auto chunk = tokens.subspan(begin, n);
+    if (begin + n < tokens.size()) {
+      SALA_RETURN_IF_ERROR(backend_->Append(state, chunk, sparse));
+    } else {
+      SALA_ASSIGN_OR_RETURN(logits, backend_->Forward(state, chunk, sparse));
+    }
     if (after_chunk) SALA_RETURN_IF_ERROR(after_chunk(state));
   }
   return logits;

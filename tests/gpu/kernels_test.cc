@@ -616,11 +616,18 @@ TEST_F(GpuTest, BlockSparseAttentionMatchesCpu) {
           const size_t at = (t * heads + g * G) * dim;
           cpu::AttendBlocks(f.c, f.cache, q.data() + at, g, first + t, list, ref.data() + at);
         }
-      float* o = Poisoned<float>(ref.size());
-      ASSERT_TRUE(
-          cuda::BlockSparseAttention(dq, first, T, f.view(), f.shape, sparse ? blocks : nullptr, o, scratch, nullptr)
-              .ok());
-      EXPECT_LT(testing::RelativeError(FromDevice(o, ref.size()), ref), 1e-2) << "L " << L << " T " << T << " sparse " << sparse;
+      // Without a gate, and with one (the output times sigmoid(z), in bf16 either way).
+      const auto z = Random(ref.size(), 52, 2.0f, true);
+      std::vector<float> gated(ref.size());
+      for (size_t i = 0; i < ref.size(); ++i) gated[i] = ref[i] * cpu::Sigmoid(z[i]);
+      for (bool with_gate : {false, true}) {
+        __nv_bfloat16* o = Poisoned<__nv_bfloat16>(ref.size());
+        ASSERT_TRUE(cuda::BlockSparseAttention(dq, first, T, f.view(), f.shape, sparse ? blocks : nullptr,
+                                               with_gate ? Bf16ToDevice(z) : nullptr, o, scratch, nullptr)
+                        .ok());
+        EXPECT_LT(testing::RelativeError(FromDeviceBf16(o, ref.size()), with_gate ? gated : ref), 1e-2)
+            << "L " << L << " T " << T << " sparse " << sparse << " gate " << with_gate;
+      }
     }
   }
 }

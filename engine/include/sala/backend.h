@@ -39,6 +39,12 @@ class Backend {
   virtual absl::StatusOr<std::vector<float>> Forward(SequenceState& state,
                                                      std::span<const int> tokens, bool sparse) = 0;
 
+  // Forward without the logits (a prompt's chunks before its last): a backend may then skip
+  // the work that only the logits read.
+  virtual absl::Status Append(SequenceState& state, std::span<const int> tokens, bool sparse) {
+    return Forward(state, tokens, sparse).status();
+  }
+
   // One token for each sequence of a batch; sparse[i] as in Forward. Returns logits per sequence.
   virtual absl::StatusOr<std::vector<std::vector<float>>> DecodeStep(
       std::span<SequenceState* const> states, std::span<const int> tokens,

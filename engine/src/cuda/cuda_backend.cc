@@ -264,6 +264,12 @@ class CudaBackend final : public Backend {
     return std::move(logits[0]);
   }
 
+  absl::Status Append(SequenceState& state, std::span<const int> tokens, bool sparse) override {
+    SALA_ASSIGN_OR_RETURN(CudaSequence * dev, Device(state));
+    std::vector<Segment> segs{{&state, dev, 0, int64_t(tokens.size()), sparse}};
+    return Run(segs, tokens, {}, /*logits=*/false);
+  }
+
   absl::Status SyncToHost(SequenceState& state, bool linear) override {
     if (!state.device) return absl::OkStatus();
     auto* dev = static_cast<CudaSequence*>(state.device.get());
@@ -534,9 +540,10 @@ class CudaBackend final : public Backend {
   }
 
   // The forward pass of every segment (rows of `tokens` in segment order); leaves the logits of
-  // each segment's last row in logits_.
+  // each segment's last row in logits_, where `logits` is set (a prefill chunk may go without).
   // `draws` (a decode step's, or none) go up with the step's other inputs.
-  absl::Status Run(std::span<Segment> segs, std::span<const int> tokens, std::span<const TokenDraw> draws = {}) {
+  absl::Status Run(std::span<Segment> segs, std::span<const int> tokens, std::span<const TokenDraw> draws = {},
+                   bool logits = true) {
     const int64_t R = int64_t(tokens.size());
     SALA_RETURN_IF_ERROR(Scratch(R));
     decode_step_ = std::all_of(segs.begin(), segs.end(), [](const Segment& seg) { return seg.rows == 1; });
@@ -549,7 +556,7 @@ class CudaBackend final : public Backend {
       step_ids_ = ids_.get();
     }
     if (decode_step_ && decode_graphs_ && !profiling_) SALA_RETURN_IF_ERROR(ReplayDecodeGraph(segs));
-    else SALA_RETURN_IF_ERROR(Enqueue(segs, R));
+    else SALA_RETURN_IF_ERROR(Enqueue(segs, R, logits));
     const SparseConfig& sc = config_.sparse;
     for (Segment& seg : segs) {
       seg.state->tokens += seg.rows;
@@ -564,7 +571,7 @@ class CudaBackend final : public Backend {
   }
 
   // The kernels of Run, queued on stream_; host state is left to Run.
-  absl::Status Enqueue(std::span<Segment> segs, int64_t R) {
+  absl::Status Enqueue(std::span<Segment> segs, int64_t R, bool logits = true) {
     const int64_t d = config_.hidden_size, ff = config_.intermediate_size;
     const float eps = float(config_.rms_norm_eps);
     cudaStream_t s = stream_;
@@ -574,14 +581,15 @@ class CudaBackend final : public Backend {
     for (int i = 0; i < config_.num_layers; ++i) {
       LayerWeights& w = layers_[i];
       // Nothing reads the last layer's output but the logits of the pass's last row (a prefill
-      // is one segment), so a prefill's last layer carries only that row past its attention:
-      // every row still adds its K and V or its linear state to the sequence, but the output
-      // projection and the MLP (and a sparse layer's q, gate and attention) are formed for the
-      // last row alone.
-      const int64_t out_first = (!decode_step_ && i == config_.num_layers - 1) ? R - 1 : 0;
+      // is one segment), so a prefill's last layer carries only that row past its attention, or
+      // none without logits: every row still adds its K and V or its linear state to the
+      // sequence, but the output projection and the MLP (and a sparse layer's q, gate and
+      // attention) are formed for the rows carried alone.
+      const int64_t out_first = (!decode_step_ && i == config_.num_layers - 1) ? (logits ? R - 1 : R) : 0;
       const int64_t out_rows = R - out_first;
       if (config_.layers[i] == LayerKind::kSparse) SALA_RETURN_IF_ERROR(SparseMixer(i, segs, R, out_first));
       else SALA_RETURN_IF_ERROR(LinearMixer(i, segs, R, out_first));
+      if (out_rows == 0) break;
       // bf16 gate and up, as the reference model's projections give them.
       const cuda::GemvWeight gate_up[] = {{w.mlp_gate.get(), ff, nullptr, false, 1.0f, g_.get()},
                                           {w.mlp_up.get(), ff, nullptr, false, 1.0f, u_.get()}};
@@ -589,6 +597,7 @@ class CudaBackend final : public Backend {
       SALA_RETURN_IF_ERROR(cuda::SwiGluToBf16(g_.get(), u_.get(), out_rows * ff, gb_.get(), s));
       SALA_RETURN_IF_ERROR(MmAddResidual(gb_.get(), out_first, out_rows, ff, w.mlp_down.get()));
     }
+    if (!logits) return absl::OkStatus();
     // Logits of each segment's last row, in one GEMM.
     const int64_t B = int64_t(segs.size()), V = config_.vocab_size;
     SALA_RETURN_IF_ERROR(last_.Reserve(B * d));
@@ -754,18 +763,21 @@ class CudaBackend final : public Backend {
       SALA_RETURN_IF_ERROR(cuda::CompressKeys(view, Hk, D, c.n2, n2, sc.k2_kernel(), sc.k2_stride(), c.k2.get(), s));
       c.n1 = n1;
       c.n2 = n2;
-      // Queries from row out_first on only; the chunk's every row is in the cache by now.
-      const int64_t qd = int64_t(H) * D;
-      SALA_RETURN_IF_ERROR(SparsePrefill(q16 + out_first * qd, before + out_first, seg.rows - out_first, view, shape,
-                                         seg.sparse, o_.get() + out_first * qd));
+      // Queries from row out_first on only; the chunk's every row is in the cache by now. The
+      // attention writes the output projection's input itself (gated, bf16) into ob_.
+      const int64_t qd = int64_t(H) * D, rows = seg.rows - out_first;
+      const Bf16* gate = config_.attn_use_output_gate ? Z16() + out_first * qd : nullptr;
+      SALA_RETURN_IF_ERROR(
+          SparsePrefill(q16 + out_first * qd, before + out_first, rows, view, shape, seg.sparse, gate, ob_.get()));
+      return MmAddResidual(ob_.get(), out_first, rows, qd, w.o.get());
     }
-    return OutputProjection(nullptr, config_.attn_use_output_gate, out_first, R, H * D, w.o.get());
+    return OutputProjection(nullptr, config_.attn_use_output_gate, 0, R, H * D, w.o.get());
   }
 
   // A prefill chunk's sparse-layer attention: stage 1 picks each row's blocks (sparse rows only),
-  // stage 2 attends to them.
+  // stage 2 attends to them and writes o, times sigmoid(gate) where given, in bf16.
   absl::Status SparsePrefill(const Bf16* q, int64_t first, int64_t T, const cuda::SparseCacheView& view,
-                             const cuda::SparseShape& shape, bool sparse, float* o) {
+                             const cuda::SparseShape& shape, bool sparse, const Bf16* gate, Bf16* o) {
     cuda::SparseScratch& sc = sparse_scratch_;
     if (sparse) {
       Section section(this, "sparse_stage1");
@@ -775,7 +787,8 @@ class CudaBackend final : public Backend {
           cuda::SelectSparseBlocks(q, first, T, view, shape, sc.blocks.get(), sc.counts.get(), sc, stream_));
     }
     Section section(this, "sparse_stage2");
-    return cuda::BlockSparseAttention(q, first, T, view, shape, sparse ? sc.blocks.get() : nullptr, o, sc, stream_);
+    return cuda::BlockSparseAttention(q, first, T, view, shape, sparse ? sc.blocks.get() : nullptr, gate, o, sc,
+                                      stream_);
   }
 
   // Adds the device time of the enclosing scope to profile_[kind] when profiling.
@@ -822,18 +835,18 @@ class CudaBackend final : public Backend {
     SALA_RETURN_IF_ERROR(cuda::RmsNormToBf16(h, int(rows), int(d), norm, input.eps, post_scale, xb_.get(), stream_));
     return MmMany(xb_.get(), rows, d, weights);
   }
-  // h_ += residual scale · x · w_oᵀ for the attention output o_ [R, width] from row `first` on, x
-  // its norm (where given) times sigmoid(z) (with `gate`), formed into ob_ first. Prefill's gate
-  // is bf16 (Z16()), and so is the linear layers' output (o16); a decode step's fp32 rows (all
-  // of them) are formed inside the GEMV where it takes the shape.
+  // h_ += residual scale · x · w_oᵀ for an attention output from row `first` on of R, x its
+  // norm (where given) times sigmoid(z) (with `gate`), formed into ob_ first. In prefill the
+  // output (o16) and the gate (Z16()) are bf16; a decode step's fp32 rows (o_, all of them) are
+  // formed inside the GEMV where it takes the shape.
   absl::Status OutputProjection(const Bf16* norm, bool gate, int64_t first, int64_t R, int64_t width,
                                 const Bf16* w_o, const Bf16* o16 = nullptr) {
     const float eps = float(config_.rms_norm_eps);
     if (!decode_step_) {
       const int64_t rows = R - first, at = first * width;
+      if (rows == 0) return absl::OkStatus();
       const Bf16* z = gate ? Z16() + at : nullptr;
-      if (o16) SALA_RETURN_IF_ERROR(cuda::NormGateToBf16(o16 + at, z, int(rows), int(width), norm, eps, ob_.get(), stream_));
-      else SALA_RETURN_IF_ERROR(cuda::NormGateToBf16(o_.get() + at, z, int(rows), int(width), norm, eps, ob_.get(), stream_));
+      SALA_RETURN_IF_ERROR(cuda::NormGateToBf16(o16 + at, z, int(rows), int(width), norm, eps, ob_.get(), stream_));
       return MmAddResidual(ob_.get(), first, rows, width, w_o);
     }
     if (first != 0) return absl::InternalError("a decode step carries every row");
@@ -873,6 +886,7 @@ class CudaBackend final : public Backend {
     }
     const cuda::GemvWeight kv[] = {k, v}, q_gate[] = {q, g};
     SALA_RETURN_IF_ERROR(NormedMm(norm, 1.0f, 0, R, kv));
+    if (out_first == R) return absl::OkStatus();
     return NormedMm(norm, 1.0f, out_first, R - out_first, std::span(q_gate, gate ? 2 : 1));
   }
 

@@ -83,10 +83,12 @@ absl::Status SelectSparseBlocksRows(const float* q, int rows, const SparseCacheV
 
 // Stage 2 of the prefill path: softmax attention over the blocks SelectSparseBlocks listed (the
 // lists' layout, not their counts, tells the init and local blocks from the chosen ones), or
-// (blocks null) over every block up to each row's (dense causal attention).
+// (blocks null) over every block up to each row's (dense causal attention). The output o [T,
+// heads, dim] is bf16, times sigmoid(gate) where a gate [T, heads, dim] is given: the output
+// projection's input.
 absl::Status BlockSparseAttention(const __nv_bfloat16* q, int64_t first, int64_t T, const SparseCacheView& cache,
-                                  const SparseShape& shape, const int* blocks, float* o, SparseScratch& scratch,
-                                  cudaStream_t stream);
+                                  const SparseShape& shape, const int* blocks, const __nv_bfloat16* gate,
+                                  __nv_bfloat16* o, SparseScratch& scratch, cudaStream_t stream);
 
 // Decode: one row for each of `rows` sequences in a single launch, fp32: row r reads caches[r]
 // at position positions[r]; sparse rows (sparse_rows[r] != 0) attend the blocks stage 1 chose

@@ -21,6 +21,7 @@
 #include <algorithm>
 
 #include "cuda_common.h"
+#include "activation.cuh"
 #include "driver_api.h"
 #include "mma.cuh"
 #include "sala/status_macros.h"
@@ -789,7 +790,8 @@ struct AttnParams {
   const int* blocks;  // [T, Hk, selected] as TopKKernel lays them out, or null: dense causal
   int selected;
   Candidates cand;
-  float* o;        // [T, H, D]: the output
+  Bf16* o;            // [T, H, D]: the output, times sigmoid(gate) where given
+  const Bf16* gate;  // [T, H, D], or null
   __half* carry;   // [T, H, D]: between launches, rows' normalised sums
   float* running;  // [T, H, 2]: between launches, each (row, head)'s running max and sum
   // ChosenBlocksKernel: this launch's blocks [block_lo, block_hi); `last` normalises the output.
@@ -938,10 +940,12 @@ struct SoftmaxState {
     }
   }
 
-  // Writes the rows, normalised: the output into orow (`last`), or the state for a later launch
-  // into carry (f16: half the bytes of fp32, and a normalised row is a mean of value rows, so it
-  // stays in range) with each row's max and sum into `running`.
-  __device__ __forceinline__ void Store(float* orow, __half* carry, float* running, int G, bool last) {
+  // Writes the rows, normalised: the output into orow (`last`; times sigmoid(gate) where the
+  // gate row is given, then rounded to bf16, as the output projection takes it), or the state
+  // for a later launch into carry (f16: half the bytes of fp32, and a normalised row is a mean of
+  // value rows, so it stays in range) with each row's max and sum into `running`.
+  __device__ __forceinline__ void Store(Bf16* orow, const Bf16* gate, __half* carry, float* running, int G,
+                                        bool last) {
     const int lane = threadIdx.x % 32, gq = lane / 4, tq = lane % 4;
     float total[2];
 #pragma unroll
@@ -949,6 +953,15 @@ struct SoftmaxState {
       total[h] = l[h] + __shfl_xor_sync(0xffffffff, l[h], 1);
       total[h] += __shfl_xor_sync(0xffffffff, total[h], 2);
     }
+    // The gate's loads all go first, so that they are in flight together (the stores to orow
+    // would otherwise order them).
+    __nv_bfloat162 z[2][D / 8];
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n)
+        if (last && gate && gq + 8 * h < G)
+          z[h][n] = __ldcs(reinterpret_cast<const __nv_bfloat162*>(gate + int64_t(gq + 8 * h) * D + n * 8 + 2 * tq));
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int head = gq + 8 * h;
@@ -956,10 +969,18 @@ struct SoftmaxState {
       const float scale = 1.0f / total[h];  // a row has a visible key, so total >= 1
 #pragma unroll
       for (int n = 0; n < D / 8; ++n) {
-        const float x = o[n][2 * h] * scale, y = o[n][2 * h + 1] * scale;
+        float x = o[n][2 * h] * scale, y = o[n][2 * h + 1] * scale;
         const int64_t at = int64_t(head) * D + n * 8 + 2 * tq;
-        if (last) __stcs(reinterpret_cast<float2*>(orow + at), float2{x, y});
-        else __stcs(reinterpret_cast<__half2*>(carry + at), __floats2half2_rn(x, y));
+        if (last) {
+          if (gate) {
+            const float2 zf = __bfloat1622float2(z[h][n]);
+            x *= SigmoidF(zf.x);
+            y *= SigmoidF(zf.y);
+          }
+          __stcs(reinterpret_cast<__nv_bfloat162*>(orow + at), __floats2bfloat162_rn(x, y));
+        } else {
+          __stcs(reinterpret_cast<__half2*>(carry + at), __floats2half2_rn(x, y));
+        }
       }
       if (!last && tq == 0) {
         running[2 * head] = m[h];
@@ -1059,7 +1080,8 @@ __global__ void __launch_bounds__(kSharedRows * 32) SharedBlocksKernel(AttnParam
   }
   if (active) {
     const int64_t at = r * p.H + int64_t(g) * p.G;
-    st.Store(p.o + at * D, p.carry + at * D, p.running + at * 2, p.G, /*last=*/!chosen);
+    st.Store(p.o + at * D, p.gate ? p.gate + at * D : nullptr, p.carry + at * D, p.running + at * 2, p.G,
+             /*last=*/!chosen);
   }
 }
 
@@ -1175,7 +1197,8 @@ __global__ void __launch_bounds__(kSharedWgRows * 32)
   WgmmaFenceOperands(o64);
   if (active) {
     const int64_t at = r * p.H + int64_t(g) * p.G;
-    st.Store(p.o + at * D, p.carry + at * D, p.running + at * 2, p.G, /*last=*/!chosen);
+    st.Store(p.o + at * D, p.gate ? p.gate + at * D : nullptr, p.carry + at * D, p.running + at * 2, p.G,
+             /*last=*/!chosen);
   }
 #endif
 }
@@ -1238,7 +1261,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) ChosenBlocksKernel(AttnParams
     st.template Attend<false, kChosenKeys>(qa, ks, ks + kChosenKeys * D, step_key0(s), pos, p.scale_log2);
     __syncwarp();  // this stage is refilled two steps later
   }
-  st.Store(p.o + at * D, p.carry + at * D, running, p.G, p.last);
+  st.Store(p.o + at * D, p.gate ? p.gate + at * D : nullptr, p.carry + at * D, running, p.G, p.last);
 }
 
 static_assert(kKvPageTokens % kBlock == 0, "a sparse block must not straddle KV pages");
@@ -1497,8 +1520,8 @@ absl::Status SelectSparseBlocksRows(const float* q, int rows, const SparseCacheV
 }
 
 absl::Status BlockSparseAttention(const Bf16* q, int64_t first, int64_t T, const SparseCacheView& cache,
-                                  const SparseShape& shape, const int* blocks, float* o, SparseScratch& scratch,
-                                  cudaStream_t stream) {
+                                  const SparseShape& shape, const int* blocks, const Bf16* gate, Bf16* o,
+                                  SparseScratch& scratch, cudaStream_t stream) {
   SALA_RETURN_IF_ERROR(CheckShape(shape));
   if (T == 0) return absl::OkStatus();
   if (blocks) {
@@ -1506,7 +1529,7 @@ absl::Status BlockSparseAttention(const Bf16* q, int64_t first, int64_t T, const
     SALA_RETURN_IF_ERROR(scratch.carry.Reserve(size_t(T) * shape.heads * shape.dim));
   }
   AttnParams p{q, first, T, cache, shape.heads, shape.kv_heads, shape.heads / shape.kv_heads,
-               kLog2e / std::sqrt(float(shape.dim)), blocks, shape.selected_blocks, MakeCandidates(shape), o,
+               kLog2e / std::sqrt(float(shape.dim)), blocks, shape.selected_blocks, MakeCandidates(shape), o, gate,
                blocks ? scratch.carry.get() : nullptr, blocks ? scratch.running.get() : nullptr, 0, 0, true};
   return shape.dim == 128 ? LaunchAttention<128>(p, stream) : LaunchAttention<64>(p, stream);
 }
