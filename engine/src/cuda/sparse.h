@@ -43,7 +43,7 @@ __device__ __forceinline__ int64_t KvRowOffset(const SparseCacheView& c, int64_t
 // Device buffers the attention launches reuse (grown as needed; one per caller).
 struct SparseScratch {
   DeviceBuffer<float> partial;  // split-K partial softmax states
-  DeviceBuffer<float> scores;  // stage-1 block scores of a batch of prefill rows
+  DeviceBuffer<__half> scores;  // stage-1 block scores of a batch of rows
   DeviceBuffer<float> lse;     // decode stage 1: the k2 splits' partial log-sum-exps
   DeviceBuffer<float> running;  // prefill stage 2: rows' softmax max and sum between launches
   DeviceBuffer<__half> carry;   // prefill stage 2: rows' normalised outputs between launches

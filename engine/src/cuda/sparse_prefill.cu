@@ -70,7 +70,7 @@ struct ScoreParams {
   int H, Hk, G;
   Candidates cand;
   float scale_log2;
-  float* scores;  // [T, Hk, ncap]: block init + c at c
+  __half* scores;  // [T, Hk, ncap]: block init + c at c, times 2^8 (see ScoreScaled)
   int64_t ncap;
   int splits;  // thread blocks per row and KV group, each scoring a share of the k1 tiles
   // Decode (views set): the k2 pass is split as well, in a launch of its own (phase 0) that
@@ -81,6 +81,11 @@ struct ScoreParams {
 };
 
 __device__ __forceinline__ float Exp2(float x) { return exp2f(x); }
+
+// A block score as stage 1 stores it: f16 (the Hopper kernel sums the heads in f16, so its
+// scores are f16 values already, and the top-k reads half the bytes), times 2^8 so that scores
+// down to 2^-22 stay normal. Only the order of the scores matters.
+__device__ __forceinline__ __half ScoreScaled(float s) { return __float2half_rn(s * 256.0f); }
 
 // Stage 1's shared memory: the Q tile, later the key stages, then the per-head log-sum-exps.
 __host__ __device__ constexpr size_t ScoreSmemUnionBytes(int D, int tokens) {
@@ -288,7 +293,7 @@ __global__ void __launch_bounds__(ScoreThreads(Tokens), 512 / ScoreThreads(Token
   if (t_own >= t_stop) return;
   float carry[2] = {-INFINITY, -INFINITY};  // S of the last key of the previous m-tile (lanes tq = 0)
   float lse_row[2][4];
-  float* out[2];  // the tokens' score rows, indexed by block
+  __half* out[2];  // the tokens' score rows, indexed by block
   bool row_ok[2];
   for (int tk = 0; tk < 2; ++tk) {
     for (int s = 0; s < 4; ++s) {
@@ -333,8 +338,8 @@ __global__ void __launch_bounds__(ScoreThreads(Tokens), 512 / ScoreThreads(Token
         carry[tk] = prev3;  // key 15, at tq = 0
         const int c_lo = blk + tq / 2;
         if (row_ok[tk] && (tq & 1) == 0 && t >= t_own) {
-          if (c_lo >= p.cand.init && c_lo < b_end) out[tk][c_lo] = s_lo;
-          if (c_lo + 2 >= p.cand.init && c_lo + 2 < b_end) out[tk][c_lo + 2] = s_hi;
+          if (c_lo >= p.cand.init && c_lo < b_end) out[tk][c_lo] = ScoreScaled(s_lo);
+          if (c_lo + 2 >= p.cand.init && c_lo + 2 < b_end) out[tk][c_lo + 2] = ScoreScaled(s_hi);
         }
       }
     }
@@ -604,13 +609,13 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     carry[m] = prev_group;  // at g = 0: key 63, from lane 31
     const int c = b0 + 16 * u + 2 * gq + tq / 2;
     if (row_ok[m] && c >= p.cand.init && c < b_end)
-      p.scores[((pos(m) - p.first) * p.Hk + g) * p.ncap + c - p.cand.init] = fmaxf(before, pair);
+      p.scores[((pos(m) - p.first) * p.Hk + g) * p.ncap + c - p.cand.init] = ScoreScaled(fmaxf(before, pair));
   });
 #endif
 }
 
 struct TopKParams {
-  const float* scores;
+  const __half* scores;  // as ScoreParams::scores
   int64_t first, T, ncap;
   const int64_t* positions;  // device: row r at positions[r]; or null: at first + r
   int Hk, selected;
@@ -655,13 +660,13 @@ __device__ void BlockScan2(int a, int b, int& a_excl, int& b_excl, int& a_total,
   b_total = __shfl_sync(0xffffffff, wb, 31);
 }
 
-// The largest x below 2^31 whose bits under low_bit are 0 and for which count(x, bit) >= keep,
-// where count is non-increasing in x: a bitwise search from the top bit, one count a round (bit:
-// the round's bit). Every thread of the block must call it.
+// The largest x below 2^15 (a non-negative f16's bits) whose bits under low_bit are 0 and for
+// which count(x, bit) >= keep, where count is non-increasing in x: a bitwise search from the top
+// bit, one count a round (bit: the round's bit). Every thread of the block must call it.
 template <typename Count>
 __device__ __forceinline__ uint32_t LargestReaching(int low_bit, int keep, Count count) {
   uint32_t x = 0;
-  for (int bit = 30; bit >= low_bit; --bit) {
+  for (int bit = 14; bit >= low_bit; --bit) {
     const uint32_t trial = x | (1u << bit);
     if (count(trial, bit) >= keep) x = trial;
   }
@@ -695,25 +700,25 @@ __global__ void __launch_bounds__(Threads) TopKKernel(TopKParams p) {
     if (threadIdx.x == 0) p.counts[r * p.Hk + g] = int(bq + 1);
     return;
   }
-  const float* row = p.scores + (r * p.Hk + g) * p.ncap;
+  const __half* row = p.scores + (r * p.Hk + g) * p.ncap;
   const int64_t i0 = int64_t(threadIdx.x) * E;
-  uint32_t v[E];  // non-negative floats order as their bit patterns; 0 past the candidates
+  uint32_t v[E];  // non-negative f16s order as their bit patterns; 0 past the candidates
 #pragma unroll
   for (int e = 0; e < E; e += 4) {
-    float4 x{0, 0, 0, 0};
-    if (i0 + e < nc) x = *reinterpret_cast<const float4*>(row + i0 + e);
-    v[e] = i0 + e < nc ? __float_as_uint(x.x) : 0u;
-    v[e + 1] = i0 + e + 1 < nc ? __float_as_uint(x.y) : 0u;
-    v[e + 2] = i0 + e + 2 < nc ? __float_as_uint(x.z) : 0u;
-    v[e + 3] = i0 + e + 3 < nc ? __float_as_uint(x.w) : 0u;
+    uint2 x{0, 0};  // four scores (ncap is a multiple of 4)
+    if (i0 + e < nc) x = *reinterpret_cast<const uint2*>(row + i0 + e);
+    v[e] = i0 + e < nc ? x.x & 0xFFFFu : 0u;
+    v[e + 1] = i0 + e + 1 < nc ? x.x >> 16 : 0u;
+    v[e + 2] = i0 + e + 2 < nc ? x.y & 0xFFFFu : 0u;
+    v[e + 3] = i0 + e + 3 < nc ? x.y >> 16 : 0u;
   }
   uint32_t top = 0;
 #pragma unroll
   for (int e = 0; e < E; ++e) top = max(top, v[e]);
-  // Any value up to tau bounds it: the search stops at 8 mantissa bits (16 rounds, not 31),
+  // Any value up to tau bounds it: the search stops at 8 mantissa bits (13 rounds, not 15),
   // which gathers at most the scores within 0.4% below the keep-th largest maximum as well.
   const uint32_t bound =
-      LargestReaching(15, p.cand.keep, [&](uint32_t trial, int) { return __syncthreads_count(top >= trial); });
+      LargestReaching(2, p.cand.keep, [&](uint32_t trial, int) { return __syncthreads_count(top >= trial); });
   int reach = 0;
 #pragma unroll
   for (int e = 0; e < E; ++e) reach += i0 + e < nc && v[e] >= bound;
@@ -1476,7 +1481,7 @@ absl::Status SelectSparseBlocks(const Bf16* q, int64_t first, int64_t T, const S
   SALA_ASSIGN_OR_RETURN(const PrefillScorer scorer, shape.dim == 128 ? PrefillScorerFor<128>() : PrefillScorerFor<64>());
   const int64_t budget_rows = std::max<int64_t>(
       scorer.tokens,
-      int64_t(kScoreBudgetBytes / (size_t(shape.kv_heads) * ncap * 4)) / scorer.tokens * scorer.tokens);
+      int64_t(kScoreBudgetBytes / (size_t(shape.kv_heads) * ncap * sizeof(__half))) / scorer.tokens * scorer.tokens);
   SALA_ASSIGN_OR_RETURN(const int64_t wave_rows, ScoreRowsPerWave(scorer, shape.kv_heads));
   const int64_t rows_per = budget_rows >= wave_rows ? budget_rows / wave_rows * wave_rows : budget_rows;
   SALA_RETURN_IF_ERROR(scratch.scores.Reserve(size_t(std::min(T, rows_per)) * shape.kv_heads * ncap));
