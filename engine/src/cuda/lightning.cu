@@ -110,12 +110,13 @@ struct SegmentChunks {
     state_in = P > 1 ? seg_states + (int64_t(p) * H + h) * kHeadState : state + h * kHeadState;
     state_out = p == P - 1 ? state + h * kHeadState : nullptr;
   }
-  // Chunk c's tiles, one commit group.
-  __device__ __forceinline__ void Load(int c, uint16_t* qs, uint16_t* ks, uint16_t* vs) const {
+  // Chunk c's Q, K and V tiles into `tiles`, `tile` values apart (a stage of the chunked
+  // kernels), one commit group.
+  __device__ __forceinline__ void Load(int c, uint16_t* tiles, int tile) const {
     const int64_t r0 = first + c * kChunk;
-    q.Load(qs, r0, end);
-    k.Load(ks, r0, end);
-    v.Load(vs, r0, end);
+    q.Load(tiles, r0, end);
+    k.Load(tiles + tile, r0, end);
+    v.Load(tiles + 2 * tile, r0, end);
     CpAsyncCommit();
   }
 };
@@ -361,14 +362,8 @@ __global__ void __launch_bounds__(Tiles<kDim>::kThreads, 2)
   extern __shared__ __align__(128) uint16_t lsmem[];
   const int h = blockIdx.y, warp = threadIdx.x / 32, c0 = 16 * warp;
   const SegmentChunks<kDim, false> seg(q, k, v, T, H, Hk, seg_len, slopes, state, seg_states);
-  const int64_t first = seg.first, end = seg.end;
-  const int chunks = seg.chunks;
-  const float g2 = seg.g2;
   uint16_t* As = lsmem + 6 * L::kTile;  // the chunk's masked scores [query][key]
-  const auto load = [&](int c, int stage) {
-    uint16_t* tiles = lsmem + stage * 3 * L::kTile;
-    seg.Load(c, tiles, tiles + L::kTile, tiles + 2 * L::kTile);
-  };
+  const auto load = [&](int c, int stage) { seg.Load(c, lsmem + stage * 3 * L::kTile, L::kTile); };
   load(0, 0);
   // The segment's starting state (the initial state itself when there is one segment).
   float acc[kDim / 8][4];
@@ -377,12 +372,12 @@ __global__ void __launch_bounds__(Tiles<kDim>::kThreads, 2)
   // Scores: warp w takes query rows 16 (w % 4) .. + 15 against kKeys keys from kKeys (w / 4).
   constexpr int kKeys = 4 * kChunk / L::kWarps, kKeyTiles = kKeys / 8;
   const int i0 = 16 * (warp % 4), jb = kKeys * (warp / 4);
-  for (int c = 0; c < chunks; ++c) {
-    const int64_t r0 = first + c * kChunk;
-    const int len = end - r0 < kChunk ? int(end - r0) : kChunk;
+  for (int c = 0; c < seg.chunks; ++c) {
+    const int64_t r0 = seg.first + c * kChunk;
+    const int len = seg.end - r0 < kChunk ? int(seg.end - r0) : kChunk;
     CpAsyncWait<0>();
     __syncthreads();  // chunk c's tiles are in place; every warp is done with chunk c − 1's and its scores
-    if (c + 1 < chunks) load(c + 1, (c + 1) & 1);
+    if (c + 1 < seg.chunks) load(c + 1, (c + 1) & 1);
     const uint16_t* Qs = lsmem + (c & 1) * 3 * L::kTile;
     const uint16_t* Ks = Qs + L::kTile;
     const uint16_t* Vs = Qs + 2 * L::kTile;
@@ -401,7 +396,7 @@ __global__ void __launch_bounds__(Tiles<kDim>::kThreads, 2)
           MmaF16(sc[2 * np + 1], a, b[1], b[3]);
         }
       }
-      StoreMaskedScores<L::kScoreStride>(sc, As, i0, jb, scale, g2);
+      StoreMaskedScores<L::kScoreStride>(sc, As, i0, jb, scale, seg.g2);
     }
     __syncthreads();  // the scores are complete
     // Oᵀ of this warp's 16 columns: the S_in term first, for all 64 tokens (each Sᵀ pair packed once).
@@ -419,10 +414,10 @@ __global__ void __launch_bounds__(Tiles<kDim>::kThreads, 2)
         MmaF16(oacc[2 * np + 1], a, b[1], b[3]);
       }
     }
-    ScaleStateTerm(oacc, scale, g2);
+    ScaleStateTerm(oacc, scale, seg.g2);
     AddIntraChunk<kDim>(oacc, Vs, As, c0);
     StoreOutput(oacc, o + (r0 * H + h) * kDim + c0, H * kDim, len);
-    UpdateState<kDim>(acc, Ks, Vs, len, g2, c0);
+    UpdateState<kDim>(acc, Ks, Vs, len, seg.g2, c0);
   }
   if (seg.state_out) StoreState<kDim>(acc, seg.state_out, c0);
 }
@@ -458,14 +453,8 @@ __global__ void __launch_bounds__(WgTiles::kThreads, 1)
   uint16_t* smem = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(wg_smem) + 1023) & ~uintptr_t(1023));
   const int h = blockIdx.y, warp = threadIdx.x / 32, c0 = 16 * warp;
   const SegmentChunks<kDim, true> seg(q, k, v, T, H, Hk, seg_len, slopes, state, seg_states);
-  const int64_t first = seg.first, end = seg.end;
-  const int chunks = seg.chunks;
-  const float g2 = seg.g2;
   uint16_t* As = smem + 2 * WgTiles::kStage;  // the chunk's masked scores [query][key]
-  const auto load = [&](int c, int stage) {
-    uint16_t* tiles = smem + stage * WgTiles::kStage;
-    seg.Load(c, tiles, tiles + WgTiles::kSwTile, tiles + 2 * WgTiles::kSwTile);
-  };
+  const auto load = [&](int c, int stage) { seg.Load(c, smem + stage * WgTiles::kStage, WgTiles::kSwTile); };
   load(0, 0);
   float acc[kDim / 8][4];
   float(&acc64)[64] = reinterpret_cast<float(&)[64]>(acc);
@@ -474,15 +463,15 @@ __global__ void __launch_bounds__(WgTiles::kThreads, 1)
   // Descriptor words in 16-byte units: a swizzled tile's slab is 64 rows of 128 bytes; k step kk
   // of a K-major operand starts 32 bytes into its slab kk / 4's rows.
   constexpr uint32_t kSlab = WgTiles::kSlabBytes / 16;
-  for (int c = 0; c < chunks; ++c) {
-    const int64_t r0 = first + c * kChunk;
-    const int len = end - r0 < kChunk ? int(end - r0) : kChunk;
+  for (int c = 0; c < seg.chunks; ++c) {
+    const int64_t r0 = seg.first + c * kChunk;
+    const int len = seg.end - r0 < kChunk ? int(seg.end - r0) : kChunk;
     CpAsyncWait<0>();
     WgmmaWait<0>();  // chunk c − 1's state update, which reads the stage the next load overwrites
     WgmmaFenceOperands(acc64);
     FenceProxyAsync();
     __syncthreads();  // chunk c's tiles are in place; every warp is done with chunk c − 1's and its scores
-    if (c + 1 < chunks) load(c + 1, (c + 1) & 1);
+    if (c + 1 < seg.chunks) load(c + 1, (c + 1) & 1);
     const uint16_t* Qs = smem + (c & 1) * WgTiles::kStage;
     const uint16_t* Ks = Qs + WgTiles::kSwTile;
     const uint16_t* Vs = Qs + 2 * WgTiles::kSwTile;
@@ -498,7 +487,7 @@ __global__ void __launch_bounds__(WgTiles::kThreads, 1)
       WgmmaCommit();
       WgmmaWait<0>();
       WgmmaFenceOperands(sc16);
-      StoreMaskedScores<L::kScoreStride, 4, true>(sc, As, i0, jb, scale, g2);
+      StoreMaskedScores<L::kScoreStride, 4, true>(sc, As, i0, jb, scale, seg.g2);
       FenceProxyAsync();
     }
     __syncthreads();  // the scores are complete
@@ -517,7 +506,7 @@ __global__ void __launch_bounds__(WgTiles::kThreads, 1)
     WgmmaCommit();
     WgmmaWait<0>();
     WgmmaFenceOperands(o32);
-    ScaleStateTerm(oacc, scale, g2);
+    ScaleStateTerm(oacc, scale, seg.g2);
     const uint32_t s_desc = Sw128Descriptor(As);
 #pragma unroll
     for (int ks = 0; ks < kChunk / 16; ++ks) {
@@ -534,7 +523,7 @@ __global__ void __launch_bounds__(WgTiles::kThreads, 1)
     StoreOutput(oacc, o + (r0 * H + h) * kDim + c0, H * kDim, len);
     // The K tile N-major: rows of k (tokens) 128 bytes apart in each slab, 16 of them a k step.
     const uint32_t k_rows = (SmemAddress(Ks) & 0x3FFFF) >> 4;
-    UpdateState<kDim>(acc, Vs, len, g2, c0, [&](int ks, const uint32_t(&va)[4]) {
+    UpdateState<kDim>(acc, Vs, len, seg.g2, c0, [&](int ks, const uint32_t(&va)[4]) {
       WgmmaFence();
       WgmmaM64N128K16RsTransB<WgTiles::kSlabBytes, __half>(acc64, va, k_rows + ks * 16 * 128 / 16);
     });
