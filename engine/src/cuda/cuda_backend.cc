@@ -843,6 +843,7 @@ class CudaBackend final : public Backend {
                                 const Bf16* w_o, const Bf16* o16 = nullptr) {
     const float eps = float(config_.rms_norm_eps);
     if (!decode_step_) {
+      if (o16 == nullptr) return absl::InternalError("a prefill's attention output comes in bf16");
       const int64_t rows = R - first, at = first * width;
       if (rows == 0) return absl::OkStatus();
       const Bf16* z = gate ? Z16() + at : nullptr;

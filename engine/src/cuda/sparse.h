@@ -66,9 +66,8 @@ absl::Status AppendRows(const float* k, const float* v, int rows, const SparseCa
                         const int64_t* positions, const SparseShape& shape, cudaStream_t stream);
 
 // Prefill (the rows at absolute positions [first, first + T) of one sequence, already in the
-// cache; q [T, heads, dim] bf16, the MMAs' operand type; o [T, heads, dim] fp32) on tensor
-// cores, in two stages. Needs block 64, kernel 32,
-// stride 16, head_dim 64 or 128 and a local window of at least one block.
+// cache; q [T, heads, dim] bf16, the MMAs' operand type) on tensor cores, in two stages. Needs
+// block 64, kernel 32, stride 16, head_dim 64 or 128 and a local window of at least one block.
 // Stage 1: the blocks each (row, KV group) attends, ascending:
 // blocks [T, kv_heads, selected_blocks] (device), counts [T, kv_heads] (device).
 absl::Status SelectSparseBlocks(const __nv_bfloat16* q, int64_t first, int64_t T, const SparseCacheView& cache,
