@@ -23,6 +23,7 @@
 #include "bench_timing.h"
 #include "cli.h"
 #include "cuda/gemm.h"
+#include "cuda/gemm_swiglu.h"
 #include "cuda/lightning.h"
 #include "cuda/ops.h"
 #include "cuda/sparse.h"
@@ -47,6 +48,9 @@ ABSL_FLAG(std::string, profiler_range, "decode",
           "batch size (decode) or the timed prefill of each length (prefill)");
 ABSL_FLAG(double, sustained_gemm_seconds, 10,
           "how long to run the model's GEMMs back to back for the sustained (power-limited) GEMM rate (0: skip)");
+ABSL_FLAG(double, mlp_seconds, 0,
+          "how long to run the MLP's gate/up each way (cuBLASLt and a SwiGLU pass, or the fused kernel), "
+          "alternating, at the power limit (0: skip)");
 ABSL_FLAG(std::string, out, "", "write the results here as JSON");
 
 namespace {
@@ -129,6 +133,70 @@ GemmRates GemmRate(const sala::ModelConfig& c, int rows, double hold_seconds) {
   cudaFree(w);
   cudaFree(y);
   return rates;
+}
+
+// The MLP's gate/up at `rows` rows two ways: two cuBLASLt GEMMs to bf16 and the SwiGLU pass
+// (the engine's path off Hopper), and the fused kernel. Short timings, then, where `hold_seconds`
+// > 0, the two alternating in rounds of about a second for that long each after as long a
+// warm-up, so that both see the same power-limited clock. Seconds per call.
+struct MlpGateUpTimes {
+  double split = 0, fused = 0, split_sustained = 0, fused_sustained = 0;
+};
+MlpGateUpTimes MlpGateUp(const sala::ModelConfig& c, int rows, double hold_seconds) {
+  const int64_t d = c.hidden_size, ff = c.intermediate_size;
+  if (!sala::cuda::GemmSwiGluApplies(d, ff)) return {};
+  sala::cuda::Gemm gemm;
+  if (!gemm.Init().ok()) return {};
+  __nv_bfloat16 *x, *wg, *wu, *g, *u, *y;
+  cudaMalloc(&x, rows * d * 2);
+  cudaMalloc(&wg, ff * d * 2);
+  cudaMalloc(&wu, ff * d * 2);
+  cudaMalloc(&g, rows * ff * 2);
+  cudaMalloc(&u, rows * ff * 2);
+  cudaMalloc(&y, rows * ff * 2);
+  (void)sala::cuda::FillRandom(x, rows * d, 1, 1.0f, 0.0f, nullptr);
+  (void)sala::cuda::FillRandom(wg, ff * d, 2, 0.02f, 0.0f, nullptr);
+  (void)sala::cuda::FillRandom(wu, ff * d, 3, 0.02f, 0.0f, nullptr);
+  auto split = [&] {
+    (void)gemm.RunLt(x, rows, d, {wg, ff, nullptr, false, 1.0f, g}, nullptr);
+    (void)gemm.RunLt(x, rows, d, {wu, ff, nullptr, false, 1.0f, u}, nullptr);
+    (void)sala::cuda::SwiGluToBf16(g, u, rows * ff, y, nullptr);
+  };
+  auto fused = [&] { (void)sala::cuda::GemmSwiGlu(x, rows, d, wg, wu, ff, y, nullptr); };
+  MlpGateUpTimes t{MedianDeviceSeconds(split, 3), MedianDeviceSeconds(fused, 3)};
+  if (hold_seconds > 0) {
+    cudaEvent_t a, b;
+    cudaEventCreate(&a);
+    cudaEventCreate(&b);
+    // Seconds for `reps` calls of `run`.
+    auto timed = [&](auto& run, int reps) {
+      cudaEventRecord(a);
+      for (int i = 0; i < reps; ++i) run();
+      cudaEventRecord(b);
+      cudaEventSynchronize(b);
+      float ms = 0;
+      cudaEventElapsedTime(&ms, a, b);
+      return ms / 1e3;
+    };
+    const int reps = std::max(1, int(1.0 / std::max(t.split, 1e-6)));
+    double held = 0, split_s = 0, fused_s = 0;
+    int rounds = 0;
+    while (held < 2 * hold_seconds) {
+      const double s1 = timed(split, reps), s2 = timed(fused, reps);
+      held += s1 + s2;
+      if (held >= hold_seconds) {  // the first half warms the board up to its power limit
+        split_s += s1;
+        fused_s += s2;
+        ++rounds;
+      }
+    }
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
+    t.split_sustained = rounds ? split_s / (rounds * reps) : 0;
+    t.fused_sustained = rounds ? fused_s / (rounds * reps) : 0;
+  }
+  for (void* ptr : {(void*)x, (void*)wg, (void*)wu, (void*)g, (void*)u, (void*)y}) cudaFree(ptr);
+  return t;
 }
 
 // A decode step's projections of one layer at `rows` rows, grouped as the engine groups them
@@ -362,6 +430,18 @@ int main(int argc, char** argv) {
   std::printf("%s | cuBLASLt bf16 GEMM %.0f TFLOP/s", prop.name, gemm_tflops);
   if (sustained_tflops > 0) std::printf(" (sustained %.0f)", sustained_tflops);
   std::printf(" | device copy %.0f GB/s\n", copy_bps / 1e9);
+  if (const double hold = absl::GetFlag(FLAGS_mlp_seconds); hold > 0) {
+    const MlpGateUpTimes m = MlpGateUp(c, o.chunk_size, hold);
+    const double flops = 4.0 * o.chunk_size * c.hidden_size * c.intermediate_size;
+    auto rate = [&](double sec) { return sec > 0 ? flops / sec / 1e12 : 0.0; };
+    std::printf("  MLP gate/up (%d rows): cuBLASLt + SwiGLU %.3f ms (%.0f TFLOP/s), fused %.3f ms (%.0f); "
+                "sustained %.3f ms (%.0f), fused %.3f ms (%.0f)\n",
+                o.chunk_size, 1e3 * m.split, rate(m.split), 1e3 * m.fused, rate(m.fused), 1e3 * m.split_sustained,
+                rate(m.split_sustained), 1e3 * m.fused_sustained, rate(m.fused_sustained));
+    out["mlp_gate_up"] = {{"rows", o.chunk_size},         {"split_seconds", m.split},
+                          {"fused_seconds", m.fused},     {"split_sustained_seconds", m.split_sustained},
+                          {"fused_sustained_seconds", m.fused_sustained}, {"hold_seconds", hold}};
+  }
   if (const int64_t T = o.chunk_size; c.num_linear_layers() > 0) {
     const double sec = LightningChunkSeconds(c, T);
     std::printf("  lightning prefill chunk (%lld tokens, %d heads, dim %d): %.3f ms | %.2f M tokens/s\n", (long long)T,

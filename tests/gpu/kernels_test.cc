@@ -12,6 +12,7 @@
 #include "cpu/cpu_ops.h"
 #include "cuda/cuda_common.h"
 #include "cuda/gemm.h"
+#include "cuda/gemm_swiglu.h"
 #include "cuda/gemv.h"
 #include "cuda/lightning.h"
 #include "cuda/ops.h"
@@ -216,6 +217,25 @@ TEST_F(GpuTest, SwiGluMatchesCpu) {
     ASSERT_TRUE(cuda::SwiGluToBf16(Bf16ToDevice(g), Bf16ToDevice(u), n, y, nullptr).ok());
     ExpectBf16Of(y, ref, "n " + std::to_string(n));
   }
+}
+
+// The fused gate/up GEMM with SwiGLU in its epilogue (Hopper only): rows that leave partial row
+// tiles and a partial group of them, widths of one and several column tiles, K of one and of
+// more k tiles than its shared-memory stages.
+TEST_F(GpuTest, GemmSwiGluMatchesCpu) {
+  if (!cuda::GemmSwiGluApplies(64, 128)) GTEST_SKIP() << "the fused gate/up GEMM needs an sm_90a device";
+  for (auto [rows, in, ff] : {std::tuple{1, 64, 128}, {77, 512, 256}, {300, 256, 384}, {2100, 384, 128}}) {
+    auto x = Random(rows * in, 63, 1.0f, true), wg = Random(ff * in, 64, 0.1f, true), wu = Random(ff * in, 65, 0.1f, true);
+    std::vector<float> gate(rows * ff), up(rows * ff), ref(rows * ff);
+    cpu::Gemm(x.data(), rows, in, wg.data(), ff, gate.data());
+    cpu::Gemm(x.data(), rows, in, wu.data(), ff, up.data());
+    for (size_t i = 0; i < ref.size(); ++i) ref[i] = cpu::Silu(gate[i]) * up[i];
+    auto* y = Poisoned<__nv_bfloat16>(ref.size());
+    ASSERT_TRUE(cuda::GemmSwiGlu(Bf16ToDevice(x), rows, in, Bf16ToDevice(wg), Bf16ToDevice(wu), ff, y, nullptr).ok());
+    EXPECT_LT(testing::RelativeError(FromDeviceBf16(y, ref.size()), ref), 5e-3) << rows << "x" << in << "x" << ff;
+  }
+  EXPECT_FALSE(cuda::GemmSwiGluApplies(96, 128));
+  EXPECT_FALSE(cuda::GemmSwiGluApplies(64, 192));
 }
 
 // GEMV operands: random bf16 weights [out, in] for each of `outs` (seeds seed, seed + 1, ...),

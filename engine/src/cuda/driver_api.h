@@ -6,6 +6,7 @@
 #include <cuda.h>
 
 #include "absl/status/statusor.h"
+#include "sala/status_macros.h"
 
 namespace sala::cuda {
 
@@ -35,5 +36,24 @@ absl::Status DriverStatus(CUresult r, const char* what);
 // Properties of pinned memory on `device`; `shareable` asks for a POSIX file descriptor handle
 // that another process can import.
 CUmemAllocationProp DeviceMemoryProp(int device, bool shareable = false);
+
+// A bf16 tensor of `Rank` dimensions (innermost first; strides in bytes of dimensions 1 ..) as
+// a TMA tensor map whose boxes land in the 128-byte swizzle that the warpgroup MMAs read (a box
+// row of 64 values); reads past the dimensions return zeros.
+template <int Rank>
+absl::StatusOr<CUtensorMap> Bf16TensorMap(const void* base, const cuuint64_t (&dims)[Rank],
+                                          const cuuint64_t (&strides)[Rank - 1], const cuuint32_t (&box)[Rank]) {
+  SALA_ASSIGN_OR_RETURN(const DriverApi* driver, GetDriverApi());
+  CUtensorMap map{};
+  cuuint32_t element_strides[Rank];
+  for (cuuint32_t& e : element_strides) e = 1;
+  SALA_RETURN_IF_ERROR(DriverStatus(
+      driver->tensor_map_encode_tiled(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, Rank, const_cast<void*>(base), dims,
+                                      strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE),
+      "cuTensorMapEncodeTiled"));
+  return map;
+}
 
 }  // namespace sala::cuda

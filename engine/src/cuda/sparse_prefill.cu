@@ -1336,25 +1336,6 @@ absl::StatusOr<PrefillScorer> PrefillScorerFor() {
   return PrefillScorer{nullptr, ScoreWgmmaKernel<D>, D, kWgTokens, kWgThreads, ScoreWgmmaSmemBytes(D)};
 }
 
-// A bf16 tensor of `Rank` dimensions (innermost first; strides in bytes of dimensions 1 ..) as
-// a TMA tensor map whose boxes land in the 128-byte swizzle that the MMAs read (a box row of 64
-// values); reads past the dimensions return zeros.
-template <int Rank>
-absl::StatusOr<CUtensorMap> Bf16TensorMap(const Bf16* base, const cuuint64_t (&dims)[Rank],
-                                          const cuuint64_t (&strides)[Rank - 1], const cuuint32_t (&box)[Rank]) {
-  SALA_ASSIGN_OR_RETURN(const DriverApi* driver, GetDriverApi());
-  CUtensorMap map{};
-  cuuint32_t element_strides[Rank];
-  std::fill_n(element_strides, Rank, 1u);
-  SALA_RETURN_IF_ERROR(DriverStatus(
-      driver->tensor_map_encode_tiled(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, Rank, const_cast<Bf16*>(base), dims,
-                                      strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                                      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                                      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE),
-      "cuTensorMapEncodeTiled"));
-  return map;
-}
-
 // The first `entries` compressed keys [entries, Hk, dim] as a tensor map whose boxes are kWgKeys
 // entries x 64 values of one KV group. No entries: a map that no load uses.
 absl::StatusOr<CUtensorMap> KeyTensorMap(const Bf16* keys, int64_t entries, int Hk, int dim) {

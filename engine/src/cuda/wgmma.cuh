@@ -84,6 +84,28 @@ __device__ __forceinline__ void WgmmaM64N64K16(float (&d)[32], uint32_t a, uint3
       : "r"(a), "r"(b), "r"(int(accumulate)), "r"(kSw128DescriptorHigh));
 }
 
+// d (+)= A (64 x 16, descriptor a) x B (16 x 256, stored as 256 rows of k: descriptor b), given
+// the descriptors' low words (high word kSw128DescriptorHigh); bf16 inputs, fp32 accumulation.
+#define SALA_ACC4(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
+#define SALA_ACC16(i) SALA_ACC4(i), SALA_ACC4(i + 4), SALA_ACC4(i + 8), SALA_ACC4(i + 12)
+#define SALA_ACC64(i) SALA_ACC16(i), SALA_ACC16(i + 16), SALA_ACC16(i + 32), SALA_ACC16(i + 48)
+__device__ __forceinline__ void WgmmaM64N256K16(float (&d)[128], uint32_t a, uint32_t b, bool accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\n.reg .b64 da, db;\nsetp.ne.b32 p, %130, 0;\n"
+      "mov.b64 da, {%128, %131};\nmov.b64 db, {%129, %131};\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,"
+      "%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,"
+      "%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}, "
+      "da, db, p, 1, 1, 0, 0;\n}\n"
+      : SALA_ACC64(0), SALA_ACC64(64)
+      : "r"(a), "r"(b), "r"(int(accumulate)), "r"(kSw128DescriptorHigh));
+}
+#undef SALA_ACC64
+#undef SALA_ACC16
+#undef SALA_ACC4
+
 // d (+)= A (64 x 16, descriptor a) x B (16 x 32, stored as 32 rows of k: descriptor b), given the
 // descriptors' low words (high word kSw128DescriptorHigh); f16 inputs, fp32 accumulation.
 __device__ __forceinline__ void WgmmaF16M64N32K16(float (&d)[16], uint32_t a, uint32_t b, bool accumulate) {
@@ -163,6 +185,51 @@ __device__ __forceinline__ bool MbarTryWait(uint64_t* bar, uint32_t parity) {
       : "r"(SmemAddress(bar)), "r"(parity)
       : "memory");
   return done != 0;
+}
+__device__ __forceinline__ void MbarArrive(uint64_t* bar) {
+  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(SmemAddress(bar))
+               : "memory");
+}
+__device__ __forceinline__ void MbarWait(uint64_t* bar, uint32_t parity) {
+  while (!MbarTryWait(bar, parity)) {
+  }
+}
+// Thread-block clusters: this block's rank in its cluster, a barrier over all threads of the
+// cluster (release/acquire of shared memory), and an arrival on the barrier at `bar`'s offset in
+// the shared memory of cluster block `rank` (this one included).
+__device__ __forceinline__ uint32_t ClusterRank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ void ClusterSync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void MbarArriveCluster(uint64_t* bar, uint32_t rank) {
+  asm volatile(
+      "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(SmemAddress(bar)),
+      "r"(rank)
+      : "memory");
+}
+// The same box into shared memory at dst's offset in every cluster block of `cta_mask`, counted
+// on the barrier at bar's offset in each of them.
+__device__ __forceinline__ void TmaLoad2dMulticast(void* dst, const void* map, int c0, int c1, uint64_t* bar,
+                                                   uint16_t cta_mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster "
+      "[%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(SmemAddress(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(SmemAddress(bar)), "h"(cta_mask)
+      : "memory");
+}
+// TMA: the box at coordinates (c0, c1) of a 2-D tensor map into shared memory at dst, its bytes
+// counted on `bar`. The map must live in kernel parameter (or constant/global) space.
+__device__ __forceinline__ void TmaLoad2d(void* dst, const void* map, int c0, int c1, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], "
+      "[%4];\n" ::"r"(SmemAddress(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(SmemAddress(bar))
+      : "memory");
 }
 // TMA: the box at coordinates (c0, c1, c2) of a 3-D tensor map into shared memory at dst, its
 // bytes counted on `bar`. The map must live in kernel parameter (or constant/global) space.
