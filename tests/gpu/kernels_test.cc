@@ -220,11 +220,12 @@ TEST_F(GpuTest, SwiGluMatchesCpu) {
 }
 
 // The fused gate/up GEMM with SwiGLU in its epilogue (Hopper only): rows that leave partial row
-// tiles and a partial group of them, widths of one and several column tiles, K of one and of
-// more k tiles than its shared-memory stages.
+// tiles, a partial cluster and a partial group of them, widths of one and several column tiles,
+// K of one k tile, of more than its shared-memory stages, and the 9B model's (4096).
 TEST_F(GpuTest, GemmSwiGluMatchesCpu) {
   if (!cuda::GemmSwiGluApplies(64, 128)) GTEST_SKIP() << "the fused gate/up GEMM needs an sm_90a device";
-  for (auto [rows, in, ff] : {std::tuple{1, 64, 128}, {77, 512, 256}, {300, 256, 384}, {2100, 384, 128}}) {
+  for (auto [rows, in, ff] :
+       {std::tuple{1, 64, 128}, {77, 512, 256}, {300, 256, 384}, {2100, 384, 128}, {130, 4096, 256}}) {
     auto x = Random(rows * in, 63, 1.0f, true), wg = Random(ff * in, 64, 0.1f, true), wu = Random(ff * in, 65, 0.1f, true);
     std::vector<float> gate(rows * ff), up(rows * ff), ref(rows * ff);
     cpu::Gemm(x.data(), rows, in, wg.data(), ff, gate.data());
