@@ -15,7 +15,6 @@
 #include <map>
 #include <mutex>
 
-
 #include "cuda_common.h"
 #include "driver_api.h"
 #include "sala/status_macros.h"
@@ -149,7 +148,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   }
-  // No block leaves while its peer may still arrive on its barriers.
+  // No block leaves while its peer may still arrive on its barriers. The cluster barrier is
+  // .aligned: each warp reconverges first (lane 0 of the producer ran its own loop).
+  __syncwarp();
   ClusterSync();
 #endif
 }

@@ -1,7 +1,7 @@
 // The MLP's gate and up projections with SwiGLU in the epilogue, on Hopper warpgroup MMAs:
 // y[rows, ff] = silu(x · w_gateᵀ) * (x · w_upᵀ) in bf16, from fp32 accumulators. cuBLASLt has no
 // such epilogue; through it the gate and up products go to memory in bf16 and a separate pass
-// reads them back (three bytes moved for every one that this kernel writes).
+// reads them back (five bytes moved for every one that this kernel writes).
 #pragma once
 
 #include <cuda_bf16.h>

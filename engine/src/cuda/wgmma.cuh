@@ -1,7 +1,7 @@
 // Hopper warpgroup tensor-core building blocks (sm_90a only): wgmma.mma_async with both operands
 // in shared memory or A in registers, its shared-memory descriptors, and the fences around it;
 // and the tensor memory accelerator (TMA) copies with the shared-memory barriers that feed such
-// operands.
+// operands, alone or multicast to the blocks of a thread-block cluster.
 // Callers compile these only where __CUDA_ARCH_FEAT_SM90_ALL is defined and launch such kernels
 // only on compute capability 9.0 (HasWgmma in cuda_common.h); the PTX target of other GPUs never
 // reaches them.
@@ -185,10 +185,6 @@ __device__ __forceinline__ bool MbarTryWait(uint64_t* bar, uint32_t parity) {
       : "r"(SmemAddress(bar)), "r"(parity)
       : "memory");
   return done != 0;
-}
-__device__ __forceinline__ void MbarArrive(uint64_t* bar) {
-  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(SmemAddress(bar))
-               : "memory");
 }
 __device__ __forceinline__ void MbarWait(uint64_t* bar, uint32_t parity) {
   while (!MbarTryWait(bar, parity)) {
