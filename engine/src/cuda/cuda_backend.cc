@@ -832,23 +832,21 @@ class CudaBackend final : public Backend {
     SALA_RETURN_IF_ERROR(cuda::RmsNormToBf16(h, int(rows), int(d), norm, input.eps, post_scale, xb_.get(), stream_));
     return MmMany(xb_.get(), rows, d, weights);
   }
-  // gb_ = silu(gate) * up of the RMSNorm of h_'s `rows` rows from row `first` on: in prefill on
-  // Hopper, in one kernel with SwiGLU in its epilogue (no bf16 gate and up to write and read
-  // back: 8% of a chunk's gate/up time at the power limit); else bf16 gate and up, as the
-  // reference model's projections give them, and a SwiGLU pass. A decode step keeps the latter:
-  // at its few rows the weights' bytes set the pace either way.
+  // gb_ = silu(gate) * up of the RMSNorm of h_'s `rows` rows from row `first` on: for prefill
+  // rows past the GEMV's on Hopper, in one kernel with SwiGLU in its epilogue (no bf16 gate and
+  // up to write and read back: 8% of a chunk's gate/up time at the power limit); else bf16 gate
+  // and up, as the reference model's projections give them, and a SwiGLU pass. A decode step
+  // keeps the latter: at its few rows the weights' bytes set the pace either way.
   absl::Status MlpGateUp(const LayerWeights& w, int64_t first, int64_t rows) {
     const int64_t d = config_.hidden_size, ff = config_.intermediate_size;
-    const float eps = float(config_.rms_norm_eps);
-    const cuda::GemvWeight gate_up[] = {{w.mlp_gate.get(), ff, nullptr, false, 1.0f, g_.get()},
-                                        {w.mlp_up.get(), ff, nullptr, false, 1.0f, u_.get()}};
-    const float* h = h_.get() + first * d;
-    const cuda::GemvFormedInput input{h, w.post_norm.get(), nullptr, eps, 1.0f};
-    if (!decode_step_ && !cuda::GemvFormedApplies(rows, d, input, gate_up, 2) && cuda::GemmSwiGluApplies(d, ff)) {
-      SALA_RETURN_IF_ERROR(cuda::RmsNormToBf16(h, int(rows), int(d), w.post_norm.get(), eps, 1.0f, xb_.get(), stream_));
+    if (!decode_step_ && rows > cuda::kGemvMaxRows && cuda::GemmSwiGluApplies(d, ff)) {
+      SALA_RETURN_IF_ERROR(cuda::RmsNormToBf16(h_.get() + first * d, int(rows), int(d), w.post_norm.get(),
+                                               float(config_.rms_norm_eps), 1.0f, xb_.get(), stream_));
       Section section(this, "gemm");
       return cuda::GemmSwiGlu(xb_.get(), rows, d, w.mlp_gate.get(), w.mlp_up.get(), ff, gb_.get(), stream_);
     }
+    const cuda::GemvWeight gate_up[] = {{w.mlp_gate.get(), ff, nullptr, false, 1.0f, g_.get()},
+                                        {w.mlp_up.get(), ff, nullptr, false, 1.0f, u_.get()}};
     SALA_RETURN_IF_ERROR(NormedMm(w.post_norm.get(), 1.0f, first, rows, gate_up));
     return cuda::SwiGluToBf16(g_.get(), u_.get(), rows * ff, gb_.get(), stream_);
   }
