@@ -675,7 +675,11 @@ __device__ __forceinline__ uint32_t LargestReaching(int low_bit, int keep, Count
 
 // E candidate scores per thread, contiguous, so that thread order is block order. Blocks of
 // 1024 threads above 4096 candidates: with 64 scores a thread (256 threads) the kernel took 225
-// registers, one block an SM, and at 1M spent 3.3 ms of a chunk's 16.8 ms of stage 1.
+// registers, one block an SM, and at 1M spent 3.3 ms of a chunk's 16.8 ms of stage 1. Up to
+// 16 a thread, two 1024-thread blocks share an SM (32 registers, 64 bytes spilled): a row's
+// search is a chain of block-wide barriers, which at one row an SM left the SM waiting (stage 1
+// of one layer's last chunk on an H100, same call: 12.08-12.09 against 12.27-12.32 ms at 1M,
+// 6.24-6.36 against 6.51-6.55 at 512K).
 //
 // tau, the keep-th largest score, is the largest value with at least `keep` scores >= it; the
 // kernel keeps the scores above tau and the lowest blocks of those equal to it. It first bounds
@@ -686,7 +690,7 @@ __device__ __forceinline__ uint32_t LargestReaching(int low_bit, int keep, Count
 // over all of them (at 1M that search took 0.49 ms of a launch of 2048 rows). Where more than
 // one a thread reach the bound, the search runs over all scores.
 template <int E, int Threads>
-__global__ void __launch_bounds__(Threads) TopKKernel(TopKParams p) {
+__global__ void __launch_bounds__(Threads, Threads == 1024 && E <= 16 ? 2 : 1) TopKKernel(TopKParams p) {
   __shared__ int warp_counts[2][Threads / 32];
   __shared__ uint32_t gathered_score[Threads];
   __shared__ int gathered_block[Threads];
