@@ -20,8 +20,8 @@
 // block, every k1 entry they pool over is visible to every token of the query block.
 #include <algorithm>
 
-#include "cuda_common.h"
 #include "activation.cuh"
+#include "cuda_common.h"
 #include "driver_api.h"
 #include "mma.cuh"
 #include "sala/status_macros.h"
@@ -412,8 +412,7 @@ struct KeyPipeline {
   __device__ void Next(int t) {
     __syncthreads();
     if (threadIdx.x == 0) Load(t + kWgStages - 2);
-    while (!MbarTryWait(&full[t % kWgStages], (t / kWgStages) & 1)) {
-    }
+    MbarWait(&full[t % kWgStages], (t / kWgStages) & 1);
   }
 };
 
@@ -1159,8 +1158,7 @@ __global__ void __launch_bounds__(kSharedWgRows * 32)
   constexpr uint32_t kSlab = kSharedKeys * 128 / 16, kQSlab = kSharedWgRows * 16 * 128 / 16;
   const uint32_t q_desc = Sw128Descriptor(qs) + (warp / 4) * kSlab;
   for (int64_t s = 0; s < used; ++s) {
-    while (!MbarTryWait(&full[s % S], uint32_t(s / S) & 1)) {
-    }
+    MbarWait(&full[s % S], uint32_t(s / S) & 1);
     WgmmaWait<0>();  // step s − 1's O += P V, which reads the stage the next load overwrites
     WgmmaFenceOperands(o64);
     const int64_t key0 = w.Key0(s);

@@ -208,6 +208,15 @@ __device__ __forceinline__ void MbarArriveCluster(uint64_t* bar, uint32_t rank) 
       "r"(rank)
       : "memory");
 }
+// TMA: the box at coordinates (c0, c1) of a 2-D tensor map into shared memory at dst, its bytes
+// counted on `bar`. The map must live in kernel parameter (or constant/global) space.
+__device__ __forceinline__ void TmaLoad2d(void* dst, const void* map, int c0, int c1, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], "
+      "[%4];\n" ::"r"(SmemAddress(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(SmemAddress(bar))
+      : "memory");
+}
 // The same box into shared memory at dst's offset in every cluster block of `cta_mask`, counted
 // on the barrier at bar's offset in each of them.
 __device__ __forceinline__ void TmaLoad2dMulticast(void* dst, const void* map, int c0, int c1, uint64_t* bar,
@@ -216,15 +225,6 @@ __device__ __forceinline__ void TmaLoad2dMulticast(void* dst, const void* map, i
       "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster "
       "[%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(SmemAddress(dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(SmemAddress(bar)), "h"(cta_mask)
-      : "memory");
-}
-// TMA: the box at coordinates (c0, c1) of a 2-D tensor map into shared memory at dst, its bytes
-// counted on `bar`. The map must live in kernel parameter (or constant/global) space.
-__device__ __forceinline__ void TmaLoad2d(void* dst, const void* map, int c0, int c1, uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], "
-      "[%4];\n" ::"r"(SmemAddress(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(SmemAddress(bar))
       : "memory");
 }
 // TMA: the box at coordinates (c0, c1, c2) of a 3-D tensor map into shared memory at dst, its
