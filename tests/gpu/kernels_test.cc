@@ -397,7 +397,7 @@ TEST_F(GpuTest, LinearAttentionStepMatchesCpuForABatch) {
 }
 
 // A sparse config like the built-in model's; the cache holds bf16-exact keys and values.
-ModelConfig SmallSparseConfig(int heads, int kv_heads, int dim) {
+ModelConfig SmallSparseConfig(int heads, int kv_heads, int dim, int topk = 8) {
   ModelConfig c;
   c.hidden_size = heads * dim;
   c.num_heads = heads;
@@ -406,7 +406,7 @@ ModelConfig SmallSparseConfig(int heads, int kv_heads, int dim) {
   c.sparse.kernel_size = 32;
   c.sparse.kernel_stride = 16;
   c.sparse.init_blocks = 1;
-  c.sparse.topk = 8;
+  c.sparse.topk = topk;
   c.sparse.window_size = 128;
   return c;
 }
@@ -459,8 +459,8 @@ struct SparseFixture {
   __nv_bfloat16 *k1, *k2;
   cuda::SparseShape shape;
 
-  SparseFixture(int64_t L, int heads, int kv_heads, int dim, uint32_t seed)
-      : c(SmallSparseConfig(heads, kv_heads, dim)), row(size_t(kv_heads) * dim) {
+  SparseFixture(int64_t L, int heads, int kv_heads, int dim, uint32_t seed, int topk = 8)
+      : c(SmallSparseConfig(heads, kv_heads, dim, topk)), row(size_t(kv_heads) * dim) {
     cache.k = Random(L * row, seed, 1.0f, true);
     cache.v = Random(L * row, seed + 1, 1.0f, true);
     UpdateCompressedKeys(c, L, cache);
@@ -575,12 +575,15 @@ int ExpectBlocksUpToTies(const SparseFixture& f, const float* q_group, int g, in
 // 300000: above 4096 candidate blocks, where the top-k takes 1024 threads a row. Zero queries
 // make every score tie on the CPU (and nearly so on the GPU, whose exponentials differ by the
 // key's place in a tile), so that more scores reach the top-k's first bound than it has threads
-// and it searches all of them; any choice among such ties is a near-tie.
+// and it searches all of them; any choice among such ties is a near-tie. Top-k 8 keeps 6
+// scored candidates, 64 keeps 62 (as the 9B model does), 160 keeps 158.
 TEST_F(GpuTest, SparseBlockSelectionMatchesCpu) {
-  for (auto [L, T, heads, kv_heads, dim, zero_q] :
-       {std::tuple{1500, 40, 4, 2, 64, false}, {2100, 100, 32, 2, 128, false}, {9000, 33, 32, 2, 128, false},
-        {70000, 20, 32, 2, 128, false}, {300000, 4, 32, 2, 128, false}, {70000, 6, 32, 2, 128, true}}) {
-    SparseFixture f(L, heads, kv_heads, dim, 40);
+  for (auto [L, T, heads, kv_heads, dim, zero_q, topk] :
+       {std::tuple{1500, 40, 4, 2, 64, false, 8}, {2100, 100, 32, 2, 128, false, 8}, {9000, 33, 32, 2, 128, false, 8},
+        {70000, 20, 32, 2, 128, false, 8}, {300000, 4, 32, 2, 128, false, 8}, {70000, 6, 32, 2, 128, true, 8},
+        {70000, 20, 32, 2, 128, false, 64}, {300000, 4, 32, 2, 128, false, 64}, {70000, 6, 32, 2, 128, true, 64},
+        {20000, 16, 32, 2, 128, false, 160}}) {
+    SparseFixture f(L, heads, kv_heads, dim, 40, topk);
     // bf16 queries, as a prefill gives them
     const auto q = zero_q ? std::vector<float>(size_t(T) * heads * dim, 0.0f) : Random(T * heads * dim, 41, 1.0f, true);
     const int S = f.shape.selected_blocks;
