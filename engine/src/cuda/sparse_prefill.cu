@@ -1095,21 +1095,24 @@ __global__ void __launch_bounds__(kSharedRows * 32) SharedBlocksKernel(AttnParam
 
 // SharedBlocksKernel on Hopper (D = 128): each warpgroup takes four rows as 64 MMA rows (four
 // tokens of 16 heads), and the thread block's kSharedWgGroups warpgroups share each K/V tile.
-// Thread 0 loads the tiles with TMA (k_map, v_map: KvTensorMap), kSharedWgStages - 1 steps
-// ahead; the products are warpgroup MMAs: S = Q Kᵀ with Q (bf16) and the K tile in shared memory,
-// O += P V with P from registers and the V tile read N-major, all in the 128-byte swizzle. A warp
-// whose row sees no key of a step takes P = 0 there. Stage 2 of one layer's last chunk at 128K
-// on an H100: 5.51 ms with one warpgroup a block and every thread issuing cp.async, 5.77 with one
-// and TMA, 5.29 with two and TMA (four: 5.23, with spills at 128 registers).
+// A producer warp loads the tiles with TMA (k_map, v_map: KvTensorMap) into kSharedWgStages
+// stages, each refilled once every consumer warp has released it; the products are warpgroup
+// MMAs: S = Q Kᵀ with Q (bf16) and the K tile in shared memory, O += P V with P from registers
+// and the V tile read N-major, all in the 128-byte swizzle. A warp whose row sees no key of a
+// step takes P = 0 there. The warpgroups meet at no block-wide barrier past Q, so one's softmax
+// runs while the other's MMAs keep the tensor cores busy. Stage 2 of one layer's last chunk at
+// 128K on an H100: 5.51 ms with one warpgroup a block and every thread issuing cp.async, 5.77
+// with one and TMA, 5.29 with two and TMA (four: 5.23, with spills at 128 registers).
 constexpr int kSharedWgDim = 128;
 constexpr int kSharedWgGroups = 2;
-constexpr int kSharedWgRows = 4 * kSharedWgGroups;
+constexpr int kSharedWgRows = 4 * kSharedWgGroups;                // consumer warps, a row each
+constexpr int kSharedWgThreads = kSharedWgRows * 32 + 32;         // and the producer warp
 constexpr int kSharedWgStages = 4;
 constexpr size_t kSharedWgBytes =
     size_t(kSharedWgRows * 16 + kSharedWgStages * 2 * kSharedKeys) * kSharedWgDim * sizeof(Bf16) +
-    kSharedWgStages * sizeof(uint64_t) + 1024;
+    (2 * kSharedWgStages + 1) * sizeof(uint64_t) + 1024;
 
-__global__ void __launch_bounds__(kSharedWgRows * 32)
+__global__ void __launch_bounds__(kSharedWgThreads)
     SharedBlocksWgmmaKernel(AttnParams p, const __grid_constant__ CUtensorMap k_map,
                             const __grid_constant__ CUtensorMap v_map) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -1120,36 +1123,72 @@ __global__ void __launch_bounds__(kSharedWgRows * 32)
   Bf16* qs = reinterpret_cast<Bf16*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   Bf16* stages = qs + kSharedWgRows * 16 * D;  // [S][K | V][kSharedKeys, D]
   uint64_t* full = reinterpret_cast<uint64_t*>(stages + S * 2 * kSharedKeys * D);  // [S]: the step's K/V landed
+  uint64_t* empty = full + S;  // [S]: every consumer warp is done with the stage
+  uint64_t* zeroed = empty + S;  // the last step's V rows past the block's last key are zeros
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = blockIdx.y;
-  const SharedSteps w(p, kSharedWgRows, warp);
+  const bool producer = warp == kSharedWgRows;
+  const SharedSteps w(p, kSharedWgRows, producer ? 0 : warp);
   const int64_t pos = w.pos, r = w.r, last_pos = w.last_pos, used = w.used;
-  const bool active = w.active, chosen = w.chosen;
+  const bool active = !producer && w.active, chosen = w.chosen;
+  // Only the last step can reach past the block's last key (steps ascend).
+  const bool partial_last = used > 0 && w.Key0(used - 1) + kSharedKeys - 1 > last_pos;
   auto stage = [&](int64_t s) { return stages + (s % S) * 2 * kSharedKeys * D; };
-  // Thread 0: step s's K and V tiles (a step's keys lie in one page), as 64-column slabs.
-  auto load = [&](int64_t s) {
-    const int64_t key0 = w.Key0(s);
-    const int page = p.cache.pages[key0 / kKvPageTokens], row = int(key0 % kKvPageTokens);
-    uint64_t* bar = &full[s % S];
-    MbarArriveExpectTx(bar, 2 * kSharedKeys * D * sizeof(Bf16));
-    for (int slab = 0; slab < D / 64; ++slab) {
-      TmaLoad4d(stage(s) + slab * kSharedKeys * 64, &k_map, 64 * slab, g, row, page, bar);
-      TmaLoad4d(stage(s) + kSharedKeys * D + slab * kSharedKeys * 64, &v_map, 64 * slab, g, row, page, bar);
-    }
-  };
   if (threadIdx.x == 0) {
-    for (int s = 0; s < S; ++s) MbarInit(&full[s], 1);
+    for (int s = 0; s < S; ++s) {
+      MbarInit(&full[s], 1);
+      MbarInit(&empty[s], kSharedWgRows);
+    }
+    MbarInit(zeroed, 1);
     FenceMbarInit();
-    for (int64_t s = 0; s < S - 1 && s < used; ++s) load(s);  // while Q is formed
   }
   // Q: head h of warp w's row at row 16 w + h, zeros past G and for a row outside the chunk.
-  for (int c = lane; c < 16 * D / 8; c += 32) {  // 16-byte pieces
-    const int h = c / (D / 8), col = c % (D / 8) * 8;
-    uint4 x{0, 0, 0, 0};
-    if (active && h < p.G) x = *reinterpret_cast<const uint4*>(p.q + ((r * p.H + int64_t(g) * p.G + h) * D + col));
-    *reinterpret_cast<uint4*>(qs + Sw128Offset(16 * warp + h, col, kSharedWgRows * 16)) = x;
+  if (!producer) {
+    for (int c = lane; c < 16 * D / 8; c += 32) {  // 16-byte pieces
+      const int h = c / (D / 8), col = c % (D / 8) * 8;
+      uint4 x{0, 0, 0, 0};
+      if (active && h < p.G) x = *reinterpret_cast<const uint4*>(p.q + ((r * p.H + int64_t(g) * p.G + h) * D + col));
+      *reinterpret_cast<uint4*>(qs + Sw128Offset(16 * warp + h, col, kSharedWgRows * 16)) = x;
+    }
+    FenceProxyAsync();
   }
-  FenceProxyAsync();
   __syncthreads();  // Q, and the barriers' initialisation
+
+  if (producer) {
+    // Step s's K and V tiles (a step's keys lie in one page), as 64-column slabs, once every
+    // consumer warp has released step s − S's stage.
+    if (lane == 0) {
+      for (int64_t s = 0; s < used; ++s) {
+        if (s >= S) MbarWait(&empty[s % S], uint32_t(s / S - 1) & 1);
+        const int64_t key0 = w.Key0(s);
+        const int page = p.cache.pages[key0 / kKvPageTokens], row = int(key0 % kKvPageTokens);
+        uint64_t* bar = &full[s % S];
+        MbarArriveExpectTx(bar, 2 * kSharedKeys * D * sizeof(Bf16));
+        for (int slab = 0; slab < D / 64; ++slab) {
+          TmaLoad4d(stage(s) + slab * kSharedKeys * 64, &k_map, 64 * slab, g, row, page, bar);
+          TmaLoad4d(stage(s) + kSharedKeys * D + slab * kSharedKeys * 64, &v_map, 64 * slab, g, row, page, bar);
+        }
+      }
+    }
+    if (partial_last) {
+      // The rows after the block's last key may hold anything (NaN too), and P = 0 does not
+      // cancel NaN in P V: those V rows become zeros (each a whole 128-byte line of each slab)
+      // before the consumers take the last step.
+      __syncwarp();
+      const int64_t s = used - 1;
+      MbarWait(&full[s % S], uint32_t(s / S) & 1);
+      Bf16* vs = stage(s) + kSharedKeys * D;
+      const int first_zero = int(last_pos - w.Key0(s) + 1);
+      for (int c = lane; c < (kSharedKeys - first_zero) * (D / 8); c += 32) {
+        const int row = first_zero + c / (D / 8), part = c % (D / 8);
+        *reinterpret_cast<uint4*>(vs + ((part / 8) * kSharedKeys + row) * 64 + (part % 8) * 8) = uint4{0, 0, 0, 0};
+      }
+      FenceProxyAsync();
+      __syncwarp();
+      if (lane == 0) MbarArrive(zeroed);
+    }
+    return;
+  }
+
   SoftmaxState<D> st;
   st.Clear();
   float(&o64)[64] = reinterpret_cast<float(&)[64]>(st.o);
@@ -1159,23 +1198,12 @@ __global__ void __launch_bounds__(kSharedWgRows * 32)
   const uint32_t q_desc = Sw128Descriptor(qs) + (warp / 4) * kSlab;
   for (int64_t s = 0; s < used; ++s) {
     MbarWait(&full[s % S], uint32_t(s / S) & 1);
-    WgmmaWait<0>();  // step s − 1's O += P V, which reads the stage the next load overwrites
+    if (partial_last && s == used - 1) MbarWait(zeroed, 0);
+    WgmmaWait<0>();  // step s − 1's O += P V, which reads the stage released here
     WgmmaFenceOperands(o64);
+    if (s > 0 && lane == 0) MbarArrive(&empty[(s - 1) % S]);
     const int64_t key0 = w.Key0(s);
-    Bf16* ks = stage(s);
-    if (key0 + kSharedKeys - 1 > last_pos) {
-      // The rows after the block's last key may hold anything (NaN too), and P = 0 does not
-      // cancel NaN in P V: those V rows become zeros (each a whole 128-byte line of each slab).
-      const int first_zero = int(last_pos - key0 + 1);
-      for (int c = threadIdx.x; c < (kSharedKeys - first_zero) * (D / 8); c += kSharedWgRows * 32) {
-        const int row = first_zero + c / (D / 8), part = c % (D / 8);
-        *reinterpret_cast<uint4*>(ks + kSharedKeys * D + ((part / 8) * kSharedKeys + row) * 64 + (part % 8) * 8) =
-            uint4{0, 0, 0, 0};
-      }
-      FenceProxyAsync();
-    }
-    __syncthreads();  // every warpgroup is past step s − 1 (and its V rows are whole)
-    if (threadIdx.x == 0 && s + S - 1 < used) load(s + S - 1);
+    const Bf16* ks = stage(s);
     const uint32_t k_desc = Sw128Descriptor(ks);
     float sc[kSharedKeys / 8][4];
     float(&s32)[32] = reinterpret_cast<float(&)[32]>(sc);
@@ -1410,7 +1438,7 @@ absl::Status LaunchAttention(AttnParams p, cudaStream_t stream) {
                                                    int(kSharedWgBytes)));
     SALA_ASSIGN_OR_RETURN(const CUtensorMap k_map, KvTensorMap(p.cache.k, p.cache, p.Hk, D));
     SALA_ASSIGN_OR_RETURN(const CUtensorMap v_map, KvTensorMap(p.cache.v, p.cache, p.Hk, D));
-    SharedBlocksWgmmaKernel<<<dim3(blocks_of(kSharedWgRows), p.Hk), kSharedWgRows * 32, kSharedWgBytes, stream>>>(
+    SharedBlocksWgmmaKernel<<<dim3(blocks_of(kSharedWgRows), p.Hk), kSharedWgThreads, kSharedWgBytes, stream>>>(
         p, k_map, v_map);
   } else {
     const size_t shared_smem = size_t(kSharedStages) * 2 * kSharedKeys * D * sizeof(Bf16);

@@ -175,6 +175,9 @@ __device__ __forceinline__ void MbarArriveExpectTx(uint64_t* bar, uint32_t bytes
                "r"(bytes)
                : "memory");
 }
+__device__ __forceinline__ void MbarArrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(SmemAddress(bar)) : "memory");
+}
 // Whether the phase of parity `parity` has completed, the thread suspended for a while (a
 // system-dependent limit) if it has not yet: waiting warps then leave the issue slots to others.
 __device__ __forceinline__ bool MbarTryWait(uint64_t* bar, uint32_t parity) {
