@@ -1131,7 +1131,7 @@ __global__ void __launch_bounds__(kSharedWgThreads)
   const bool producer = warp == kSharedWgRows;
   const SharedSteps w(p, kSharedWgRows, producer ? 0 : warp);
   const int64_t pos = w.pos, r = w.r, last_pos = w.last_pos, used = w.used;
-  const bool active = !producer && w.active, chosen = w.chosen;
+  const bool active = w.active, chosen = w.chosen;  // the producer, which returns early, has no row
   // Only the last step can reach past the block's last key (steps ascend).
   const bool partial_last = used > 0 && w.Key0(used - 1) + kSharedKeys - 1 > last_pos;
   auto stage = [&](int64_t s) { return stages + (s % S) * 2 * kSharedKeys * D; };
