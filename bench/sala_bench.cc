@@ -35,7 +35,7 @@
 ABSL_FLAG(std::string, model, "", "model directory (config.json is enough)");
 ABSL_FLAG(uint64_t, seed, 1, "seed of the random weights");
 ABSL_FLAG(std::string, lengths, "8192", "prompt lengths, comma-separated");
-ABSL_FLAG(int, chunk_size, 8192, "prefill chunk");
+ABSL_FLAG(int, chunk_size, 0, "prefill chunk, tokens (0: the engine's choice, 8448 on an H100/H200)");
 ABSL_FLAG(std::string, decode_batches, "1,8", "decode batch sizes");
 ABSL_FLAG(bool, profile, true, "repeat each prefill with device-synchronised sections for the time split by kind");
 ABSL_FLAG(int, decode_steps, 16, "timed decode steps per batch size");
@@ -415,13 +415,14 @@ int main(int argc, char** argv) {
   }
   sala::Engine& e = **engine;
   const sala::ModelConfig& c = e.config();
+  const int chunk = e.options().chunk_size;  // the engine's choice where the flag left it 0
   cudaDeviceProp prop;
   cudaGetDeviceProperties(&prop, 0);
   nlohmann::json out = {{"gpu", prop.name}, {"model_layers", c.num_layers}, {"hidden_size", c.hidden_size},
-                        {"chunk_size", o.chunk_size}, {"cuda_graphs", o.cuda_graphs}};
+                        {"chunk_size", chunk}, {"cuda_graphs", o.cuda_graphs}};
   // The sustained rate matters only for prefill floors.
   const bool prefills = !Ints(absl::GetFlag(FLAGS_lengths)).empty();
-  const GemmRates gemm_rates = GemmRate(c, o.chunk_size, prefills ? absl::GetFlag(FLAGS_sustained_gemm_seconds) : 0);
+  const GemmRates gemm_rates = GemmRate(c, chunk, prefills ? absl::GetFlag(FLAGS_sustained_gemm_seconds) : 0);
   const double gemm_tflops = gemm_rates.burst, sustained_tflops = gemm_rates.sustained;
   const double copy_bps = CopyBandwidth();
   out["gemm_bf16_tflops_at_model_shapes"] = gemm_tflops;
@@ -431,18 +432,18 @@ int main(int argc, char** argv) {
   if (sustained_tflops > 0) std::printf(" (sustained %.0f)", sustained_tflops);
   std::printf(" | device copy %.0f GB/s\n", copy_bps / 1e9);
   if (const double hold = absl::GetFlag(FLAGS_mlp_seconds); hold > 0) {
-    const MlpGateUpTimes m = MlpGateUp(c, o.chunk_size, hold);
-    const double flops = 4.0 * o.chunk_size * c.hidden_size * c.intermediate_size;
+    const MlpGateUpTimes m = MlpGateUp(c, chunk, hold);
+    const double flops = 4.0 * chunk * c.hidden_size * c.intermediate_size;
     auto rate = [&](double sec) { return sec > 0 ? flops / sec / 1e12 : 0.0; };
     std::printf("  MLP gate/up (%d rows): cuBLASLt + SwiGLU %.3f ms (%.0f TFLOP/s), fused %.3f ms (%.0f); "
                 "sustained %.3f ms (%.0f), fused %.3f ms (%.0f)\n",
-                o.chunk_size, 1e3 * m.split, rate(m.split), 1e3 * m.fused, rate(m.fused), 1e3 * m.split_sustained,
+                chunk, 1e3 * m.split, rate(m.split), 1e3 * m.fused, rate(m.fused), 1e3 * m.split_sustained,
                 rate(m.split_sustained), 1e3 * m.fused_sustained, rate(m.fused_sustained));
-    out["mlp_gate_up"] = {{"rows", o.chunk_size},         {"split_seconds", m.split},
+    out["mlp_gate_up"] = {{"rows", chunk},         {"split_seconds", m.split},
                           {"fused_seconds", m.fused},     {"split_sustained_seconds", m.split_sustained},
                           {"fused_sustained_seconds", m.fused_sustained}, {"hold_seconds", hold}};
   }
-  if (const int64_t T = o.chunk_size; c.num_linear_layers() > 0) {
+  if (const int64_t T = chunk; c.num_linear_layers() > 0) {
     const double sec = LightningChunkSeconds(c, T);
     std::printf("  lightning prefill chunk (%lld tokens, %d heads, dim %d): %.3f ms | %.2f M tokens/s\n", (long long)T,
                 c.num_heads, c.head_dim, 1e3 * sec, sec > 0 ? T / sec / 1e6 : 0.0);
@@ -457,12 +458,12 @@ int main(int argc, char** argv) {
   }
   for (int context : Ints(absl::GetFlag(FLAGS_sparse_contexts))) {
     if (c.num_sparse_layers() == 0) break;
-    const SparseChunkTimes st = SparseChunk(c, context, o.chunk_size);
+    const SparseChunkTimes st = SparseChunk(c, context, chunk);
     std::printf("  sparse layer, last %d-token chunk at %d: stage 1 %.2f ms (%.0f TFLOP/s) | stage 2 %.2f ms (%.0f TFLOP/s)\n",
-                std::min(o.chunk_size, context), context, 1e3 * st.stage1_seconds,
+                std::min(chunk, context), context, 1e3 * st.stage1_seconds,
                 st.stage1_seconds > 0 ? st.stage1_flops / st.stage1_seconds / 1e12 : 0.0, 1e3 * st.stage2_seconds,
                 st.stage2_seconds > 0 ? st.stage2_flops / st.stage2_seconds / 1e12 : 0.0);
-    out["sparse_chunk"].push_back({{"context", context}, {"chunk", std::min(o.chunk_size, context)},
+    out["sparse_chunk"].push_back({{"context", context}, {"chunk", std::min(chunk, context)},
                                    {"stage1_seconds", st.stage1_seconds}, {"stage1_flops", st.stage1_flops},
                                    {"stage2_seconds", st.stage2_seconds}, {"stage2_flops", st.stage2_flops}});
   }

@@ -21,8 +21,9 @@ const char* FinishReasonName(FinishReason r) { return r == FinishReason::kStop ?
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const std::string& model_dir,
                                                      const EngineOptions& options) {
-  if (options.chunk_size <= 0)
-    return absl::InvalidArgumentError(absl::StrCat("chunk size must be positive, got ", options.chunk_size));
+  if (options.chunk_size < 0)
+    return absl::InvalidArgumentError(
+        absl::StrCat("chunk size must be positive (or 0 for the backend's choice), got ", options.chunk_size));
   if (options.max_context_tokens < 0)
     return absl::InvalidArgumentError("max context tokens must not be negative");
   std::unique_ptr<Engine> e(new Engine());
@@ -42,6 +43,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const std::string& model_di
       return absl::InvalidArgumentError("random weights are generated on the GPU: use the cuda backend");
 #ifdef SALA_HAVE_CUDA
     SALA_ASSIGN_OR_RETURN(e->backend_, MakeCudaBackendWithRandomWeights(e->config_, *options.random_weights_seed, options.cuda_graphs));
+    e->ResolveChunkSize();
     return e;
 #else
     return absl::FailedPreconditionError("this build has no CUDA backend (configure with nvcc present)");
@@ -59,7 +61,12 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const std::string& model_di
   } else {
     return absl::InvalidArgumentError(absl::StrCat("unknown backend '", options.backend, "' (have: cpu, cuda)"));
   }
+  e->ResolveChunkSize();
   return e;
+}
+
+void Engine::ResolveChunkSize() {
+  if (options_.chunk_size == 0) options_.chunk_size = backend_->PreferredChunkTokens();
 }
 
 int64_t Engine::max_context_tokens() const {

@@ -22,7 +22,7 @@ ABSL_FLAG(std::string, metrics_listen, "", "host:port of the /metrics and /healt
 ABSL_FLAG(std::string, redis, "127.0.0.1:6379", "Redis address for the worker registry (empty: no registry)");
 ABSL_FLAG(std::string, worker_id, "", "worker id (default: role + random)");
 ABSL_FLAG(std::string, backend, "cpu", "compute backend");
-ABSL_FLAG(int, chunk_size, 8192, "prefill chunk, tokens");
+ABSL_FLAG(int, chunk_size, 0, "prefill chunk, tokens (0: the backend's choice: 8192 on the CPU, on a GPU 8192 rounded to 64 rows an SM, 8448 on an H100/H200)");
 ABSL_FLAG(int64_t, random_weights_seed, -1,
           "draw the weights on the GPU from this seed instead of reading the checkpoint (cuda backend; "
           "for benchmarks of the 9B shape from its config.json alone); -1: read the checkpoint");

@@ -226,5 +226,15 @@ TEST_F(EngineGpuTest, ChunkedPrefillMatchesOneShot) {
   EXPECT_LT(testing::RelativeError(*many, *one), 1e-2);
 }
 
+TEST_F(EngineGpuTest, DefaultChunkIsWholeWavesNear8192) {
+  auto e = Load("cuda", 0);
+  ASSERT_TRUE(e);
+  const int chunk = e->options().chunk_size;
+  auto sms = cuda::MultiprocessorCount();
+  ASSERT_TRUE(sms.ok());
+  EXPECT_EQ(chunk % (64 * *sms), 0) << chunk << " tokens on " << *sms << " SMs";
+  EXPECT_LE(std::abs(chunk - 8192), 32 * *sms) << chunk;
+}
+
 }  // namespace
 }  // namespace sala

@@ -248,7 +248,13 @@ TEST(EngineLoadTest, RefusesBrokenModelDirectories) {
     EXPECT_FALSE(Engine::Load(dir, {}).ok());
   }
   EngineOptions o;
-  o.chunk_size = 0;
+  {
+    // chunk_size 0 (the default) stands for the backend's chunk, which options() then shows.
+    auto e = Engine::Load(testing::TestModelDir(), o);
+    ASSERT_TRUE(e.ok()) << e.status();
+    EXPECT_EQ((*e)->options().chunk_size, 8192);
+  }
+  o.chunk_size = -1;
   EXPECT_EQ(Engine::Load(testing::TestModelDir(), o).status().code(), absl::StatusCode::kInvalidArgument);
   o = {};
   o.backend = "tpu";

@@ -34,6 +34,9 @@ class Backend {
   virtual ~Backend() = default;
   virtual std::string name() const = 0;
 
+  // The prefill chunk (tokens) that EngineOptions::chunk_size = 0 stands for.
+  virtual int PreferredChunkTokens() const { return 8192; }
+
   // Appends `tokens` to `state` in one pass and returns the logits of the last one.
   // `sparse` is the pass's dense/sparse attention choice (the same for every chunk of a prompt).
   virtual absl::StatusOr<std::vector<float>> Forward(SequenceState& state,

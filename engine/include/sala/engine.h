@@ -20,7 +20,7 @@ namespace sala {
 
 struct EngineOptions {
   std::string backend = "cpu";
-  int chunk_size = 8192;         // prefill chunk, tokens
+  int chunk_size = 0;            // prefill chunk, tokens (0: the backend's PreferredChunkTokens())
   bool dense_as_sparse = false;  // every length takes the sparse path (dense_len = 0)
   int64_t max_context_tokens = 0;  // 0: the config's max_position_embeddings
   // Random weights generated on the device from this seed instead of the checkpoint (CUDA only):
@@ -88,6 +88,8 @@ class Engine {
  private:
   Engine() = default;
   absl::Status CheckTokens(std::span<const int> tokens) const;
+  // Replaces chunk_size 0 by the backend's choice, so that options() shows the chunk in use.
+  void ResolveChunkSize();
   // A decode step's checks; the dense/sparse choice per sequence.
   absl::StatusOr<std::unique_ptr<bool[]>> DecodeChoices(std::span<SequenceState* const> states,
                                                         std::span<const int> tokens) const;
