@@ -6,9 +6,10 @@
 //     deep); the MMA computes keys × heads, and a second MMA with a matrix of ones sums the heads.
 //   ScoreWgmmaKernel: stage 1 of a prefill on Hopper, the same scores from warpgroup MMAs that read
 //     Q and the key tiles (loaded by TMA) from shared memory (see there).
-//   TopKKernel: the `keep` best candidate blocks of each (token, group) by a bitwise search for
-//     the keep-th largest score (ties: the lower block), plus the forced init and local blocks;
-//     lists come out in ascending order.
+//   TopKKernel: the `keep` best candidate blocks of each (token, group), a warp each, by a
+//     bitwise search for the keep-th largest score (ties: the lower block) over the few scores
+//     that reach a bound from segment maxima, plus the forced init and local blocks; lists come
+//     out in ascending order.
 //   SharedBlocksKernel, ChosenBlocksKernel: stage 2, the group's 16 heads of a token as the MMA
 //     rows, K/V tiles streaming through shared memory with cp.async, online softmax in
 //     registers. The first takes the blocks that all tokens of a query block attend (init and
@@ -623,170 +624,185 @@ struct TopKParams {
   int* counts;  // [T, Hk]
 };
 
-// Exclusive prefix sums of two per-thread counts over the block (thread order), and totals.
-template <int Threads>
-__device__ void BlockScan2(int a, int b, int& a_excl, int& b_excl, int& a_total, int& b_total) {
-  __shared__ int warp_a[Threads / 32], warp_b[Threads / 32];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  int ia = a, ib = b;
-  for (int off = 1; off < 32; off <<= 1) {
-    const int xa = __shfl_up_sync(0xffffffff, ia, off), xb = __shfl_up_sync(0xffffffff, ib, off);
-    if (lane >= off) {
-      ia += xa;
-      ib += xb;
-    }
-  }
-  if (lane == 31) {
-    warp_a[warp] = ia;
-    warp_b[warp] = ib;
-  }
-  __syncthreads();
-  // Every warp scans the warp totals itself, lane w holding warp w's: two shared loads a thread,
-  // where summing them took 2 * Threads / 32 (top-k at 1M on an H100: 0.30 -> 0.26 ms a launch).
-  int wa = lane < Threads / 32 ? warp_a[lane] : 0, wb = lane < Threads / 32 ? warp_b[lane] : 0;
-  for (int off = 1; off < 32; off <<= 1) {
-    const int xa = __shfl_up_sync(0xffffffff, wa, off), xb = __shfl_up_sync(0xffffffff, wb, off);
-    if (lane >= off) {
-      wa += xa;
-      wb += xb;
-    }
-  }
-  const int before_a = __shfl_sync(0xffffffff, wa, max(warp - 1, 0));
-  const int before_b = __shfl_sync(0xffffffff, wb, max(warp - 1, 0));
-  a_excl = (warp > 0 ? before_a : 0) + ia - a;
-  b_excl = (warp > 0 ? before_b : 0) + ib - b;
-  a_total = __shfl_sync(0xffffffff, wa, 31);
-  b_total = __shfl_sync(0xffffffff, wb, 31);
-}
+// TopKKernel's shape: a warp per (token, group), kTopKWarps a thread block. A warp gathers up to
+// kTopKGathered scores at or above its bound into shared memory, each with its candidate's
+// index in the low 16 bits (so at most 2^15 candidates: contexts up to 2M tokens).
+constexpr int kTopKWarps = 8;
+constexpr int kTopKGathered = 1024;
+constexpr int64_t kTopKMaxCandidates = int64_t(1) << 15;
 
-// The largest x below 2^15 (a non-negative f16's bits) whose bits under low_bit are 0 and for
-// which count(x, bit) >= keep, where count is non-increasing in x: a bitwise search from the top
-// bit, one count a round (bit: the round's bit). Every thread of the block must call it.
+// The largest x below 2^15 (a non-negative f16's bits) for which count(x) >= keep, where count
+// is non-increasing in x: a bitwise search from the top bit, one count a round.
 template <typename Count>
-__device__ __forceinline__ uint32_t LargestReaching(int low_bit, int keep, Count count) {
+__device__ __forceinline__ uint32_t LargestReaching(int keep, Count count) {
   uint32_t x = 0;
-  for (int bit = 14; bit >= low_bit; --bit) {
+  for (int bit = 14; bit >= 0; --bit) {
     const uint32_t trial = x | (1u << bit);
-    if (count(trial, bit) >= keep) x = trial;
+    if (count(trial) >= keep) x = trial;
   }
   return x;
 }
 
-// E candidate scores per thread, contiguous, so that thread order is block order. Blocks of
-// 1024 threads above 4096 candidates: with 64 scores a thread (256 threads) the kernel took 225
-// registers, one block an SM, and at 1M spent 3.3 ms of a chunk's 16.8 ms of stage 1. Up to
-// 16 a thread, two 1024-thread blocks share an SM (32 registers, 64 bytes spilled): a row's
-// search is a chain of block-wide barriers, which at one row an SM left the SM waiting (stage 1
-// of one layer's last chunk on an H100, same call: 12.08-12.09 against 12.27-12.32 ms at 1M,
-// 6.24-6.36 against 6.51-6.55 at 512K).
+// Eight scores (non-negative f16s, which order as their bit patterns) from `at` on, those from
+// `end` on as 0 (read from the row's last piece, to stay in bounds).
+__device__ __forceinline__ uint4 LoadScores8(const uint16_t* row, int64_t at, int64_t end) {
+  uint4 x = *reinterpret_cast<const uint4*>(row + min(at, (end - 1) / 8 * 8));
+  if (at + 8 > end) {
+    const int valid = end > at ? int(end - at) : 0;
+    auto mask = [&](int word) { return (2 * word < valid ? 0xFFFFu : 0u) | (2 * word + 1 < valid ? 0xFFFF0000u : 0u); };
+    x.x &= mask(0);
+    x.y &= mask(1);
+    x.z &= mask(2);
+    x.w &= mask(3);
+  }
+  return x;
+}
+
+// The `keep` best candidate blocks of each (token, group): the scores above tau, the keep-th
+// largest score, and the lowest blocks of those equal to it; plus the forced init and local
+// blocks. Lists come out in ascending order. A warp a row, with no block-wide barrier: the
+// earlier form (a thread block a row, bitwise searches of block-wide counts) waited on a chain
+// of ~30 barriers a row, 0.20 ms for a chunk of 8448 rows at 128K and 0.66 ms at 1M (H100).
 //
-// tau, the keep-th largest score, is the largest value with at least `keep` scores >= it; the
-// kernel keeps the scores above tau and the lowest blocks of those equal to it. It first bounds
-// tau from below by the keep-th largest of the threads' maxima (at least keep threads hold a
-// score >= that bound). With scores that are not mostly ties, about keep scores reach the bound:
-// those are gathered in block order, one a thread, and the bitwise search for tau runs over them
-// with one block-wide count a round, in place of E scores a thread and two reductions a round
-// over all of them (at 1M that search took 0.49 ms of a launch of 2048 rows). Where more than
-// one a thread reach the bound, the search runs over all scores.
-template <int E, int Threads>
-__global__ void __launch_bounds__(Threads, Threads == 1024 && E <= 16 ? 2 : 1) TopKKernel(TopKParams p) {
-  __shared__ int warp_counts[2][Threads / 32];
-  __shared__ uint32_t gathered_score[Threads];
-  __shared__ int gathered_block[Threads];
-  const int64_t r = blockIdx.x;
-  const int g = blockIdx.y, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+// The row's candidates fall into segments of 16 M scores, 32 a lane. The keep-th largest
+// segment maximum bounds tau from below (keep segments hold a score at least that); where the
+// maxima are distinct, only keep segments reach it, so the scores at or above the bound (about
+// keep of them unless the scores are mostly ties) are few. They are gathered in block order into
+// shared memory, where the search for tau and the selection run; where more than kTopKGathered
+// reach the bound (a sea of ties), both run over the whole row instead.
+template <int M>
+__global__ void __launch_bounds__(kTopKWarps * 32) TopKKernel(TopKParams p) {
+  constexpr int kSeg = 16 * M;
+  __shared__ uint32_t gathered_at[kTopKWarps][kTopKGathered];  // score << 16 | candidate
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t w = int64_t(blockIdx.x) * kTopKWarps + warp;  // row * Hk + group
+  if (w >= p.T * p.Hk) return;
+  const int64_t r = w / p.Hk;
   const int64_t pos = p.positions ? p.positions[r] : p.first + r, bq = pos / kBlock;
   const int64_t nc = p.cand.Count(bq);
-  int* out = p.blocks + (r * p.Hk + g) * p.selected;
-  if (nc <= p.cand.keep) {  // every block up to b_q
-    for (int64_t b = threadIdx.x; b <= bq; b += Threads) out[b] = int(b);
-    if (threadIdx.x == 0) p.counts[r * p.Hk + g] = int(bq + 1);
+  const int keep = p.cand.keep;
+  int* out = p.blocks + w * p.selected;
+  if (nc <= keep) {  // every block up to b_q
+    for (int64_t b = lane; b <= bq; b += 32) out[b] = int(b);
+    if (lane == 0) p.counts[w] = int(bq + 1);
     return;
   }
-  const __half* row = p.scores + (r * p.Hk + g) * p.ncap;
-  const int64_t i0 = int64_t(threadIdx.x) * E;
-  uint32_t v[E];  // non-negative f16s order as their bit patterns; 0 past the candidates
+  const uint16_t* row = reinterpret_cast<const uint16_t*>(p.scores + w * p.ncap);  // ncap: a multiple of 8
+  const int64_t segments = (nc + kSeg - 1) / kSeg;
+  // Loads go four rounds (segments lane + 32 i, i in a group of four) at a time, so that their
+  // latencies overlap; rounds past the last segment are skipped (the same in every lane).
+  constexpr int kGroup = 4;
+  const int rounds = int((segments + 31) / 32);
+  uint32_t seg_max[32];  // segment lane + 32 i; 0 past the last
 #pragma unroll
-  for (int e = 0; e < E; e += 4) {
-    uint2 x{0, 0};  // four scores (ncap is a multiple of 4)
-    if (i0 + e < nc) x = *reinterpret_cast<const uint2*>(row + i0 + e);
-    v[e] = i0 + e < nc ? x.x & 0xFFFFu : 0u;
-    v[e + 1] = i0 + e + 1 < nc ? x.x >> 16 : 0u;
-    v[e + 2] = i0 + e + 2 < nc ? x.y & 0xFFFFu : 0u;
-    v[e + 3] = i0 + e + 3 < nc ? x.y >> 16 : 0u;
-  }
-  uint32_t top = 0;
+  for (int i0 = 0; i0 < 32; i0 += kGroup) {
+    uint4 x[kGroup][kSeg / 8];
+    if (i0 < rounds) {
 #pragma unroll
-  for (int e = 0; e < E; ++e) top = max(top, v[e]);
-  // Any value up to tau bounds it: the search stops at 8 mantissa bits (13 rounds, not 15),
-  // which gathers at most the scores within 0.4% below the keep-th largest maximum as well.
-  const uint32_t bound =
-      LargestReaching(2, p.cand.keep, [&](uint32_t trial, int) { return __syncthreads_count(top >= trial); });
-  int reach = 0;
+      for (int i = 0; i < kGroup; ++i)
 #pragma unroll
-  for (int e = 0; e < E; ++e) reach += i0 + e < nc && v[e] >= bound;
-  int reach_excl, unused_excl, reach_total, unused_total;
-  BlockScan2<Threads>(reach, 0, reach_excl, unused_excl, reach_total, unused_total);
-  int gt, eq;  // this thread's scores above tau and equal to it, of those it takes part with
-  uint32_t tau;
-  if (reach_total <= Threads) {
+        for (int k = 0; k < kSeg / 8; ++k) x[i][k] = LoadScores8(row, (lane + 32 * (i0 + i)) * kSeg + 8 * k, nc);
+    }
 #pragma unroll
-    for (int e = 0; e < E; ++e)
-      if (i0 + e < nc && v[e] >= bound) {
-        gathered_score[reach_excl] = v[e];
-        gathered_block[reach_excl++] = int(i0 + e);
-      }
-    __syncthreads();
-    const bool mine = int(threadIdx.x) < reach_total;
-    const uint32_t score = mine ? gathered_score[threadIdx.x] : 0u;
-    tau = LargestReaching(0, p.cand.keep,
-                          [&](uint32_t trial, int) { return __syncthreads_count(mine && score >= trial); });
-    gt = mine && score > tau;
-    eq = mine && score == tau;
-  } else {
-    tau = LargestReaching(0, p.cand.keep, [&](uint32_t trial, int bit) {
-      // Four counts side by side: one count's chain of E dependent adds was the kernel's first
-      // stall (fixed-latency dependencies). Scores and trials are below 2^31, so v < trial is
-      // the sign bit of v - trial: a subtract and a shift-add a score.
-      unsigned part[4] = {0, 0, 0, 0};
+    for (int i = 0; i < kGroup; ++i) {
+      uint32_t m = 0;
 #pragma unroll
-      for (int e = 0; e < E; ++e) part[e % 4] += (v[e] - trial) >> 31;
-      const int cnt = E * 32 - int(__reduce_add_sync(0xffffffff, (part[0] + part[1]) + (part[2] + part[3])));
-      if (lane == 0) warp_counts[bit & 1][warp] = cnt;
-      __syncthreads();
-      return int(__reduce_add_sync(0xffffffff, lane < Threads / 32 ? unsigned(warp_counts[bit & 1][lane]) : 0u));
-    });
-    gt = eq = 0;
-#pragma unroll
-    for (int e = 0; e < E; ++e) {
-      const bool valid = i0 + e < nc;
-      gt += valid && v[e] > tau;
-      eq += valid && v[e] == tau;
+      for (int k = 0; k < kSeg / 8; ++k)
+        if (i0 < rounds) m = __vmaxu2(m, __vmaxu2(__vmaxu2(x[i][k].x, x[i][k].y), __vmaxu2(x[i][k].z, x[i][k].w)));
+      seg_max[i0 + i] = max(m & 0xFFFFu, m >> 16);
     }
   }
-  __syncthreads();  // the scan's shared counts are free again
-  int gt_excl, eq_excl, gt_total, eq_total;
-  BlockScan2<Threads>(gt, eq, gt_excl, eq_excl, gt_total, eq_total);
-  const int need_eq = p.cand.keep - gt_total;  // ties at tau: the lowest blocks
-  int at = p.cand.init + gt_excl + min(eq_excl, need_eq), eq_rank = eq_excl;
-  if (reach_total <= Threads) {
-    if (gt || (eq && eq_rank < need_eq)) out[at] = p.cand.init + gathered_block[threadIdx.x];
-  } else {
+  // With fewer segments than keep there is no bound: every score is gathered.
+  const uint32_t bound = segments < keep ? 0u : LargestReaching(keep, [&](uint32_t trial) {
+    int n = 0;
 #pragma unroll
-    for (int e = 0; e < E; ++e) {
-      if (i0 + e >= nc) break;
-      if (v[e] > tau) {
-        out[at++] = int(p.cand.init + i0 + e);
-      } else if (v[e] == tau) {
-        if (eq_rank < need_eq) out[at++] = int(p.cand.init + i0 + e);
-        ++eq_rank;
+    for (int i = 0; i < 32; ++i) {
+      if (i >= rounds) break;
+      n += seg_max[i] >= trial;
+    }
+    return int(__reduce_add_sync(0xffffffff, unsigned(n)));
+  });
+  unsigned reaching = 0;  // bit i: segment lane + 32 i reaches the bound
+#pragma unroll
+  for (int i = 0; i < 32; ++i) reaching |= unsigned(lane + 32 * i < segments && seg_max[i] >= bound) << i;
+  uint32_t* gathered = gathered_at[warp];
+  int count = 0;  // gathered so far (the same in every lane)
+#pragma unroll 1
+  for (int i0 = 0; i0 < rounds; i0 += kGroup) {
+    const unsigned group = (reaching >> i0) & ((1u << kGroup) - 1);
+    if (!__any_sync(0xffffffff, group != 0)) continue;
+    uint4 x[kGroup][kSeg / 8];
+#pragma unroll
+    for (int i = 0; i < kGroup; ++i)
+#pragma unroll
+      for (int k = 0; k < kSeg / 8; ++k)
+        x[i][k] = (group >> i) & 1 ? LoadScores8(row, (lane + 32 * (i0 + i)) * kSeg + 8 * k, nc) : uint4{0, 0, 0, 0};
+#pragma unroll
+    for (int i = 0; i < kGroup; ++i) {
+      // This lane's scores at or above the bound (none where its segment does not reach it),
+      // then their places: a round's segments, in lane order, are in block order.
+      const int64_t c0 = (lane + 32 * (i0 + i)) * kSeg;
+      const bool reaches = (group >> i) & 1;
+      int n = 0;
+#pragma unroll
+      for (int k = 0; k < kSeg / 8; ++k) {
+        const uint32_t* word = &x[i][k].x;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) n += reaches && ((word[e / 2] >> (16 * (e % 2))) & 0xFFFFu) >= bound;
       }
+      int before = n;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const int y = __shfl_up_sync(0xffffffff, before, off);
+        if (lane >= off) before += y;
+      }
+      int at = count + before - n;
+      if (reaches) {
+#pragma unroll
+        for (int k = 0; k < kSeg / 8; ++k) {
+          const uint32_t* word = &x[i][k].x;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            const uint32_t s = (word[e / 2] >> (16 * (e % 2))) & 0xFFFFu;
+            if (s >= bound) {
+              if (at < kTopKGathered) gathered[at] = s << 16 | uint32_t(c0 + 8 * k + e);
+              ++at;
+            }
+          }
+        }
+      }
+      count += __shfl_sync(0xffffffff, before, 31);
     }
   }
-  for (int b = threadIdx.x; b < p.cand.init; b += Threads) out[b] = b;
-  for (int w = threadIdx.x; w <= p.cand.window; w += Threads)
-    out[p.cand.init + p.cand.keep + w] = int(bq - p.cand.window + w);
-  if (threadIdx.x == 0) p.counts[r * p.Hk + g] = p.cand.init + p.cand.keep + p.cand.window + 1;
+  __syncwarp();
+  // Search and select among the gathered scores, or (too many ties) the whole row.
+  const bool in_shared = count <= kTopKGathered;
+  const int64_t n = in_shared ? count : nc;
+  auto score = [&](int64_t k) { return in_shared ? gathered[k] >> 16 : uint32_t(row[k]); };
+  auto candidate = [&](int64_t k) { return in_shared ? int64_t(gathered[k] & 0xFFFFu) : k; };
+  const uint32_t tau = LargestReaching(keep, [&](uint32_t trial) {
+    int c = 0;
+    for (int64_t k = lane; k < n; k += 32) c += score(k) >= trial;
+    return int(__reduce_add_sync(0xffffffff, unsigned(c)));
+  });
+  int above = 0;
+  for (int64_t k = lane; k < n; k += 32) above += score(k) > tau;
+  const int need_eq = keep - int(__reduce_add_sync(0xffffffff, unsigned(above)));  // ties at tau: the lowest blocks
+  const unsigned lower_lanes = (1u << lane) - 1;
+  int taken = 0, equal = 0;  // so far, in block order (the same in every lane)
+  for (int64_t k0 = 0; k0 < n && taken < keep; k0 += 32) {
+    const int64_t k = k0 + lane;
+    const uint32_t s = k < n ? score(k) : 0u;
+    const unsigned eq = __ballot_sync(0xffffffff, k < n && s == tau);
+    const bool take = k < n && (s > tau || (s == tau && equal + __popc(eq & lower_lanes) < need_eq));
+    const unsigned took = __ballot_sync(0xffffffff, take);
+    if (take) out[p.cand.init + taken + __popc(took & lower_lanes)] = int(p.cand.init + candidate(k));
+    taken += __popc(took);
+    equal += __popc(eq);
+  }
+  for (int b = lane; b < p.cand.init; b += 32) out[b] = b;
+  for (int v = lane; v <= p.cand.window; v += 32) out[p.cand.init + keep + v] = int(bq - p.cand.window + v);
+  if (lane == 0) p.counts[w] = p.cand.init + keep + p.cand.window + 1;
 }
 
 struct AttnParams {
@@ -1406,11 +1422,10 @@ absl::Status LaunchPrefillScores(const PrefillScorer& scorer, const ScoreParams&
 }
 
 absl::Status LaunchTopK(const TopKParams& p, cudaStream_t stream) {
-  const dim3 grid(unsigned(p.T), p.Hk);
-  if (p.ncap <= 4 * 256) TopKKernel<4, 256><<<grid, 256, 0, stream>>>(p);
-  else if (p.ncap <= 16 * 256) TopKKernel<16, 256><<<grid, 256, 0, stream>>>(p);
-  else if (p.ncap <= 16 * 1024) TopKKernel<16, 1024><<<grid, 1024, 0, stream>>>(p);
-  else if (p.ncap <= 32 * 1024) TopKKernel<32, 1024><<<grid, 1024, 0, stream>>>(p);
+  const int64_t warps = p.T * p.Hk;
+  const unsigned grid = unsigned((warps + kTopKWarps - 1) / kTopKWarps);
+  if (p.ncap <= kTopKMaxCandidates / 2) TopKKernel<1><<<grid, kTopKWarps * 32, 0, stream>>>(p);
+  else if (p.ncap <= kTopKMaxCandidates) TopKKernel<2><<<grid, kTopKWarps * 32, 0, stream>>>(p);
   else return absl::ResourceExhaustedError("context too long for sparse block selection (above 2M tokens)");
   SALA_CUDA_CHECK_LAUNCH();
   return absl::OkStatus();
@@ -1487,7 +1502,7 @@ absl::Status SelectSparseBlocks(const Bf16* q, int64_t first, int64_t T, const S
   if (T == 0) return absl::OkStatus();
   const Candidates cand = MakeCandidates(shape);
   const int64_t last_bq = (first + T - 1) / kBlock;
-  const int64_t ncap = std::max<int64_t>(4, (last_bq - cand.window - cand.init + 3) / 4 * 4);
+  const int64_t ncap = std::max<int64_t>(8, (last_bq - cand.window - cand.init + 7) / 8 * 8);  // rows of 16 bytes
   // Launches of whole waves where the budget allows: a stage-1 block scans the whole context, so
   // a launch that leaves SMs idle in its last wave (say 1.3 waves of blocks) costs as much as a
   // full one. (Before, 8192 rows at ~750K context went as 3 x 2720 + 32 rows: 7 waves for 4.)
@@ -1518,7 +1533,7 @@ absl::Status SelectSparseBlocksRows(const float* q, int rows, const SparseCacheV
   SALA_RETURN_IF_ERROR(CheckShape(shape));
   if (rows == 0) return absl::OkStatus();
   const Candidates cand = MakeCandidates(shape);
-  const int64_t ncap = std::max<int64_t>(4, (max_position / kBlock - cand.window - cand.init + 3) / 4 * 4);
+  const int64_t ncap = std::max<int64_t>(8, (max_position / kBlock - cand.window - cand.init + 7) / 8 * 8);  // rows of 16 bytes
   SALA_RETURN_IF_ERROR(scratch.scores.Reserve(size_t(rows) * shape.kv_heads * ncap));
   // Few rows: split each row's k1 tiles (and, in a launch before, its k2 tiles) over several
   // thread blocks to fill the GPU, at least two k1 tiles each.
