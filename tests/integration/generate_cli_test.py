@@ -47,7 +47,7 @@ class GenerateCliTest(unittest.TestCase):
                           message="exceeds the maximum context of 200")
         self.expect_error("--prompt=hi", "--top-p=0", message="top_p")
         self.expect_error("--prompt=hi", "--temperature=-1", message="temperature")
-        self.expect_error("--prompt=hi", "--chunk-size=0", message="chunk size")
+        self.expect_error("--prompt=hi", "--chunk-size=-1", message="chunk size")
         self.expect_error("--prompt=hi", "--backend=tpu", message="unknown backend")
         empty = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
         empty.write("{\"role\": 1}")
