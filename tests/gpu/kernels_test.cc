@@ -572,10 +572,10 @@ int ExpectBlocksUpToTies(const SparseFixture& f, const float* q_group, int g, in
 }
 
 // Stage 1 of a prefill: the GPU's block lists against SelectBlocks', up to near-ties.
-// 300000: above 4096 candidate blocks, where the top-k takes 1024 threads a row. Zero queries
-// make every score tie on the CPU (and nearly so on the GPU, whose exponentials differ by the
-// key's place in a tile), so that more scores reach the top-k's first bound than it has threads
-// and it searches all of them; any choice among such ties is a near-tie. Top-k 8 keeps 6
+// 300000: above 4096 candidate blocks. Zero queries make every score tie on the CPU (and nearly
+// so on the GPU, whose exponentials differ by the key's place in a tile), so that more scores
+// reach the top-k's bound than a warp gathers and it searches the whole row; any choice among
+// such ties is a near-tie. Top-k 8 keeps 6
 // scored candidates, 64 keeps 62 (as the 9B model does), 160 keeps 158.
 TEST_F(GpuTest, SparseBlockSelectionMatchesCpu) {
   for (auto [L, T, heads, kv_heads, dim, zero_q, topk] :
@@ -603,6 +603,48 @@ TEST_F(GpuTest, SparseBlockSelectionMatchesCpu) {
                                           "L " + std::to_string(L) + " t " + std::to_string(t));
     if (!zero_q) EXPECT_LE(differing, T * kv_heads) << "L " << L;  // near-ties only
   }
+}
+
+// Stage 1's top-k alone against cpu::ChooseBlocks on the same f16 scores, list for list:
+// random scores with ~2K candidates a row and with ~20K (segments of 32 scores above 16K),
+// scores of 2 or 3 values (more reach the bound than a warp gathers, so it searches the whole
+// row), fewer segments than the blocks kept (no bound: all gathered), rows around and below
+// the point where a row has more candidates than it keeps, and top-k 8 and 160.
+TEST_F(GpuTest, TopBlocksMatchCpu) {
+  for (auto [first, T, window, topk, levels] :
+       {std::tuple{130000, 40, 32, 64, 0}, {1300000, 8, 32, 64, 0}, {130000, 24, 32, 64, 3}, {1300000, 4, 32, 64, 2},
+        {50000, 16, 32, 64, 0}, {3000, 30, 32, 64, 0}, {6060, 200, 32, 64, 0}, {130000, 20, 2, 8, 0},
+        {130000, 8, 32, 160, 0}, {130000, 8, 32, 160, 2}}) {
+    const cuda::SparseShape shape{32, 2, 128, 64, 32, 16, 1, window, topk + window};  // as ModelConfig has it
+    const int Hk = shape.kv_heads, init = shape.init_blocks, S = shape.selected_blocks;
+    const int64_t last_bq = (first + T - 1) / 64, ncap = std::max<int64_t>(8, (last_bq - window - init + 7) / 8 * 8);
+    std::mt19937 rng(first + topk + levels);
+    std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
+    std::vector<float> scores(size_t(T) * Hk * ncap);
+    for (float& x : scores) x = levels ? float(rng() % levels) / levels : uniform(rng);
+    int* blocks = Poisoned<int>(size_t(T) * Hk * S);
+    int* counts = Poisoned<int>(size_t(T) * Hk);
+    ASSERT_TRUE(cuda::SelectTopBlocks(HalfToDevice(scores), ncap, first, T, shape, blocks, counts, nullptr).ok());
+    std::vector<int> gb(size_t(T) * Hk * S), gc(size_t(T) * Hk);
+    cudaMemcpy(gb.data(), blocks, gb.size() * 4, cudaMemcpyDeviceToHost);
+    cudaMemcpy(gc.data(), counts, gc.size() * 4, cudaMemcpyDeviceToHost);
+    for (int64_t r = 0; r < T; ++r)
+      for (int g = 0; g < Hk; ++g) {
+        const int64_t bq = (first + r) / 64;
+        std::vector<float> score(bq + 1, INFINITY);  // init and local blocks forced
+        for (int64_t b = init; b < bq - window; ++b)
+          score[b] = __half2float(__float2half_rn(scores[(r * Hk + g) * ncap + b - init]));
+        const std::vector<int64_t> want = cpu::ChooseBlocks(score, S);
+        const int* got = gb.data() + (r * Hk + g) * S;
+        ASSERT_EQ(gc[r * Hk + g], int(want.size())) << "first " << first << " row " << r;
+        for (size_t i = 0; i < want.size(); ++i)
+          ASSERT_EQ(got[i], want[i]) << "first " << first << " levels " << levels << " row " << r << " entry " << i;
+      }
+  }
+  // Rows of scores that are not whole 16-byte pieces, or too short for the last row's candidates.
+  const cuda::SparseShape shape{32, 2, 128, 64, 32, 16, 1, 32, 96};
+  EXPECT_FALSE(cuda::SelectTopBlocks(Poisoned<__half>(64), 12, 3000, 1, shape, nullptr, nullptr, nullptr).ok());
+  EXPECT_FALSE(cuda::SelectTopBlocks(Poisoned<__half>(64), 8, 130000, 1, shape, nullptr, nullptr, nullptr).ok());
 }
 
 // Stage 2 over the GPU's own lists (and dense causal) against AttendBlocks. 6200: rows on both

@@ -166,16 +166,21 @@ std::vector<int64_t> SelectBlocks(const ModelConfig& config, const SparseLayerCa
     for (int64_t j = std::max<int64_t>(0, b * per_block - lead); j < std::min(n1, (b + 1) * per_block); ++j)
       score[b] = std::max(score[b], S[j]);
   }
+  std::vector<int64_t> order = ChooseBlocks(score, sc.selected_blocks());
+  if (scores_out) *scores_out = std::move(score);
+  return order;
+}
+
+std::vector<int64_t> ChooseBlocks(std::span<const float> score, int selected) {
   std::vector<int64_t> order;
-  for (int64_t b = 0; b <= bq; ++b)
-    if (score[b] > -inf) order.push_back(b);
-  const size_t keep = std::min<size_t>(order.size(), size_t(sc.selected_blocks()));
+  for (int64_t b = 0; b < int64_t(score.size()); ++b)
+    if (score[b] > -std::numeric_limits<float>::infinity()) order.push_back(b);
+  const size_t keep = std::min<size_t>(order.size(), size_t(selected));
   std::partial_sort(order.begin(), order.begin() + keep, order.end(), [&](int64_t a, int64_t b) {
     return score[a] != score[b] ? score[a] > score[b] : a < b;
   });
   order.resize(keep);
   std::sort(order.begin(), order.end());
-  if (scores_out) *scores_out = std::move(score);
   return order;
 }
 

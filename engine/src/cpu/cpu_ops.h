@@ -50,6 +50,11 @@ std::vector<int64_t> SelectBlocks(const ModelConfig& config, const SparseLayerCa
                                   const float* q, int kv_head, int64_t pos,
                                   std::vector<float>* scores = nullptr);
 
+// The blocks a query attends given its block scores (forced blocks +inf, blocks that are not
+// candidates -inf): the `selected` best, the lower block first among equal scores, ascending.
+// The oracle of the GPU's top-k.
+std::vector<int64_t> ChooseBlocks(std::span<const float> score, int selected);
+
 // Softmax attention of one query's group heads q [group, hd] at position `pos` over the keys
 // of `blocks` up to `pos`; o [group, hd]. The oracle of the GPU stage-2 kernel.
 void AttendBlocks(const ModelConfig& config, const SparseLayerCache& cache, const float* q, int kv_head,

@@ -80,6 +80,14 @@ absl::Status SelectSparseBlocksRows(const float* q, int rows, const SparseCacheV
                                     int64_t max_position, const SparseShape& shape, int* blocks, int* counts,
                                     SparseScratch& scratch, cudaStream_t stream);
 
+// Stage 1's selection alone, from block scores as stage 1 leaves them: scores [T, kv_heads,
+// ncap] (device, f16, non-negative, larger better; ncap a multiple of 8 and at least the last
+// row's candidate count), candidate c of a row being block init_blocks + c, for rows at
+// positions [first, first + T). Lists as SelectSparseBlocks writes them; among equal scores the
+// lower block goes first.
+absl::Status SelectTopBlocks(const __half* scores, int64_t ncap, int64_t first, int64_t T, const SparseShape& shape,
+                             int* blocks, int* counts, cudaStream_t stream);
+
 // Stage 2 of the prefill path: softmax attention over the blocks SelectSparseBlocks listed (the
 // lists' layout, not their counts, tells the init and local blocks from the chosen ones), or
 // (blocks null) over every block up to each row's (dense causal attention). The output o [T,

@@ -1520,11 +1520,22 @@ absl::Status SelectSparseBlocks(const Bf16* q, int64_t first, int64_t T, const S
     const ScoreParams sp{nullptr, q + s0 * shape.heads * shape.dim, first + s0, n, cache.k1, cache.k2, nullptr, nullptr,
                          shape.heads, shape.kv_heads, G, cand, scale_log2, scratch.scores.get(), ncap, 1};
     SALA_RETURN_IF_ERROR(LaunchPrefillScores(scorer, sp, stream));
-    const TopKParams tp{scratch.scores.get(), first + s0, n, ncap, nullptr, shape.kv_heads, shape.selected_blocks, cand,
-                        blocks + s0 * shape.kv_heads * shape.selected_blocks, counts + s0 * shape.kv_heads};
-    SALA_RETURN_IF_ERROR(LaunchTopK(tp, stream));
+    SALA_RETURN_IF_ERROR(SelectTopBlocks(scratch.scores.get(), ncap, first + s0, n, shape,
+                                         blocks + s0 * shape.kv_heads * shape.selected_blocks,
+                                         counts + s0 * shape.kv_heads, stream));
   }
   return absl::OkStatus();
+}
+
+absl::Status SelectTopBlocks(const __half* scores, int64_t ncap, int64_t first, int64_t T, const SparseShape& shape,
+                             int* blocks, int* counts, cudaStream_t stream) {
+  SALA_RETURN_IF_ERROR(CheckShape(shape));
+  if (T == 0) return absl::OkStatus();
+  const Candidates cand = MakeCandidates(shape);
+  if (first < 0 || ncap % 8 != 0 || ncap < (first + T - 1) / kBlock - cand.window - cand.init)
+    return absl::InvalidArgumentError("block scores need rows of a multiple of 8 holding every candidate");
+  return LaunchTopK({scores, first, T, ncap, nullptr, shape.kv_heads, shape.selected_blocks, cand, blocks, counts},
+                    stream);
 }
 
 absl::Status SelectSparseBlocksRows(const float* q, int rows, const SparseCacheView* views, const int64_t* positions,
