@@ -575,8 +575,8 @@ int ExpectBlocksUpToTies(const SparseFixture& f, const float* q_group, int g, in
 // 300000: above 4096 candidate blocks. Zero queries make every score tie on the CPU (and nearly
 // so on the GPU, whose exponentials differ by the key's place in a tile), so that more scores
 // reach the top-k's bound than a warp gathers and it searches the whole row; any choice among
-// such ties is a near-tie. Top-k 8 keeps 6
-// scored candidates, 64 keeps 62 (as the 9B model does), 160 keeps 158.
+// such ties is a near-tie. Top-k 8 keeps 6 scored candidates, 64 keeps 62 (as the 9B model
+// does), 160 keeps 158.
 TEST_F(GpuTest, SparseBlockSelectionMatchesCpu) {
   for (auto [L, T, heads, kv_heads, dim, zero_q, topk] :
        {std::tuple{1500, 40, 4, 2, 64, false, 8}, {2100, 100, 32, 2, 128, false, 8}, {9000, 33, 32, 2, 128, false, 8},
@@ -607,9 +607,10 @@ TEST_F(GpuTest, SparseBlockSelectionMatchesCpu) {
 
 // Stage 1's top-k alone against cpu::ChooseBlocks on the same f16 scores, list for list:
 // random scores with ~2K candidates a row and with ~20K (segments of 32 scores above 16K),
-// scores of 2 or 3 values (more reach the bound than a warp gathers, so it searches the whole
-// row), fewer segments than the blocks kept (no bound: all gathered), rows around and below
-// the point where a row has more candidates than it keeps, and top-k 8 and 160.
+// scores of 3 values (hundreds tie at tau among the gathered ones) and of 2 (more reach the
+// bound than a warp gathers, so it searches the whole row), fewer segments than the blocks kept
+// (no bound: all gathered, or at top-k 160 too many to gather), rows around and below the point
+// where a row has more candidates than it keeps, and top-k 8 and 160.
 TEST_F(GpuTest, TopBlocksMatchCpu) {
   for (auto [first, T, window, topk, levels] :
        {std::tuple{130000, 40, 32, 64, 0}, {1300000, 8, 32, 64, 0}, {130000, 24, 32, 64, 3}, {1300000, 4, 32, 64, 2},
