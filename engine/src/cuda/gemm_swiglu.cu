@@ -15,6 +15,7 @@
 #include <map>
 #include <mutex>
 
+#include "activation.cuh"
 #include "cuda_common.h"
 #include "driver_api.h"
 #include "sala/status_macros.h"
@@ -143,7 +144,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           const float g0 = acc[4 * n + 2 * r], g1 = acc[4 * n + 2 * r + 1];
           const float u0 = acc[4 * (n + 16) + 2 * r], u1 = acc[4 * (n + 16) + 2 * r + 1];
           *reinterpret_cast<__nv_bfloat162*>(out + 8 * n) =
-              __floats2bfloat162_rn(g0 / (1.0f + __expf(-g0)) * u0, g1 / (1.0f + __expf(-g1)) * u1);
+              __floats2bfloat162_rn(SiluF(g0) * u0, SiluF(g1) * u1);
         }
       }
     }

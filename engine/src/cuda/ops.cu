@@ -214,13 +214,13 @@ __global__ void SwiGluKernel(const __nv_bfloat16* g, const __nv_bfloat16* u, int
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const float2 gf = __bfloat1622float2(g2[k]), uf = __bfloat1622float2(u2[k]);
-      o2[k] = __floats2bfloat162_rn(gf.x * SigmoidF(gf.x) * uf.x, gf.y * SigmoidF(gf.y) * uf.y);
+      o2[k] = __floats2bfloat162_rn(SiluF(gf.x) * uf.x, SiluF(gf.y) * uf.y);
     }
     reinterpret_cast<uint4*>(y)[i] = out;
   }
   for (int64_t i = n / 8 * 8 + first; i < n; i += stride) {
     const float gf = __bfloat162float(g[i]);
-    y[i] = __float2bfloat16(gf * SigmoidF(gf) * __bfloat162float(u[i]));
+    y[i] = __float2bfloat16(SiluF(gf) * __bfloat162float(u[i]));
   }
 }
 

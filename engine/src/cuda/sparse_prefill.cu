@@ -658,6 +658,12 @@ __device__ __forceinline__ uint4 LoadScores8(const uint16_t* row, int64_t at, in
   return x;
 }
 
+// Score e of eight loaded by LoadScores8.
+__device__ __forceinline__ uint32_t Score16(const uint4& x, int e) {
+  const uint32_t* word = &x.x;
+  return (word[e / 2] >> (16 * (e % 2))) & 0xFFFFu;
+}
+
 // The `keep` best candidate blocks of each (token, group): the scores above tau, the keep-th
 // largest score, and the lowest blocks of those equal to it; plus the forced init and local
 // blocks. Lists come out in ascending order. A warp a row, with no block-wide barrier: the
@@ -739,17 +745,15 @@ __global__ void __launch_bounds__(kTopKWarps * 32) TopKKernel(TopKParams p) {
         x[i][k] = (group >> i) & 1 ? LoadScores8(row, (lane + 32 * (i0 + i)) * kSeg + 8 * k, nc) : uint4{0, 0, 0, 0};
 #pragma unroll
     for (int i = 0; i < kGroup; ++i) {
-      // This lane's scores at or above the bound (none where its segment does not reach it),
-      // then their places: a round's segments, in lane order, are in block order.
+      // hits, bit j: this lane's score c0 + j reaches the bound (none where its segment does
+      // not); then their places: a round's segments, in lane order, are in block order.
       const int64_t c0 = (lane + 32 * (i0 + i)) * kSeg;
-      const bool reaches = (group >> i) & 1;
-      int n = 0;
+      uint32_t hits = 0;
+      if ((group >> i) & 1) {
 #pragma unroll
-      for (int k = 0; k < kSeg / 8; ++k) {
-        const uint32_t* word = &x[i][k].x;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) n += reaches && ((word[e / 2] >> (16 * (e % 2))) & 0xFFFFu) >= bound;
+        for (int j = 0; j < kSeg; ++j) hits |= uint32_t(Score16(x[i][j / 8], j % 8) >= bound) << j;
       }
+      const int n = __popc(hits);
       int before = n;
 #pragma unroll
       for (int off = 1; off < 32; off <<= 1) {
@@ -757,18 +761,11 @@ __global__ void __launch_bounds__(kTopKWarps * 32) TopKKernel(TopKParams p) {
         if (lane >= off) before += y;
       }
       int at = count + before - n;
-      if (reaches) {
 #pragma unroll
-        for (int k = 0; k < kSeg / 8; ++k) {
-          const uint32_t* word = &x[i][k].x;
-#pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            const uint32_t s = (word[e / 2] >> (16 * (e % 2))) & 0xFFFFu;
-            if (s >= bound) {
-              if (at < kTopKGathered) gathered[at] = s << 16 | uint32_t(c0 + 8 * k + e);
-              ++at;
-            }
-          }
+      for (int j = 0; j < kSeg; ++j) {
+        if ((hits >> j) & 1) {
+          if (at < kTopKGathered) gathered[at] = Score16(x[i][j / 8], j % 8) << 16 | uint32_t(c0 + j);
+          ++at;
         }
       }
       count += __shfl_sync(0xffffffff, before, 31);
