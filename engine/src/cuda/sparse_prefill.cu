@@ -362,7 +362,8 @@ constexpr int kWgRows = kWgTokens * 16;
 
 __host__ __device__ constexpr size_t ScoreWgmmaSmemBytes(int D) {
   // + the stages' barriers, + alignment of the swizzle
-  return size_t(kWgRows + kWgStages * kWgKeys) * D * sizeof(Bf16) + kWgStages * sizeof(uint64_t) + 1024;
+  return size_t(kWgRows + kWgStages * kWgKeys) * D * sizeof(Bf16) + kWgStages * (sizeof(uint64_t) + sizeof(uint32_t)) +
+         1024;
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -382,15 +383,14 @@ __device__ __forceinline__ void FoldHalf(uint32_t (&v)[8], bool upper, int lane_
 
 // The key tiles of both stage-1 passes as one sequence through the stages: first `k2_tiles`
 // tiles of k2 (tile t holds entries kWgKeys t ..), then `k1_tiles` of k1 (entries j1 + kWgKeys t
-// ..); entries past the tensor maps' ends read as 0. Thread 0 loads them with TMA, kWgStages - 2
-// tiles ahead, so the first k1 tiles load while the k2 pass ends. The block's warps still meet
-// at a barrier each tile: with the warpgroups left to drift apart (each stage freed by a barrier
-// of its own) a chunk at 1M took 13.9 ms on an H100, against 13.4 with every thread issuing
-// cp.async and 12.1 in this form.
+// ..); entries past the tensor maps' ends read as 0. They load by TMA, kWgStages - 2 tiles
+// ahead, so the first k1 tiles load while the k2 pass ends. No barrier holds the warpgroups in
+// step: each counts itself done with a stage, and the last of the four refills it.
 template <int D>
 struct KeyPipeline {
   Bf16* stages;
-  uint64_t* full;  // [kWgStages]: the stage's tile has landed
+  uint64_t* full;      // [kWgStages]: the stage's tile has landed
+  uint32_t* released;  // [kWgStages]: warpgroups done with the stage's tiles so far (4 a tile)
   const CUtensorMap* k2_map;
   const CUtensorMap* k1_map;
   int g, k2_tiles, k1_tiles, j1;
@@ -406,13 +406,20 @@ struct KeyPipeline {
     for (int slab = 0; slab < D / 64; ++slab)
       TmaLoad3d(Stage(t) + slab * kWgKeys * 64, k2 ? k2_map : k1_map, 64 * slab, g, j, &full[t % kWgStages]);
   }
-  // Every thread, before tile t's MMAs: every warpgroup is done with tile t - 2 (its MMAs of that
-  // tile completed before it came here), whose stage then takes tile t + kWgStages - 2; then
-  // waits for tile t. A stage's next tile starts loading only after every thread has waited for
-  // its current one, so the parity is unambiguous.
+  // Every thread, before tile t's MMAs: this warpgroup is done with tile t - 2 (its MMAs of that
+  // tile completed before it came here); the last warpgroup to say so loads tile
+  // t + kWgStages - 2 into that stage (the stages of tiles kWgStages - 2 and kWgStages - 1 are
+  // free from the start). Then waits for tile t. A stage's next tile starts loading only after
+  // every warpgroup has waited for its current one, so the parity is unambiguous, and a stage's
+  // count for one tile is complete before any warpgroup counts the next.
   __device__ void Next(int t) {
-    __syncthreads();
-    if (threadIdx.x == 0) Load(t + kWgStages - 2);
+    if (threadIdx.x % 128 == 0) {
+      __threadfence_block();  // orders this warpgroup's reads of the stage before its count
+      if (atomicAdd(&released[(t + kWgStages - 2) % kWgStages], 1u) % 4 == 3) {
+        __threadfence_block();
+        Load(t + kWgStages - 2);
+      }
+    }
     MbarWait(&full[t % kWgStages], (t / kWgStages) & 1);
   }
 };
@@ -494,10 +501,13 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   const int b0 = max(p.cand.init - 1, 0);
   const int b_end = int(bq) - p.cand.window;
   const int j0 = 4 * b0, j_end = 4 * b_end;
-  KeyPipeline<D> keys{stages, bars, &k2_map, &k1_map, g, (n2_all + kWgKeys - 1) / kWgKeys,
-                      (j_end - j0 + kWgKeys - 1) / kWgKeys, j0};
+  KeyPipeline<D> keys{stages, bars, reinterpret_cast<uint32_t*>(bars + kWgStages), &k2_map, &k1_map, g,
+                      (n2_all + kWgKeys - 1) / kWgKeys, (j_end - j0 + kWgKeys - 1) / kWgKeys, j0};
   if (threadIdx.x == 0) {
-    for (int s = 0; s < kWgStages; ++s) MbarInit(&keys.full[s], 1);
+    for (int s = 0; s < kWgStages; ++s) {
+      MbarInit(&keys.full[s], 1);
+      keys.released[s] = 0;
+    }
     FenceMbarInit();
     for (int t = 0; t < kWgStages - 2; ++t) keys.Load(t);  // the first tiles load while Q is formed
   }
