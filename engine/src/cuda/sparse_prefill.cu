@@ -592,10 +592,11 @@ __global__ void __launch_bounds__(kWgThreads, 1)
       float x[4];
 #pragma unroll
       for (int c = 0; c < 4; ++c) x[c] = fmaf(acc[4 * n + c], sc, -lse8[m][c / 2]);
-      // Three eighths off the MUFU (stage 1 at 1M on an H100: none 14.2 ms a
-      // chunk, a quarter 13.5, three eighths 13.4, a half 13.8). Those terms
+      // A quarter off the MUFU. With the warpgroups in step (a block barrier a
+      // tile) three eighths were best; since they drift apart, a quarter: TTFT
+      // at 1M 39.50-39.53 s against 39.57-39.63 (H100, same call). Those terms
       // carry f16's rounding of x (up to 0.3%) and floor at p = 2^-21.
-      if (n % 4 == 3 || n == 1) {
+      if (n % 4 == 3) {
         v[n] = AddF16x2(Exp2F16x2OnFma(PackF16(x[0], x[1])), Exp2F16x2OnFma(PackF16(x[2], x[3])));
       } else {
         v[n] = PackF16(Exp2(x[0]) + Exp2(x[2]), Exp2(x[1]) + Exp2(x[3]));
