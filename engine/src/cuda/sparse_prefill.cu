@@ -385,19 +385,20 @@ __device__ __forceinline__ void FoldHalf(uint32_t (&v)[8], bool upper, int lane_
 // tiles of k2 (tile t holds entries kWgKeys t ..), then `k1_tiles` of k1 (entries j1 + kWgKeys t
 // ..); entries past the tensor maps' ends read as 0. They load by TMA, kWgStages - 2 tiles
 // ahead, so the first k1 tiles load while the k2 pass ends. No barrier holds the warpgroups in
-// step: each counts itself done with a stage, and the last of the four refills it.
+// step: each counts itself done with a stage, and the last of them refills it.
 template <int D>
 struct KeyPipeline {
   Bf16* stages;
   uint64_t* full;      // [kWgStages]: the stage's tile has landed
-  uint32_t* released;  // [kWgStages]: warpgroups done with the stage's tiles so far (4 a tile)
+  static constexpr uint32_t kWarpgroups = kWgThreads / 128;
+  uint32_t* released;  // [kWgStages]: warpgroups done with the stage's tiles so far (kWarpgroups a tile)
   const CUtensorMap* k2_map;
   const CUtensorMap* k1_map;
   int g, k2_tiles, k1_tiles, j1;
 
   __device__ Bf16* Stage(int t) const { return stages + (t % kWgStages) * kWgKeys * D; }
 
-  // Thread 0: starts loading tile t, if there is one.
+  // One thread: starts loading tile t, if there is one.
   __device__ void Load(int t) {
     if (t >= k2_tiles + k1_tiles) return;
     MbarArriveExpectTx(&full[t % kWgStages], kWgKeys * D * sizeof(Bf16));
@@ -415,7 +416,7 @@ struct KeyPipeline {
   __device__ void Next(int t) {
     if (threadIdx.x % 128 == 0) {
       __threadfence_block();  // orders this warpgroup's reads of the stage before its count
-      if (atomicAdd(&released[(t + kWgStages - 2) % kWgStages], 1u) % 4 == 3) {
+      if (atomicAdd(&released[(t + kWgStages - 2) % kWgStages], 1u) % kWarpgroups == kWarpgroups - 1) {
         __threadfence_block();
         Load(t + kWgStages - 2);
       }
