@@ -99,6 +99,28 @@ TEST_F(TokenizerTest, RefusesCorruptModelFiles) {
   EXPECT_FALSE(Tokenizer::Load(dir).ok());
 }
 
+// A byte piece whose text is not "<0xAB>" makes the model corrupt: not an exception, a write out
+// of bounds, or a lenient reading. The replacements keep the length, so the protobuf stays
+// well-formed and only the piece's text is wrong.
+TEST_F(TokenizerTest, RefusesMalformedBytePieces) {
+  const std::string dir = testing::CopyOfTestModel("bad-byte-piece");
+  const std::string good = testing::ReadAll(dir + "/tokenizer.model");
+  const size_t at = good.find("<0x41>");
+  ASSERT_NE(at, std::string::npos) << "the test model has byte fallback";
+  for (const char* bad : {"<0xZZ>", "<0x-1>", "<0x 4>", "<0x4A)"}) {
+    std::string bytes = good;
+    bytes.replace(at, 6, bad);
+    testing::WriteAll(dir + "/tokenizer.model", bytes);
+    auto t = Tokenizer::Load(dir);
+    ASSERT_FALSE(t.ok()) << bad;
+    EXPECT_NE(t.status().message().find("byte piece"), std::string::npos) << t.status();
+  }
+  testing::WriteAll(dir + "/tokenizer.model", good);
+  auto t = Tokenizer::Load(dir);
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ((*t)->Decode((*t)->Encode("caf\xC3\xA9 \xE2\x9C\x93")), "caf\xC3\xA9 \xE2\x9C\x93");
+}
+
 TEST_F(TokenizerTest, SpecialTokensAndChatTemplate) {
   const int im_start = tok_->TokenId("<|im_start|>"), im_end = tok_->TokenId("<|im_end|>");
   ASSERT_GT(im_start, 0);

@@ -12,6 +12,21 @@
 namespace sala::spm {
 namespace {
 
+// The byte that a byte piece's text "<0xAB>" names (two hex digits), or -1 for any other text.
+int BytePieceValue(const std::string& text) {
+  if (text.size() != 6 || text.compare(0, 3, "<0x") != 0 || text[5] != '>') return -1;
+  int value = 0;
+  for (char c : text.substr(3, 2)) {
+    int digit;
+    if (c >= '0' && c <= '9') digit = c - '0';
+    else if (c >= 'A' && c <= 'F') digit = c - 'A' + 10;
+    else if (c >= 'a' && c <= 'f') digit = c - 'a' + 10;
+    else return -1;
+    value = 16 * value + digit;
+  }
+  return value;
+}
+
 // Protobuf wire-format reader over a byte range; every read is bounds-checked.
 class Wire {
  public:
@@ -132,11 +147,17 @@ std::unique_ptr<Processor> Processor::Load(const std::string& path, std::string*
   }
   std::fill(std::begin(p->byte_ids_), std::end(p->byte_ids_), -1);
   for (int id = 0; id < int(p->pieces_.size()); ++id) {
-    const Piece& piece = p->pieces_[id];
+    Piece& piece = p->pieces_[id];
     if (piece.type == kNormal || piece.type == kUserDefined) p->ids_.emplace(piece.text, id);
     if (piece.type == kUnknown) p->unk_id_ = id;
-    if (piece.type == kByte && piece.text.size() == 6 && piece.text.rfind("<0x", 0) == 0)
-      p->byte_ids_[std::stoi(piece.text.substr(3, 2), nullptr, 16)] = id;
+    if (piece.type == kByte) {
+      piece.byte = BytePieceValue(piece.text);
+      if (piece.byte < 0) {
+        *error = "byte piece " + std::to_string(id) + " is not of the form <0xAB> (corrupt model)";
+        return nullptr;
+      }
+      p->byte_ids_[piece.byte] = id;
+    }
   }
   return p;
 }

@@ -23,6 +23,8 @@ class Processor {
   int piece_count() const { return int(pieces_.size()); }
   const std::string& piece(int id) const { return pieces_[id].text; }
   bool is_byte(int id) const { return pieces_[id].type == kByte; }
+  // The byte that byte piece `id` ("<0xAB>") stands for.
+  unsigned char byte_value(int id) const { return static_cast<unsigned char>(pieces_[id].byte); }
   bool is_control(int id) const { return pieces_[id].type == kControl; }
   bool is_unknown(int id) const { return pieces_[id].type == kUnknown; }
 
@@ -32,6 +34,7 @@ class Processor {
     std::string text;
     float score = 0;
     int type = kNormal;
+    int byte = -1;  // byte pieces: the byte of "<0xAB>"
   };
   Processor() = default;
   std::vector<Piece> pieces_;

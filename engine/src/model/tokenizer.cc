@@ -166,11 +166,8 @@ std::string Tokenizer::TokenBytes(int id, bool skip_special) const {
   }
   if (id >= sp_->piece_count()) return "";  // padding ids past the tokenizer
   if (sp_->is_unknown(id)) return " \xE2\x81\x87 ";  // SentencePiece's surface form of <unk>
+  if (sp_->is_byte(id)) return std::string(1, static_cast<char>(sp_->byte_value(id)));
   const std::string piece = sp_->piece(id);
-  if (sp_->is_byte(id)) {
-    // "<0xAB>"
-    return std::string(1, static_cast<char>(std::stoi(piece.substr(3, 2), nullptr, 16)));
-  }
   std::string out;
   for (size_t i = 0; i < piece.size();) {
     if (piece.compare(i, 3, kSpaceMarker) == 0) { out += ' '; i += 3; }
