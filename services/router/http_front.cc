@@ -2,6 +2,7 @@
 
 #include <condition_variable>
 #include <deque>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -31,6 +32,14 @@ struct ParseError {
   absl::Status status;
   std::string param;
 };
+
+// A JSON integer that fits a token id's int32 (a larger one would wrap into some other id);
+// whether the id is in the vocabulary is the engine's check.
+bool IsTokenId(const json& j) {
+  if (j.is_number_unsigned()) return j.get<uint64_t>() <= uint64_t(std::numeric_limits<int32_t>::max());
+  return j.is_number_integer() && j.get<int64_t>() >= std::numeric_limits<int32_t>::min() &&
+         j.get<int64_t>() <= std::numeric_limits<int32_t>::max();
+}
 
 // Reads an optional field of the wanted JSON type; a wrong type is a 400 naming the field.
 template <typename T, typename Check>
@@ -91,9 +100,9 @@ std::optional<ParseError> ParseCommon(const json& body, OpenAiRequest* out) {
   }
   if (body.contains("stop_token_ids")) {
     const json& ids = body["stop_token_ids"];
-    if (!ids.is_array()) return ParseError{absl::InvalidArgumentError("'stop_token_ids' must be a list of integers"), "stop_token_ids"};
+    if (!ids.is_array()) return ParseError{absl::InvalidArgumentError("'stop_token_ids' must be a list of token ids"), "stop_token_ids"};
     for (const json& id : ids) {
-      if (!id.is_number_integer()) return ParseError{absl::InvalidArgumentError("'stop_token_ids' must be a list of integers"), "stop_token_ids"};
+      if (!IsTokenId(id)) return ParseError{absl::InvalidArgumentError("'stop_token_ids' must be a list of token ids"), "stop_token_ids"};
       r.mutable_sampling()->add_stop_token_ids(id.get<int>());
     }
   }
@@ -135,7 +144,7 @@ std::optional<ParseError> ParseCompletion(const json& body, OpenAiRequest* out) 
     out->request.set_text(p.get<std::string>());
   } else if (p.is_array() && p.size() == 1 && p[0].is_string()) {
     out->request.set_text(p[0].get<std::string>());
-  } else if (p.is_array() && !p.empty() && std::all_of(p.begin(), p.end(), [](const json& x) { return x.is_number_integer(); })) {
+  } else if (p.is_array() && !p.empty() && std::all_of(p.begin(), p.end(), IsTokenId)) {
     for (const json& x : p) out->request.mutable_token_ids()->add_ids(x.get<int>());
   } else {
     return ParseError{absl::InvalidArgumentError("'prompt' must be a string or a list of token ids"), "prompt"};

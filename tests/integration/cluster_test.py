@@ -243,6 +243,9 @@ class ClusterTest(unittest.TestCase):
             ("/v1/completions", json.dumps({"prompt": ""}).encode(), 400),
             ("/v1/completions", json.dumps({"prompt": random_ids(17000, seed=1)}).encode(), 400),
             ("/v1/completions", json.dumps({"prompt": [1, 99999999]}).encode(), 400),
+            # past int32: must not wrap into a valid id (2**32 + 5 is 5 as an int32)
+            ("/v1/completions", json.dumps({"prompt": [1, 2**32 + 5]}).encode(), 400),
+            ("/v1/completions", json.dumps({"prompt": "hi", "stop_token_ids": [2**32 + 2]}).encode(), 400),
             ("/v1/completions", json.dumps({"prompt": "hi", "temperature": -1}).encode(), 400),
             ("/v1/completions", json.dumps({"prompt": "hi", "top_p": 2}).encode(), 400),
             ("/v1/completions", json.dumps({"prompt": "hi", "n": 2}).encode(), 400),
