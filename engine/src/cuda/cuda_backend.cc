@@ -206,16 +206,16 @@ class CudaBackend final : public Backend {
 
   std::string name() const override { return "cuda"; }
 
-  // 8192 tokens rounded to a multiple of 64 rows per multiprocessor, so that a chunk's big
-  // launches end on whole waves: 128-row GEMM tiles across 4096 columns in 256-column tiles
-  // take 8 rows an SM a wave, the 9B shape's stage-1 scorer 16. On an H100 or H200 (132 SMs)
+  // Backend's default (8192 tokens) rounded to a multiple of 64 rows per multiprocessor, so that
+  // a chunk's big launches end on whole waves: 128-row GEMM tiles across 4096 columns in
+  // 256-column tiles take 8 rows an SM a wave, the 9B shape's stage-1 scorer 16. On an H100 or H200 (132 SMs)
   // that is 8448: a 1M-token prompt took 40.35 / 40.41 s against 40.92 / 40.95 s in chunks of
   // 8192, alternating in one call (8 and 3.88 waves of a chunk's GEMM tiles and scorer blocks).
   int PreferredChunkTokens() const override {
     const absl::StatusOr<int> sms = cuda::MultiprocessorCount();
     if (!sms.ok() || *sms <= 0) return Backend::PreferredChunkTokens();
-    const int rows = 64 * *sms;
-    return rows * std::max(1, (8192 + rows / 2) / rows);
+    const int rows = 64 * *sms, target = Backend::PreferredChunkTokens();
+    return rows * std::max(1, (target + rows / 2) / rows);
   }
 
   void SetProfiling(bool on) override { profiling_ = on; }

@@ -55,8 +55,14 @@ constexpr int kSharedKeys = 64;   // SharedBlocksKernel: keys per step
 
 struct Candidates {
   int init, window, keep;  // forced init blocks, local blocks before b_q, blocks chosen by score
-  __device__ int64_t Count(int64_t bq) const { return bq - window - init; }
+  __host__ __device__ int64_t Count(int64_t bq) const { return bq - window - init; }
 };
+
+// The length of a row of block scores for queries up to block bq: every candidate, in whole
+// 16-byte pieces (TopKKernel loads eight scores at a time).
+int64_t ScoreRowLength(const Candidates& cand, int64_t bq) {
+  return std::max<int64_t>(8, (cand.Count(bq) + 7) / 8 * 8);
+}
 
 // Rows come either from one sequence (positions first .. first + T − 1, caches k1/k2) or, with
 // `views` set, one from each of T sequences (a decode step: row r at positions[r] of views[r]).
@@ -361,7 +367,7 @@ constexpr int kWgStages = 5;     // key tiles in shared memory; loads run kWgSta
 constexpr int kWgRows = kWgTokens * 16;
 
 __host__ __device__ constexpr size_t ScoreWgmmaSmemBytes(int D) {
-  // + the stages' barriers, + alignment of the swizzle
+  // + the stages' barriers and release counts, + alignment of the swizzle
   return size_t(kWgRows + kWgStages * kWgKeys) * D * sizeof(Bf16) + kWgStages * (sizeof(uint64_t) + sizeof(uint32_t)) +
          1024;
 }
@@ -1511,7 +1517,7 @@ absl::Status SelectSparseBlocks(const Bf16* q, int64_t first, int64_t T, const S
   if (T == 0) return absl::OkStatus();
   const Candidates cand = MakeCandidates(shape);
   const int64_t last_bq = (first + T - 1) / kBlock;
-  const int64_t ncap = std::max<int64_t>(8, (last_bq - cand.window - cand.init + 7) / 8 * 8);  // rows of 16 bytes
+  const int64_t ncap = ScoreRowLength(cand, last_bq);
   // Launches of whole waves where the budget allows: a stage-1 block scans the whole context, so
   // a launch that leaves SMs idle in its last wave (say 1.3 waves of blocks) costs as much as a
   // full one. (Before, 8192 rows at ~750K context went as 3 x 2720 + 32 rows: 7 waves for 4.)
@@ -1541,7 +1547,7 @@ absl::Status SelectTopBlocks(const __half* scores, int64_t ncap, int64_t first, 
   SALA_RETURN_IF_ERROR(CheckShape(shape));
   if (T == 0) return absl::OkStatus();
   const Candidates cand = MakeCandidates(shape);
-  if (first < 0 || ncap % 8 != 0 || ncap < (first + T - 1) / kBlock - cand.window - cand.init)
+  if (first < 0 || ncap % 8 != 0 || ncap < cand.Count((first + T - 1) / kBlock))
     return absl::InvalidArgumentError("block scores need rows of a multiple of 8 holding every candidate");
   return LaunchTopK({scores, first, T, ncap, nullptr, shape.kv_heads, shape.selected_blocks, cand, blocks, counts},
                     stream);
@@ -1553,7 +1559,7 @@ absl::Status SelectSparseBlocksRows(const float* q, int rows, const SparseCacheV
   SALA_RETURN_IF_ERROR(CheckShape(shape));
   if (rows == 0) return absl::OkStatus();
   const Candidates cand = MakeCandidates(shape);
-  const int64_t ncap = std::max<int64_t>(8, (max_position / kBlock - cand.window - cand.init + 7) / 8 * 8);  // rows of 16 bytes
+  const int64_t ncap = ScoreRowLength(cand, max_position / kBlock);
   SALA_RETURN_IF_ERROR(scratch.scores.Reserve(size_t(rows) * shape.kv_heads * ncap));
   // Few rows: split each row's k1 tiles (and, in a launch before, its k2 tiles) over several
   // thread blocks to fill the GPU, at least two k1 tiles each.
