@@ -501,7 +501,7 @@ __global__ void __launch_bounds__(WgTiles::kThreads, 1)
                              PackF16Sat(acc[2 * kk + 1][0], acc[2 * kk + 1][1]),
                              PackF16Sat(acc[2 * kk + 1][2], acc[2 * kk + 1][3])};
       WgmmaFence();
-      WgmmaF16M64N64K16Rs(o32, a, q_desc + (kk / 4) * kSlab + (kk % 4) * 2, kk > 0);
+      WgmmaM64N64K16Rs<__half>(o32, a, q_desc + (kk / 4) * kSlab + (kk % 4) * 2, kk > 0);
     }
     WgmmaCommit();
     WgmmaWait<0>();
@@ -515,7 +515,7 @@ __global__ void __launch_bounds__(WgTiles::kThreads, 1)
 #pragma unroll
       for (int r = 0; r < 4; ++r) va[r] = Bf16x2ToF16x2(va[r]);
       WgmmaFence();
-      WgmmaF16M64N64K16Rs(o32, va, s_desc + ks * 2, true);
+      WgmmaM64N64K16Rs<__half>(o32, va, s_desc + ks * 2, true);
     }
     WgmmaCommit();
     WgmmaWait<0>();

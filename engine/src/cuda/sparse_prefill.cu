@@ -923,41 +923,88 @@ struct SoftmaxState {
   template <bool kCausal, int Keys>
   __device__ __forceinline__ void Update(float (&s)[Keys / 8][4], int64_t key0, int64_t pos, float scale_log2,
                                          uint32_t (&pa)[Keys / 16][4]) {
-    const int tq = threadIdx.x % 4;
-    float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int n = 0; n < Keys / 8; ++n)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        s[n][c] *= scale_log2;
-        if (kCausal && key0 + n * 8 + 2 * tq + (c % 2) > pos) s[n][c] = -INFINITY;
-        mx[c / 2] = fmaxf(mx[c / 2], s[n][c]);
-      }
     float corr[2];
+    Max<kCausal, Keys>(s, key0, pos, scale_log2, corr);
+    Rescale(corr);
+    Exponentials<Keys>(s, scale_log2);
+    Pack<Keys>(s, pa);
+  }
+
+  // Update without touching o, for a caller whose previous O += P V may still be running: the
+  // max, l, and P = exp2(s − max) in s; o is to be scaled by `corr` (Rescale) once that product
+  // is done.
+  template <bool kCausal, int Keys>
+  __device__ __forceinline__ void Scores(float (&s)[Keys / 8][4], int64_t key0, int64_t pos, float scale_log2,
+                                         float (&corr)[2]) {
+    Max<kCausal, Keys>(s, key0, pos, scale_log2, corr);
+    Exponentials<Keys>(s, scale_log2);
+  }
+
+  // The rows' new max (of the raw scores, scale_log2 > 0, so that each exponent is one FMA) and
+  // the factor `corr` that l (here) and o (Rescale) take for it.
+  template <bool kCausal, int Keys>
+  __device__ __forceinline__ void Max(float (&s)[Keys / 8][4], int64_t key0, int64_t pos, float scale_log2,
+                                      float (&corr)[2]) {
+    const int tq = threadIdx.x % 4;
+    if (kCausal) {
+#pragma unroll
+      for (int n = 0; n < Keys / 8; ++n)
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+          if (key0 + n * 8 + 2 * tq + (c % 2) > pos) s[n][c] = -INFINITY;
+    }
+    float mx[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
+      mx[h] = TreeReduce<Keys>(s, h, [](float a, float b) { return fmaxf(a, b); });
       mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 1));
       mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 2));
-      const float mn = fmaxf(m[h], mx[h]);  // finite: the step has a visible key
+      const float mn = fmaxf(m[h], mx[h] * scale_log2);  // finite: the step has a visible key
       corr[h] = Exp2(m[h] - mn);
       m[h] = mn;
       l[h] *= corr[h];
     }
-    // Once a row's max has settled, most steps leave it alone: skip the rescale (a quarter of a
-    // step's instructions) when no row of the warp moved.
+  }
+
+  // P = exp2(s scale_log2 − max) in s, summed into l.
+  template <int Keys>
+  __device__ __forceinline__ void Exponentials(float (&s)[Keys / 8][4], float scale_log2) {
+#pragma unroll
+    for (int n = 0; n < Keys / 8; ++n)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) s[n][c] = Exp2(fmaf(s[n][c], scale_log2, -m[c / 2]));
+#pragma unroll
+    for (int h = 0; h < 2; ++h) l[h] += TreeReduce<Keys>(s, h, [](float a, float b) { return a + b; });
+  }
+
+  // op over this thread's scores of row half h (s[n][2h], s[n][2h + 1]) as a tree, whose short
+  // dependency chains leave the few warps of a scheduler more to issue.
+  template <int Keys, typename Op>
+  __device__ __forceinline__ static float TreeReduce(const float (&s)[Keys / 8][4], int h, Op op) {
+    static_assert((Keys / 8 & (Keys / 8 - 1)) == 0, "a power of two of 8-key fragments");
+    float t[Keys / 8];
+#pragma unroll
+    for (int n = 0; n < Keys / 8; ++n) t[n] = op(s[n][2 * h], s[n][2 * h + 1]);
+#pragma unroll
+    for (int width = Keys / 16; width >= 1; width /= 2)
+#pragma unroll
+      for (int n = 0; n < width; ++n) t[n] = op(t[n], t[n + width]);
+    return t[0];
+  }
+
+  // Once a row's max has settled, most steps leave it alone: skip the rescale (a quarter of a
+  // step's instructions) when no row of the warp moved.
+  __device__ __forceinline__ void Rescale(const float (&corr)[2]) {
     if (__any_sync(0xffffffff, corr[0] != 1.0f || corr[1] != 1.0f)) {
 #pragma unroll
       for (int n = 0; n < D / 8; ++n)
 #pragma unroll
         for (int c = 0; c < 4; ++c) o[n][c] *= corr[c / 2];
     }
-#pragma unroll
-    for (int n = 0; n < Keys / 8; ++n)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        s[n][c] = Exp2(s[n][c] - m[c / 2]);
-        l[c / 2] += s[n][c];
-      }
+  }
+
+  template <int Keys>
+  __device__ __forceinline__ static void Pack(const float (&s)[Keys / 8][4], uint32_t (&pa)[Keys / 16][4]) {
 #pragma unroll
     for (int ks16 = 0; ks16 < Keys / 16; ++ks16) {
       pa[ks16][0] = PackBf16(s[2 * ks16][0], s[2 * ks16][1]);
@@ -1135,26 +1182,36 @@ __global__ void __launch_bounds__(kSharedRows * 32) SharedBlocksKernel(AttnParam
 
 // SharedBlocksKernel on Hopper (D = 128): each warpgroup takes four rows as 64 MMA rows (four
 // tokens of 16 heads), and the thread block's kSharedWgGroups warpgroups share each K/V tile.
-// A producer warp loads the tiles with TMA (k_map, v_map: KvTensorMap) into kSharedWgStages
-// stages, each refilled once every consumer warp has released it; the products are warpgroup
-// MMAs: S = Q Kᵀ with Q (bf16) and the K tile in shared memory, O += P V with P from registers
-// and the V tile read N-major, all in the 128-byte swizzle. A warp whose row sees no key of a
-// step takes P = 0 there. The warpgroups meet at no block-wide barrier past Q, so one's softmax
-// runs while the other's MMAs keep the tensor cores busy. Stage 2 of one layer's last chunk at
-// 128K on an H100: 5.51 ms with one warpgroup a block and every thread issuing cp.async, 5.77
-// with one and TMA, 5.29 with two and TMA (four: 5.23, with spills at 128 registers); with the
-// producer warp instead of a block-wide barrier a step, 5.16 against 5.25 in one call (and the
-// kernel 0.75 against 0.81 ms; three or six stages: 0.82-0.83).
+// One warp of a producer warpgroup loads the tiles with TMA (k_map, v_map: KvTensorMap) into
+// kSharedWgStages stages, each refilled once every consumer warp has released it; the products
+// are warpgroup MMAs: S = Q Kᵀ with Q from registers (each warp's row as the A fragment) and the
+// K tile in shared memory, O += P V with P from registers and the V tile read N-major, both
+// tiles in the 128-byte swizzle. A warpgroup issues step s + 1's S before step s's O += P V, so
+// that its softmax of step s + 1 runs while that product does, and rescales o once it is done.
+// A warp whose row sees no key of a step takes P = 0 there. The warpgroups meet at no
+// block-wide barrier, so one's softmax also runs under the other's MMAs. The producer
+// warpgroup gives its registers to the consumers, which hold Q, o, S and P.
+// Stage 2 of one layer's last chunk at 128K on an H100: 5.51 ms with one warpgroup a block and
+// every thread issuing cp.async, 5.77 with one and TMA, 5.29 with two and TMA (four: 5.23, with
+// spills at 128 registers); with a producer warp instead of a block-wide barrier a step, 5.16
+// against 5.25 in one call (the kernel 0.75 against 0.81 ms; three or six stages: 0.82-0.83);
+// with Q in registers, the next step's S issued before O += P V and each exponent one FMA,
+// 5.13-5.15 against 5.29-5.30 (the kernel under `ncu` 0.72 against 0.92 ms).
 constexpr int kSharedWgDim = 128;
 constexpr int kSharedWgGroups = 2;
 constexpr int kSharedWgRows = 4 * kSharedWgGroups;                // consumer warps, a row each
-constexpr int kSharedWgThreads = kSharedWgRows * 32 + 32;         // and the producer warp
+constexpr int kSharedWgThreads = kSharedWgRows * 32 + 128;         // and the producer warpgroup
 constexpr int kSharedWgStages = 4;
-constexpr size_t kSharedWgBytes =
-    size_t(kSharedWgRows * 16 + kSharedWgStages * 2 * kSharedKeys) * kSharedWgDim * sizeof(Bf16) +
-    (2 * kSharedWgStages + 1) * sizeof(uint64_t) + 1024;
+// Registers a thread: the producer's few and the consumers' many within what the launch holds
+// (the 64K registers of an SM over its threads, in eights).
+constexpr int kSharedWgProducerRegs = 56, kSharedWgConsumerRegs = 224;
+static_assert(128 * kSharedWgProducerRegs + kSharedWgRows * 32 * kSharedWgConsumerRegs <=
+                  65536 / kSharedWgThreads / 8 * 8 * kSharedWgThreads,
+              "the register split must fit the launch's allocation");
+constexpr size_t kSharedWgBytes = size_t(kSharedWgStages * 2 * kSharedKeys) * kSharedWgDim * sizeof(Bf16) +
+                                  (2 * kSharedWgStages + 1) * sizeof(uint64_t) + 1024;
 
-__global__ void __launch_bounds__(kSharedWgThreads)
+__global__ void __launch_bounds__(kSharedWgThreads, 1)
     SharedBlocksWgmmaKernel(AttnParams p, const __grid_constant__ CUtensorMap k_map,
                             const __grid_constant__ CUtensorMap v_map) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -1162,13 +1219,13 @@ __global__ void __launch_bounds__(kSharedWgThreads)
   static_assert(kSharedKeys == 64 && kKvPageTokens % kSharedKeys == 0,
                 "64-key steps (the N of S = Q K^T), each whole in a page");
   extern __shared__ unsigned char smem_raw[];
-  Bf16* qs = reinterpret_cast<Bf16*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  Bf16* stages = qs + kSharedWgRows * 16 * D;  // [S][K | V][kSharedKeys, D]
+  // [S][K | V][kSharedKeys, D]
+  Bf16* stages = reinterpret_cast<Bf16*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   uint64_t* full = reinterpret_cast<uint64_t*>(stages + S * 2 * kSharedKeys * D);  // [S]: the step's K/V landed
   uint64_t* empty = full + S;  // [S]: every consumer warp is done with the stage
   uint64_t* zeroed = empty + S;  // the last step's V rows past the block's last key are zeros
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = blockIdx.y;
-  const bool producer = warp == kSharedWgRows;
+  const bool producer = warp >= kSharedWgRows;
   const SharedSteps w(p, kSharedWgRows, producer ? 0 : warp);
   const int64_t pos = w.pos, r = w.r, last_pos = w.last_pos, used = w.used;
   const bool active = w.active, chosen = w.chosen;  // the producer, which returns early, has no row
@@ -1183,19 +1240,11 @@ __global__ void __launch_bounds__(kSharedWgThreads)
     MbarInit(zeroed, 1);
     FenceMbarInit();
   }
-  // Q: head h of warp w's row at row 16 w + h, zeros past G and for a row outside the chunk.
-  if (!producer) {
-    for (int c = lane; c < 16 * D / 8; c += 32) {  // 16-byte pieces
-      const int h = c / (D / 8), col = c % (D / 8) * 8;
-      uint4 x{0, 0, 0, 0};
-      if (active && h < p.G) x = *reinterpret_cast<const uint4*>(p.q + ((r * p.H + int64_t(g) * p.G + h) * D + col));
-      *reinterpret_cast<uint4*>(qs + Sw128Offset(16 * warp + h, col, kSharedWgRows * 16)) = x;
-    }
-    FenceProxyAsync();
-  }
-  __syncthreads();  // Q, and the barriers' initialisation
+  __syncthreads();  // the barriers' initialisation
 
   if (producer) {
+    WarpgroupReleaseRegisters<kSharedWgProducerRegs>();
+    if (warp > kSharedWgRows) return;  // the others only make the producer a whole warpgroup
     // Step s's K and V tiles (a step's keys lie in one page), as 64-column slabs, once every
     // consumer warp has released step s − S's stage.
     if (lane == 0) {
@@ -1231,47 +1280,82 @@ __global__ void __launch_bounds__(kSharedWgThreads)
     return;
   }
 
+  WarpgroupTakeRegisters<kSharedWgConsumerRegs>();
+  // This warp's row: its 16 heads, as the A rows 16 (warp % 4) .. of the warpgroup's MMAs (zeros
+  // past G and for a row outside the chunk).
+  uint32_t qa[D / 16][4] = {};
+  if (active) LoadQueryFragments<D>(p.q + (r * p.H + int64_t(g) * p.G) * D, p.G, qa);
   SoftmaxState<D> st;
   st.Clear();
   float(&o64)[64] = reinterpret_cast<float(&)[64]>(st.o);
-  // Descriptor words count 16 bytes: a slab of a 64-row tile is 64 rows of 128 bytes, one of Q
-  // kSharedWgRows * 16 rows, and this warpgroup's Q rows start at row 64 (warp / 4).
-  constexpr uint32_t kSlab = kSharedKeys * 128 / 16, kQSlab = kSharedWgRows * 16 * 128 / 16;
-  const uint32_t q_desc = Sw128Descriptor(qs) + (warp / 4) * kSlab;
-  for (int64_t s = 0; s < used; ++s) {
+  float sc[kSharedKeys / 8][4];  // a step's scores, then its P
+  float(&s32)[32] = reinterpret_cast<float(&)[32]>(sc);
+  uint32_t pa[kSharedKeys / 16][4];  // P as bf16 A fragments for O += P V
+  // Descriptor words count 16 bytes: a slab of a 64-row tile is 64 rows of 128 bytes.
+  constexpr uint32_t kSlab = kSharedKeys * 128 / 16;
+  // S = Q Kᵀ of step s into sc, once its K/V has landed (and, for the last step, once the V rows
+  // past the block's last key are zeros, which its O += P V, issued after this, reads).
+  auto issue_scores = [&](int64_t s) {
     MbarWait(&full[s % S], uint32_t(s / S) & 1);
     if (partial_last && s == used - 1) MbarWait(zeroed, 0);
-    WgmmaWait<0>();  // step s − 1's O += P V, which reads the stage released here
-    WgmmaFenceOperands(o64);
-    if (s > 0 && lane == 0) MbarArrive(&empty[(s - 1) % S]);
-    const int64_t key0 = w.Key0(s);
-    const Bf16* ks = stage(s);
-    const uint32_t k_desc = Sw128Descriptor(ks);
-    float sc[kSharedKeys / 8][4];
-    float(&s32)[32] = reinterpret_cast<float(&)[32]>(sc);
+    const uint32_t k_desc = Sw128Descriptor(stage(s));
     WgmmaFence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk)
-      WgmmaM64N64K16(s32, q_desc + (kk / 4) * kQSlab + (kk % 4) * 2, k_desc + (kk / 4) * kSlab + (kk % 4) * 2,
-                     kk > 0);
+      WgmmaM64N64K16Rs<Bf16>(s32, qa[kk], k_desc + (kk / 4) * kSlab + (kk % 4) * 2, kk > 0);
     WgmmaCommit();
+  };
+  // Step s's P in sc (zeros for a row that sees none of its keys), and the factor that o takes.
+  auto softmax = [&](int64_t s, float(&corr)[2]) {
+    const int64_t key0 = w.Key0(s);
+    corr[0] = corr[1] = 1.0f;
+    if (active && key0 <= pos) {
+      if (key0 + kSharedKeys - 1 > pos) st.template Scores<true, kSharedKeys>(sc, key0, pos, p.scale_log2, corr);
+      else st.template Scores<false, kSharedKeys>(sc, key0, pos, p.scale_log2, corr);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 32; ++i) s32[i] = 0.0f;
+    }
+  };
+  // O += P V of step s, from the P in pa.
+  auto issue_values = [&](int64_t s) {
+    const uint32_t v_rows = (SmemAddress(stage(s) + kSharedKeys * D) & 0x3FFFF) >> 4;
+    WgmmaFence();  // orders the writes of P and the rescale of o before the MMAs
+#pragma unroll
+    for (int ks16 = 0; ks16 < kSharedKeys / 16; ++ks16)
+      WgmmaM64N128K16RsTransB<kSharedKeys * 128, Bf16>(o64, pa[ks16], v_rows + ks16 * 16 * 128 / 16);
+    WgmmaCommit();
+  };
+  // Once step s's O += P V is done: its stage goes back to the producer.
+  auto values_done = [&](int64_t s) {
+    WgmmaWait<0>();
+    WgmmaFenceOperands(o64);
+    // P's registers stay untouched until here: the MMA reads them while it runs.
+#pragma unroll
+    for (int i = 0; i < kSharedKeys / 16; ++i)
+      asm volatile("" : "+r"(pa[i][0]), "+r"(pa[i][1]), "+r"(pa[i][2]), "+r"(pa[i][3])::"memory");
+    if (lane == 0) MbarArrive(&empty[s % S]);
+  };
+  if (used > 0) {
+    float corr[2];  // o is still zero
+    issue_scores(0);
     WgmmaWait<0>();
     WgmmaFenceOperands(s32);
-    uint32_t pa[kSharedKeys / 16][4] = {};
-    if (active && key0 <= pos) {
-      if (key0 + kSharedKeys - 1 > pos) st.template Update<true, kSharedKeys>(sc, key0, pos, p.scale_log2, pa);
-      else st.template Update<false, kSharedKeys>(sc, key0, pos, p.scale_log2, pa);
+    softmax(0, corr);
+    st.template Pack<kSharedKeys>(sc, pa);
+    for (int64_t s = 0; s + 1 < used; ++s) {
+      issue_scores(s + 1);
+      issue_values(s);
+      WgmmaWait<1>();  // step s + 1's S; step s's O += P V may still run
+      WgmmaFenceOperands(s32);
+      softmax(s + 1, corr);
+      values_done(s);
+      st.Rescale(corr);
+      st.template Pack<kSharedKeys>(sc, pa);
     }
-    const uint32_t v_rows = (SmemAddress(ks + kSharedKeys * D) & 0x3FFFF) >> 4;
-#pragma unroll
-    for (int ks16 = 0; ks16 < kSharedKeys / 16; ++ks16) {
-      WgmmaFence();  // orders the writes of P (and the rescale of o) before the MMA
-      WgmmaM64N128K16RsTransB<kSharedKeys * 128, Bf16>(o64, pa[ks16], v_rows + ks16 * 16 * 128 / 16);
-    }
-    WgmmaCommit();
+    issue_values(used - 1);
+    values_done(used - 1);
   }
-  WgmmaWait<0>();
-  WgmmaFenceOperands(o64);
   if (active) {
     const int64_t at = r * p.H + int64_t(g) * p.G;
     st.Store(p.o + at * D, p.gate ? p.gate + at * D : nullptr, p.carry + at * D, p.running + at * 2, p.G,

@@ -119,21 +119,26 @@ __device__ __forceinline__ void WgmmaF16M64N32K16(float (&d)[16], uint32_t a, ui
       : "r"(a), "r"(b), "r"(int(accumulate)), "r"(kSw128DescriptorHigh));
 }
 
-// d (+)= A (64 x 16, f16 pairs in registers: the mma.sync A fragment of each warp's 16 rows) x
-// B (16 x 64, stored as 64 rows of k: descriptor low word b, K-major, 128-byte swizzle).
-__device__ __forceinline__ void WgmmaF16M64N64K16Rs(float (&d)[32], const uint32_t (&a)[4], uint32_t b,
-                                                    bool accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\n.reg .b64 db;\nsetp.ne.b32 p, %37, 0;\n"
-      "mov.b64 db, {%36, %38};\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, db, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b), "r"(int(accumulate)), "r"(kSw128DescriptorHigh));
+// d (+)= A (64 x 16, 16-bit pairs in registers: the mma.sync A fragment of each warp's 16 rows) x
+// B (16 x 64, stored as 64 rows of k: descriptor low word b, K-major, 128-byte swizzle). T:
+// __half or __nv_bfloat16 (A and B alike).
+#define SALA_WGMMA_M64N64K16_RS(TYPE)                                                                       \
+  asm volatile(                                                                                          \
+      "{\n.reg .pred p;\n.reg .b64 db;\nsetp.ne.b32 p, %37, 0;\n"                                          \
+      "mov.b64 db, {%36, %38};\n"                                                                         \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                                      \
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, db, p, 1, 1, 0;\n}\n" \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),   \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b), "r"(int(accumulate)), "r"(kSw128DescriptorHigh))
+template <typename T>
+__device__ __forceinline__ void WgmmaM64N64K16Rs(float (&d)[32], const uint32_t (&a)[4], uint32_t b, bool accumulate) {
+  if constexpr (std::is_same_v<T, __half>) SALA_WGMMA_M64N64K16_RS("f16");
+  else SALA_WGMMA_M64N64K16_RS("bf16");
 }
+#undef SALA_WGMMA_M64N64K16_RS
 
 // d += A (64 x 16, 16-bit pairs in registers) x B (16 x 128) with B N-major: k rows of 128 values,
 // as two 64-value slabs of 128-byte swizzled rows kSlabBytes apart (the descriptor's leading
@@ -161,6 +166,18 @@ __device__ __forceinline__ void WgmmaM64N128K16RsTransB(float (&d)[64], const ui
   else SALA_WGMMA_M64N128K16_RS_TRANSB("bf16");
 }
 #undef SALA_WGMMA_M64N128K16_RS_TRANSB
+
+// Hands registers from one warpgroup to another (setmaxnreg; all warps of a warpgroup execute
+// it): one that needs few releases them down to R a thread, one that needs many waits for them
+// up to R. ptxas allocates by these counts only in kernels of __launch_bounds__(threads, 1).
+template <int R>
+__device__ __forceinline__ void WarpgroupReleaseRegisters() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(R) : "memory");
+}
+template <int R>
+__device__ __forceinline__ void WarpgroupTakeRegisters() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R) : "memory");
+}
 
 // Shared-memory barriers (mbarrier): a phase completes once `count` threads have arrived and
 // the bytes a thread announced with MbarArriveExpectTx have landed.
