@@ -169,7 +169,8 @@ __device__ __forceinline__ void WgmmaM64N128K16RsTransB(float (&d)[64], const ui
 
 // Hands registers from one warpgroup to another (setmaxnreg; all warps of a warpgroup execute
 // it): one that needs few releases them down to R a thread, one that needs many waits for them
-// up to R. ptxas allocates by these counts only in kernels of __launch_bounds__(threads, 1).
+// up to R. ptxas allocates by these counts where the kernel's launch bounds fix its count at
+// entry and each call opens the branch it governs (one call before the branch: C7507, ignored).
 template <int R>
 __device__ __forceinline__ void WarpgroupReleaseRegisters() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(R) : "memory");
