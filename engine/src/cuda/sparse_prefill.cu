@@ -1196,7 +1196,8 @@ __global__ void __launch_bounds__(kSharedRows * 32) SharedBlocksKernel(AttnParam
 // spills at 128 registers); with a producer warp instead of a block-wide barrier a step, 5.16
 // against 5.25 in one call (the kernel 0.75 against 0.81 ms; three or six stages: 0.82-0.83);
 // with Q in registers, the next step's S issued before O += P V and each exponent one FMA,
-// 5.13-5.15 against 5.29-5.30 (the kernel under `ncu` 0.72 against 0.92 ms).
+// 5.13-5.15 against 5.29-5.30 (the kernel under `ncu` 0.71-0.72 against 0.92 ms; three or five
+// stages: 0.78; the warpgroups taking turns at their MMAs: 0.72-0.74).
 constexpr int kSharedWgDim = 128;
 constexpr int kSharedWgGroups = 2;
 constexpr int kSharedWgRows = 4 * kSharedWgGroups;                // consumer warps, a row each
@@ -1330,10 +1331,7 @@ __global__ void __launch_bounds__(kSharedWgThreads, 1)
   auto values_done = [&](int64_t s) {
     WgmmaWait<0>();
     WgmmaFenceOperands(o64);
-    // P's registers stay untouched until here: the MMA reads them while it runs.
-#pragma unroll
-    for (int i = 0; i < kSharedKeys / 16; ++i)
-      asm volatile("" : "+r"(pa[i][0]), "+r"(pa[i][1]), "+r"(pa[i][2]), "+r"(pa[i][3])::"memory");
+    WgmmaFenceOperands(pa);  // P's registers stay untouched until here: the MMA reads them while it runs
     if (lane == 0) MbarArrive(&empty[s % S]);
   };
   if (used > 0) {

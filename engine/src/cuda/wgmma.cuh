@@ -67,6 +67,13 @@ __device__ __forceinline__ void WgmmaFenceOperands(float (&d)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
+// The same for A fragments in registers, which an MMA reads until its wait: kept live (and
+// unchanged) up to here, so that their registers are not reused while it runs.
+template <int N>
+__device__ __forceinline__ void WgmmaFenceOperands(uint32_t (&a)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(a[i][0]), "+r"(a[i][1]), "+r"(a[i][2]), "+r"(a[i][3])::"memory");
+}
 
 // d (+)= A (64 x 16, descriptor a) x B (16 x 64, stored as 64 rows of k: descriptor b), given the
 // descriptors' low words; d is overwritten when accumulate is false. bf16 inputs, fp32 accumulation.
