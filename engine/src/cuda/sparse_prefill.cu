@@ -52,6 +52,10 @@ constexpr int kChosenKeys = 16;   // ChosenBlocksKernel: keys per step
 constexpr int kSharedRows = 4;    // SharedBlocksKernel: rows (warps) per thread block
 constexpr int kSharedStages = 3;  // SharedBlocksKernel: steps in flight
 constexpr int kSharedKeys = 64;   // SharedBlocksKernel: keys per step
+// ChosenBlocksKernel's K/V buffers: two steps a warp; each warp's list of block offsets follows.
+__host__ __device__ constexpr size_t ChosenStageBytes(int dim) {
+  return size_t(kAttnWarps) * 2 * 2 * kChosenKeys * dim * sizeof(__nv_bfloat16);
+}
 
 struct Candidates {
   int init, window, keep;  // forced init blocks, local blocks before b_q, blocks chosen by score
@@ -1372,6 +1376,11 @@ __global__ void __launch_bounds__(kSharedWgThreads, 1)
 // reads in L2; each launch then reads and writes the state once more. The rows' q and state
 // move as streaming accesses (evict first), which leaves more of L2 to the K/V: 7.27-7.30 ->
 // 7.12 ms at 1M (one layer's last chunk, H100).
+//
+// The warp first notes where each of its blocks starts in the cache (page table looked up once
+// a block, in shared memory), so that a step's copy is only its cp.async: with the page lookup
+// and the general copy's row checks, a step took some 570 instructions, over half of them
+// addressing.
 template <int D>
 __global__ void __launch_bounds__(kAttnWarps * 32) ChosenBlocksKernel(AttnParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -1382,32 +1391,48 @@ __global__ void __launch_bounds__(kAttnWarps * 32) ChosenBlocksKernel(AttnParams
   const int64_t pos = p.first + r;
   if (!HasChosenBlocks(p, pos / kBlock)) return;
   Bf16* stage_base = reinterpret_cast<Bf16*>(smem_raw) + warp * 2 * 2 * kChosenKeys * D;  // [2][K | V][kChosenKeys, D]
+  int64_t* block_at = reinterpret_cast<int64_t*>(smem_raw + ChosenStageBytes(D)) + warp * p.cand.keep;
   const int* list = p.blocks + (r * p.Hk + g) * p.selected + p.cand.init;
-  // This launch's entries: [first_entry, end_entry) of the ascending list.
-  int first_entry = 0, end_entry = 0;
+  const int row_elems = p.Hk * D;
+  // block_at[0, blocks): where this launch's entries of the ascending list start in the cache.
+  int blocks = 0;
   for (int e0 = 0; e0 < p.cand.keep; e0 += 32) {
     const int b = e0 + lane < p.cand.keep ? list[e0 + lane] : INT_MAX;
-    first_entry += __popc(__ballot_sync(0xffffffff, b < p.block_lo));
-    end_entry += __popc(__ballot_sync(0xffffffff, b < p.block_hi));
+    const bool here = b >= p.block_lo && b < p.block_hi;
+    const unsigned mask = __ballot_sync(0xffffffff, here);
+    if (here)
+      block_at[blocks + __popc(mask & ((1u << lane) - 1))] =
+          KvRowOffset(p.cache, int64_t(b) * kBlock, row_elems) + int64_t(g) * D;
+    blocks += __popc(mask);
   }
   const int64_t at = r * p.H + int64_t(g) * p.G;
   float* running = p.running + at * 2;
-  if (first_entry == end_entry && !p.last) return;  // nothing to add in this range
+  if (blocks == 0 && !p.last) return;  // nothing to add in this range
+  __syncwarp();
+
+  // A step's copy: lane takes chunk cc of rows row0, row0 + kRowStep, ...
+  constexpr int kPerBlock = kBlock / kChosenKeys, kChunks = D / 8, kRowStep = 32 / kChunks;
+  const int cc = lane % kChunks, row0 = lane / kChunks;
+  const int64_t lane_at = int64_t(row0) * row_elems + cc * 8;
+  auto issue = [&](int s, int stage) {
+    Bf16* ks = stage_base + stage * 2 * kChosenKeys * D;
+    const int64_t from = block_at[s / kPerBlock] + int64_t(s % kPerBlock) * kChosenKeys * row_elems + lane_at;
+#pragma unroll
+    for (int i = 0; i < kChosenKeys / kRowStep; ++i) {
+      const int to = Swizzled<D>(row0 + kRowStep * i, cc * 8);
+      const int64_t row_at = from + int64_t(kRowStep * i) * row_elems;
+      CpAsync16(ks + to, p.cache.k + row_at, true);
+      CpAsync16(ks + kChosenKeys * D + to, p.cache.v + row_at, true);
+    }
+    CpAsyncCommit();
+  };
+  const int steps = kPerBlock * blocks;
+  if (steps > 0) issue(0, 0);
 
   uint32_t qa[D / 16][4];
   LoadQueryFragments<D>(p.q + at * D, p.G, qa);
   SoftmaxState<D> st;
   st.Load(p.carry + at * D, running, p.G);
-  constexpr int kPerBlock = kBlock / kChosenKeys;
-  const int steps = kPerBlock * (end_entry - first_entry);
-  auto step_key0 = [&](int s) {
-    return int64_t(list[first_entry + s / kPerBlock]) * kBlock + (s % kPerBlock) * kChosenKeys;
-  };
-  auto issue = [&](int s, int stage) {
-    Bf16* ks = stage_base + stage * 2 * kChosenKeys * D;
-    IssueKeys<D, kChosenKeys>(p, g, step_key0(s), pos, ks, ks + kChosenKeys * D, lane, 32);
-  };
-  if (steps > 0) issue(0, 0);
   for (int s = 0; s < steps; ++s) {
     if (s + 1 < steps) {
       issue(s + 1, (s + 1) % 2);
@@ -1417,7 +1442,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) ChosenBlocksKernel(AttnParams
     }
     __syncwarp();
     const Bf16* ks = stage_base + (s % 2) * 2 * kChosenKeys * D;
-    st.template Attend<false, kChosenKeys>(qa, ks, ks + kChosenKeys * D, step_key0(s), pos, p.scale_log2);
+    st.template Attend<false, kChosenKeys>(qa, ks, ks + kChosenKeys * D, /*key0=*/0, pos, p.scale_log2);
     __syncwarp();  // this stage is refilled two steps later
   }
   st.Store(p.o + at * D, p.gate ? p.gate + at * D : nullptr, p.carry + at * D, running, p.G, p.last);
@@ -1574,7 +1599,7 @@ absl::Status LaunchAttention(AttnParams p, cudaStream_t stream) {
   // Chosen blocks lie before b_q - window for the chunk's last query block.
   const int64_t end_block = std::max<int64_t>(1, (p.first + p.T - 1) / kBlock - p.cand.window);
   SALA_ASSIGN_OR_RETURN(const int64_t range, ChosenRangeBlocks(D));
-  const size_t smem = size_t(kAttnWarps) * 2 * 2 * kChosenKeys * D * sizeof(Bf16);
+  const size_t smem = ChosenStageBytes(D) + size_t(kAttnWarps) * p.cand.keep * sizeof(int64_t);
   SALA_CUDA_RETURN_IF_ERROR(
       cudaFuncSetAttribute(ChosenBlocksKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   for (int64_t lo = 0; lo < end_block; lo += range) {
