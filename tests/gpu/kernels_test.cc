@@ -650,14 +650,16 @@ TEST_F(GpuTest, TopBlocksMatchCpu) {
 
 // Stage 2 over the GPU's own lists (and dense causal) against AttendBlocks. 6200: rows on both
 // sides of the first with chosen blocks (b_q 96). 110000: the chosen blocks in two launches (a
-// range of blocks fills a 50 MB L2 at 1524 blocks), the state carried between them in f16. 3000
-// with 4 heads a group: rows of the warpgroup form (dim 128 on Hopper) past the group's heads.
+// range of blocks at dim 128 fills three quarters of a 50 MiB L2 at 1200 blocks), the state
+// carried between them in f16. 3000 with 4 heads a group: rows of the warpgroup form (dim 128 on
+// Hopper) past the group's heads. Top-k 40 and 64: lists of more than one warp's width.
 TEST_F(GpuTest, BlockSparseAttentionMatchesCpu) {
-  for (auto [L, T, heads, kv_heads, dim] :
-       {std::tuple{200, 200, 4, 2, 64}, {1500, 40, 4, 2, 64}, {1501, 1, 4, 2, 64}, {2100, 100, 32, 2, 128},
-        {3000, 50, 8, 2, 128},
-        {6200, 100, 4, 2, 64}, {9000, 17, 32, 2, 128}, {110000, 9, 32, 2, 128}}) {
-    SparseFixture f(L, heads, kv_heads, dim, 50);
+  for (auto [L, T, heads, kv_heads, dim, topk] :
+       {std::tuple{200, 200, 4, 2, 64, 8}, {1500, 40, 4, 2, 64, 8}, {1501, 1, 4, 2, 64, 8},
+        {2100, 100, 32, 2, 128, 8}, {3000, 50, 8, 2, 128, 8}, {6200, 100, 4, 2, 64, 8},
+        {6200, 30, 4, 2, 64, 40}, {9000, 17, 32, 2, 128, 8}, {110000, 9, 32, 2, 128, 8},
+        {110000, 5, 32, 2, 128, 64}}) {
+    SparseFixture f(L, heads, kv_heads, dim, 50, topk);
     const auto q = Random(T * heads * dim, 51, 1.0f, true);  // bf16, as a prefill gives them
     const int S = f.shape.selected_blocks, G = heads / kv_heads;
     const int64_t first = L - T;
@@ -693,10 +695,17 @@ TEST_F(GpuTest, BlockSparseAttentionMatchesCpu) {
                                                with_gate ? Bf16ToDevice(z) : nullptr, o, scratch, nullptr)
                         .ok());
         EXPECT_LT(testing::RelativeError(FromDeviceBf16(o, ref.size()), with_gate ? gated : ref), 1e-2)
-            << "L " << L << " T " << T << " sparse " << sparse << " gate " << with_gate;
+            << "L " << L << " T " << T << " topk " << topk << " sparse " << sparse << " gate " << with_gate;
       }
     }
   }
+  // Lists longer than the chosen-blocks kernel keeps in shared memory are refused.
+  const cuda::SparseShape wide{32, 2, 128, 64, 32, 16, 1, 2, 5000};
+  cuda::SparseScratch scratch;
+  EXPECT_EQ(cuda::BlockSparseAttention(nullptr, 0, 1, cuda::SparseCacheView{}, wide, nullptr, nullptr, nullptr,
+                                       scratch, nullptr)
+                .code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 // Decode: one row per sequence, sequences of different lengths, sparse and dense rows mixed;

@@ -52,6 +52,7 @@ constexpr int kChosenKeys = 16;   // ChosenBlocksKernel: keys per step
 constexpr int kSharedRows = 4;    // SharedBlocksKernel: rows (warps) per thread block
 constexpr int kSharedStages = 3;  // SharedBlocksKernel: steps in flight
 constexpr int kSharedKeys = 64;   // SharedBlocksKernel: keys per step
+constexpr int kMaxSelectedBlocks = 4096;  // 256K keys a token; ChosenBlocksKernel's offsets fit in 64 KiB
 // ChosenBlocksKernel's K/V buffers: two steps a warp; each warp's list of block offsets follows.
 __host__ __device__ constexpr size_t ChosenStageBytes(int dim) {
   return size_t(kAttnWarps) * 2 * 2 * kChosenKeys * dim * sizeof(__nv_bfloat16);
@@ -1458,6 +1459,9 @@ absl::Status CheckShape(const SparseShape& sh) {
     return absl::InvalidArgumentError("sparse attention needs block 64, kernel 32, stride 16");
   if (sh.window_blocks < 1 || sh.init_blocks < 0 || sh.selected_blocks <= sh.init_blocks + sh.window_blocks + 1)
     return absl::InvalidArgumentError("sparse selection needs a local window and room for scored blocks");
+  // ChosenBlocksKernel keeps each row's chosen blocks' offsets in shared memory.
+  if (sh.selected_blocks > kMaxSelectedBlocks)
+    return absl::InvalidArgumentError(absl::StrCat("at most ", kMaxSelectedBlocks, " selected blocks per token"));
   return absl::OkStatus();
 }
 
